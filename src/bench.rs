@@ -1,0 +1,139 @@
+//! `tandem bench`: measurements that print numbers (never timed tests).
+
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::comm::Local;
+use crate::data::batch::{PretrainBatch, IGNORE};
+use crate::error::Result;
+use crate::model::{BertConfig, Preset, PretrainModel};
+use crate::train::{AdamWConfig, Decay, Schedule, StepOptions, Trainer};
+use crate::util;
+
+/// Result line of `tandem bench step`.
+#[derive(Debug, Serialize)]
+pub struct StepBench {
+    pub preset: Preset,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub ms_per_step: f64,
+    pub ms_min: f64,
+    pub ms_max: f64,
+    pub samples_per_s: f64,
+    /// Achieved GFLOP/s, counting the FLOPs of HF `BertForPreTraining` (MLM decoder at every
+    /// position), so the figure compares directly with PyTorch's.
+    pub gflops: f64,
+    /// The MLM decoder here runs only at masked positions (same loss and gradients).
+    pub mlm_decoder: &'static str,
+    pub peak_rss_mib: f64,
+    pub params: usize,
+}
+
+/// Forward FLOPs of HF `BertForPreTraining` for one batch (multiply-add = 2 FLOPs).
+pub fn pretraining_forward_flops(cfg: &BertConfig, batch: usize, seq: usize) -> f64 {
+    let (b, t, h, i, v) = (
+        batch as f64,
+        seq as f64,
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.vocab_size as f64,
+    );
+    let per_layer = 2.0 * b * t * (4.0 * h * h + 2.0 * h * i) + 2.0 * 2.0 * b * t * t * h;
+    let heads = 2.0 * b * t * h * h + 2.0 * b * t * h * v + 2.0 * b * h * h + 2.0 * b * h * 2.0;
+    cfg.num_hidden_layers as f64 * per_layer + heads
+}
+
+/// A random pre-training batch: 15% of the non-special positions labelled, random NSP.
+pub fn synthetic_batch(cfg: &BertConfig, batch: usize, seq: usize, seed: u64) -> PretrainBatch {
+    use rand::Rng;
+    let mut rng = util::rng(&[seed]);
+    let n = batch * seq;
+    let vocab = cfg.vocab_size as u32;
+    let mut input_ids = Vec::with_capacity(n);
+    let mut token_type_ids = Vec::with_capacity(n);
+    let mut labels = vec![IGNORE; n];
+    for _ in 0..batch {
+        let split = seq / 2;
+        for j in 0..seq {
+            input_ids.push(rng.random_range(5..vocab));
+            token_type_ids.push(u32::from(j > split));
+        }
+    }
+    let n_mask = ((seq as f64 * 0.15).round() as usize).max(1);
+    for b in 0..batch {
+        for _ in 0..n_mask {
+            let j = rng.random_range(1..seq);
+            labels[b * seq + j] = input_ids[b * seq + j] as i64;
+            input_ids[b * seq + j] = 4;
+        }
+    }
+    PretrainBatch {
+        batch,
+        seq,
+        input_ids,
+        token_type_ids,
+        attention_mask: vec![1; n],
+        mlm_labels: labels,
+        nsp_labels: (0..batch).map(|_| rng.random_range(0..2)).collect(),
+    }
+}
+
+/// Times full training steps (forward, backward, AdamW) after `warmup` untimed steps.
+pub fn bench_step(
+    preset: Preset,
+    threads: usize,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<StepBench> {
+    let cfg = BertConfig::preset(preset);
+    let model = PretrainModel::new(&cfg, 0, &Device::Cpu)?;
+    let params = model.store.numel();
+    let options = StepOptions {
+        adamw: AdamWConfig::default(),
+        schedule: Schedule {
+            peak_lr: 1e-4,
+            warmup_steps: 0,
+            total_steps: 1_000_000,
+            decay: Decay::Linear,
+        },
+        max_grad_norm: 1.0,
+        bucket_elems: crate::train::step::DEFAULT_BUCKET_ELEMS,
+        seed: 0,
+        dropout: true,
+    };
+    let mut trainer = Trainer::new(model, options)?;
+    let mut comm = Local;
+    let mut times = Vec::with_capacity(steps);
+    for s in 0..warmup + steps {
+        let b = synthetic_batch(&cfg, batch, seq, s as u64);
+        let t0 = Instant::now();
+        trainer.train_step(std::slice::from_ref(&b), &mut comm)?;
+        if s >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = times[times.len() / 2];
+    let flops = 3.0 * pretraining_forward_flops(&cfg, batch, seq);
+    Ok(StepBench {
+        preset,
+        threads,
+        batch,
+        seq,
+        steps,
+        ms_per_step: median,
+        ms_min: times[0],
+        ms_max: *times.last().unwrap(),
+        samples_per_s: batch as f64 / (median / 1e3),
+        gflops: flops / (median / 1e3) / 1e9,
+        mlm_decoder: "masked positions only",
+        peak_rss_mib: util::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
+        params,
+    })
+}

@@ -1,0 +1,13 @@
+//! The BERT model: configuration, fused kernels, parameters, encoder and heads, HF I/O.
+
+pub mod bert;
+pub mod config;
+pub mod hf;
+pub mod ops;
+pub mod params;
+pub mod pretrain;
+
+pub use bert::{BertForPreTraining, BertModel, PretrainOutput};
+pub use config::{BertConfig, Preset};
+pub use params::{ParamSpec, ParamStore};
+pub use pretrain::PretrainModel;

@@ -1,0 +1,597 @@
+//! Fused CPU kernels with their own backward, as candle custom ops.
+//!
+//! candle's own fused CPU ops (`candle_nn::ops::layer_norm`, `softmax_last_dim`) have no
+//! backward and silently cut the autograd graph; composing them from elementary ops is
+//! correct but slow (an allocation and a pass over memory per elementary op). Each op here
+//! does one pass forward and one pass backward over contiguous f32 rows. On other devices
+//! (CUDA) the same functions fall back to differentiable composed candle ops.
+//!
+//! Every kernel is checked against its composed equivalent and against finite differences
+//! in the tests at the bottom of this file.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
+};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+const SQRT_2_OVER_PI_INV: f32 = 0.398_942_3; // 1/sqrt(2π)
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+
+/// Rows of at least this many elements in total are split across rayon's threads.
+const PAR_MIN: usize = 1 << 14;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous input")
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (copying only if it is strided).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => Ok(f(contiguous_f32(c, l, "fused op")?)),
+        _ => candle_core::bail!("fused op backward: expected a CPU tensor"),
+    }
+}
+
+fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+fn is_cpu(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "tandem-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        let h = g.len();
+        let mut y = vec![0f32; x.len()];
+        for_rows(&mut y, h, |i, yr| {
+            let xr = &x[i * h..(i + 1) * h];
+            let (mean, rstd) = ln_stats(xr, self.eps);
+            for j in 0..h {
+                yr[j] = (xr[j] - mean) * rstd * g[j] + b[j];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = g.elem_count();
+        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, dg, db) = with_f32(x, |x| {
+            with_f32(dy, |dy| {
+                let rows = x.len() / h;
+                let mut dx = vec![0f32; x.len()];
+                for_rows(&mut dx, h, |i, dxr| {
+                    let xr = &x[i * h..(i + 1) * h];
+                    let dyr = &dy[i * h..(i + 1) * h];
+                    let (mean, rstd) = ln_stats(xr, self.eps);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for j in 0..h {
+                        let xhat = (xr[j] - mean) * rstd;
+                        let dxhat = dyr[j] * gv[j];
+                        s1 += dxhat;
+                        s2 += dxhat * xhat;
+                    }
+                    let (m1, m2) = (s1 / h as f32, s2 / h as f32);
+                    for j in 0..h {
+                        let xhat = (xr[j] - mean) * rstd;
+                        dxr[j] = rstd * (dyr[j] * gv[j] - m1 - xhat * m2);
+                    }
+                });
+                let mut dg = vec![0f32; h];
+                let mut db = vec![0f32; h];
+                for i in 0..rows {
+                    let xr = &x[i * h..(i + 1) * h];
+                    let dyr = &dy[i * h..(i + 1) * h];
+                    let (mean, rstd) = ln_stats(xr, self.eps);
+                    for j in 0..h {
+                        dg[j] += dyr[j] * (xr[j] - mean) * rstd;
+                        db[j] += dyr[j];
+                    }
+                }
+                (dx, dg, db)
+            })
+        })??;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dg, g.shape(), dev)?),
+            Some(Tensor::from_vec(db, g.shape(), dev)?),
+        ))
+    }
+}
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResult<Tensor> {
+    if is_cpu(x) {
+        return x
+            .contiguous()?
+            .apply_op3(gamma, beta, LayerNorm { eps: eps as f32 });
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xhat.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+// ------------------------------------------------- softmax(scale·s + mask)
+
+/// Softmax over the last dimension of `scale * scores + bias`, where `bias` (shape
+/// `[batch, keys]`) is broadcast over heads and queries: the attention probabilities.
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "tandem-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let s = contiguous_f32(s1, l1, self.name())?;
+        let bias = contiguous_f32(s2, l2, self.name())?;
+        let dims = l1.dims();
+        let keys = dims[dims.len() - 1];
+        let batch = dims[0];
+        let rows_per_batch = s.len() / keys / batch;
+        let mut p = vec![0f32; s.len()];
+        for_rows(&mut p, keys, |i, pr| {
+            let b = &bias[(i / rows_per_batch) * keys..][..keys];
+            let sr = &s[i * keys..(i + 1) * keys];
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..keys {
+                pr[j] = sr[j] * self.scale + b[j];
+                max = max.max(pr[j]);
+            }
+            let mut sum = 0f32;
+            for v in pr.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            pr.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(p), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        _bias: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let keys = s.dim(D::Minus1)?;
+        let ds = with_f32(p, |p| {
+            with_f32(dp, |dp| {
+                let mut ds = vec![0f32; p.len()];
+                for_rows(&mut ds, keys, |i, dsr| {
+                    let pr = &p[i * keys..(i + 1) * keys];
+                    let dpr = &dp[i * keys..(i + 1) * keys];
+                    let dot: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
+                    for j in 0..keys {
+                        dsr[j] = self.scale * pr[j] * (dpr[j] - dot);
+                    }
+                });
+                ds
+            })
+        })??;
+        Ok((Some(Tensor::from_vec(ds, s.shape(), s.device())?), None))
+    }
+}
+
+/// Attention probabilities `softmax(scale * scores + bias)`; `scores` is `[b, heads, q, k]`,
+/// `bias` is `[b, k]` (0 for keys to attend to, a large negative number for padding).
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> CResult<Tensor> {
+    if is_cpu(scores) {
+        return scores.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        );
+    }
+    let (b, k) = bias.dims2()?;
+    let s = (scores * scale)?.broadcast_add(&bias.reshape((b, 1, 1, k))?)?;
+    candle_nn::ops::softmax(&s, D::Minus1)
+}
+
+// ------------------------------------------------------------ GELU(x + b)
+
+fn gelu_and_grad(z: f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + libm::erff(z * FRAC_1_SQRT_2));
+    let pdf = SQRT_2_OVER_PI_INV * (-0.5 * z * z).exp();
+    (z * cdf, cdf + z * pdf)
+}
+
+/// `gelu(x + bias)` with the exact (erf) GELU, bias broadcast over rows.
+struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "tandem-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let b = contiguous_f32(s2, l2, self.name())?;
+        let w = b.len();
+        let mut y = vec![0f32; x.len()];
+        for_rows(&mut y, w, |i, yr| {
+            let xr = &x[i * w..(i + 1) * w];
+            for j in 0..w {
+                yr[j] = gelu_and_grad(xr[j] + b[j]).0;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let bv = b.to_vec1::<f32>()?;
+        let w = bv.len();
+        let dx = with_f32(x, |x| {
+            with_f32(dy, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                for_rows(&mut dx, w, |i, dxr| {
+                    let xr = &x[i * w..(i + 1) * w];
+                    let dyr = &dy[i * w..(i + 1) * w];
+                    for j in 0..w {
+                        dxr[j] = dyr[j] * gelu_and_grad(xr[j] + bv[j]).1;
+                    }
+                });
+                dx
+            })
+        })??;
+        let mut db = vec![0f32; w];
+        for r in dx.chunks(w) {
+            db.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `gelu(x + bias)` (erf GELU, as HF BERT's `"gelu"`), `bias` over the last dimension.
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> CResult<Tensor> {
+    if is_cpu(x) {
+        return x.contiguous()?.apply_op2(bias, BiasGelu);
+    }
+    x.broadcast_add(bias)?.gelu_erf()
+}
+
+// ------------------------------------------------ cross-entropy (sum) with labels
+
+/// Sum over rows of `-log softmax(logits)[label]`; the labels live in the op (they carry no
+/// gradient). Produces a scalar.
+struct CrossEntropySum {
+    labels: Vec<u32>,
+}
+
+fn log_softmax_row(r: &[f32]) -> (f32, f32) {
+    let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = r.iter().map(|v| (v - max).exp()).sum();
+    (max, sum.ln())
+}
+
+impl CustomOp1 for CrossEntropySum {
+    fn name(&self) -> &'static str {
+        "tandem-cross-entropy-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let (rows, v) = l.shape().dims2()?;
+        if rows != self.labels.len() {
+            candle_core::bail!(
+                "cross-entropy: {rows} rows but {} labels",
+                self.labels.len()
+            )
+        }
+        let mut total = 0f64;
+        for (i, &lab) in self.labels.iter().enumerate() {
+            let r = &x[i * v..(i + 1) * v];
+            let (max, lse) = log_softmax_row(r);
+            total += (max + lse - r[lab as usize]) as f64;
+        }
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dl: &Tensor) -> CResult<Option<Tensor>> {
+        let g = dl.to_scalar::<f32>()?;
+        let (_, v) = x.dims2()?;
+        let dx = with_f32(x, |x| {
+            let mut dx = vec![0f32; x.len()];
+            for_rows(&mut dx, v, |i, dr| {
+                let r = &x[i * v..(i + 1) * v];
+                let (max, lse) = log_softmax_row(r);
+                for j in 0..v {
+                    dr[j] = g * (r[j] - max - lse).exp();
+                }
+                dr[self.labels[i] as usize] -= g;
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Sum of the cross-entropy of each row of `logits` (`[n, classes]`) against `labels`.
+pub fn cross_entropy_sum(logits: &Tensor, labels: &[u32]) -> CResult<Tensor> {
+    let (n, c) = logits.dims2()?;
+    if n != labels.len() {
+        candle_core::bail!("cross-entropy: {n} rows but {} labels", labels.len())
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= c) {
+        candle_core::bail!("cross-entropy: label {bad} is outside the {c} classes")
+    }
+    if n == 0 {
+        // Keep the graph connected so every parameter still gets a (zero) gradient.
+        return (logits.sum_all()? * 0.0)?.reshape(());
+    }
+    if is_cpu(logits) {
+        return logits.contiguous()?.apply_op1(CrossEntropySum {
+            labels: labels.to_vec(),
+        });
+    }
+    let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::from_slice(labels, (n, 1), logits.device())?;
+    lsm.gather(&idx, 1)?.sum_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+            / scale
+    }
+
+    /// Compares a fused op against its composed reference on outputs and all gradients,
+    /// with a random upstream gradient `w` (loss = sum(out * w)).
+    fn check(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> CResult<Tensor>,
+        composed: impl Fn(&[Tensor]) -> CResult<Tensor>,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let yf = fused(&ts).unwrap();
+        let yc = composed(&ts).unwrap();
+        assert!(
+            max_rel(&yf, &yc) < tol,
+            "forward differs: {}",
+            max_rel(&yf, &yc)
+        );
+        let w = rand(yf.dims(), 99);
+        let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            let (a, b) = (gf.get(t), gc.get(t));
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let r = max_rel(a, b);
+                    assert!(r < tol, "gradient of input {i} differs: {r}");
+                }
+                (None, None) => {}
+                _ => panic!("input {i}: one version has a gradient, the other not"),
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_composed() {
+        let x = rand(&[6, 16], 1);
+        let g = (rand(&[16], 2) + 1.0).unwrap();
+        let b = rand(&[16], 3);
+        check(
+            &[x, g, b],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            |t| {
+                let mean = t[0].mean_keepdim(1)?;
+                let xc = t[0].broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(1)?;
+                xc.broadcast_div(&(var + 1e-12)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn masked_softmax_matches_composed() {
+        let s = (rand(&[2, 3, 5, 5], 4) * 4.0).unwrap();
+        let mut bias = vec![0f32; 10];
+        bias[3] = -10000.0;
+        bias[4] = -10000.0;
+        let bias = Tensor::from_vec(bias, (2, 5), &Device::Cpu).unwrap();
+        let bias_c = bias.clone();
+        check(
+            &[s],
+            move |t| masked_softmax(&t[0], &bias, 0.5),
+            move |t| {
+                let z = (&t[0] * 0.5)?.broadcast_add(&bias_c.reshape((2, 1, 1, 5))?)?;
+                candle_nn::ops::softmax(&z, D::Minus1)
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn bias_gelu_matches_composed() {
+        let x = (rand(&[7, 9], 5) * 3.0).unwrap();
+        let b = rand(&[9], 6);
+        check(
+            &[x, b],
+            |t| bias_gelu(&t[0], &t[1]),
+            |t| t[0].broadcast_add(&t[1])?.gelu_erf(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_composed() {
+        let x = (rand(&[5, 11], 7) * 3.0).unwrap();
+        let labels = vec![0u32, 10, 3, 3, 7];
+        let l2 = labels.clone();
+        check(
+            &[x],
+            move |t| cross_entropy_sum(&t[0], &labels),
+            move |t| {
+                let lsm = candle_nn::ops::log_softmax(&t[0], 1)?;
+                let idx = Tensor::from_slice(&l2, (5, 1), &Device::Cpu)?;
+                lsm.gather(&idx, 1)?.sum_all()?.neg()
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_rejects_out_of_range_labels() {
+        let x = rand(&[2, 3], 8);
+        let e = cross_entropy_sum(&x, &[0, 3]).unwrap_err().to_string();
+        assert!(e.contains("label 3"), "{e}");
+    }
+
+    /// Finite differences in f64 on the fused kernels' gradients (central differences).
+    #[test]
+    fn fused_gradients_pass_finite_differences() {
+        let x = rand(&[3, 8], 11);
+        let g = (rand(&[8], 12) + 1.0).unwrap();
+        let b = rand(&[8], 13);
+        let w = rand(&[3, 8], 14);
+        let f = |x: &Tensor| -> f64 {
+            let y = layer_norm(x, &g, &b, 1e-5).unwrap();
+            let y = bias_gelu(&y, &b).unwrap();
+            (y * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = bias_gelu(&layer_norm(xv.as_tensor(), &g, &b, 1e-5).unwrap(), &b).unwrap();
+        let grads = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let an = grads
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let base = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-2f32;
+        for i in 0..base.len() {
+            let mut p = base.clone();
+            p[i] += eps;
+            let fp = f(&Tensor::from_vec(p.clone(), (3, 8), &Device::Cpu).unwrap());
+            p[i] -= 2.0 * eps;
+            let fm = f(&Tensor::from_vec(p, (3, 8), &Device::Cpu).unwrap());
+            let num = (fp - fm) / (2.0 * eps as f64);
+            let err = (num - an[i] as f64).abs();
+            assert!(
+                err < 2e-3 * (1.0 + num.abs()),
+                "element {i}: numeric {num}, analytic {}",
+                an[i]
+            );
+        }
+    }
+}

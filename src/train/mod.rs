@@ -1,0 +1,9 @@
+//! Training: AdamW, learning-rate schedules and the data-parallel step.
+
+pub mod optim;
+pub mod schedule;
+pub mod step;
+
+pub use optim::{AdamW, AdamWConfig};
+pub use schedule::{Decay, Schedule};
+pub use step::{StepOptions, StepStats, Trainer};

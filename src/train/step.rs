@@ -1,0 +1,202 @@
+//! The exact data-parallel training step for pre-training.
+//!
+//! One optimiser step over `k` micro-batches on each of `n` ranks:
+//! 1. all-reduce the MLM-token and NSP-example counts of the whole step (cheap, known from
+//!    the labels before any forward pass);
+//! 2. per micro-batch: forward, loss = Σ_mlm / N_mlm + Σ_nsp / N_nsp with the *global*
+//!    counts, backward, add the gradients into one flat buffer (sorted-name order);
+//! 3. all-reduce the flat buffer in buckets — the sum over ranks is then exactly the
+//!    gradient of the global mean loss, so n ranks × batch b follow 1 rank × batch n·b;
+//! 4. refuse a non-finite gradient, clip by global norm, AdamW at the scheduled rate, and
+//!    write the new weights back into the model.
+
+use candle_core::Tensor;
+
+use super::optim::{clip_global_norm, AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use crate::comm::Collective;
+use crate::data::batch::PretrainBatch;
+use crate::error::{Error, Result};
+use crate::model::PretrainModel;
+use crate::util;
+
+/// Default gradient bucket: ~25 MB of f32, as PyTorch DDP.
+pub const DEFAULT_BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    pub adamw: AdamWConfig,
+    pub schedule: Schedule,
+    /// Global-norm clipping threshold (0 disables clipping).
+    pub max_grad_norm: f32,
+    pub bucket_elems: usize,
+    /// Seed of the dropout masks (combined with step, rank and micro-batch).
+    pub seed: u64,
+    /// Dropout on (training mode) or off.
+    pub dropout: bool,
+}
+
+/// What one step did, already reduced over all ranks.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub lr: f32,
+    pub loss: f32,
+    pub mlm_loss: f32,
+    pub nsp_loss: f32,
+    pub mlm_accuracy: f32,
+    pub nsp_accuracy: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub mlm_tokens: u64,
+    pub examples: u64,
+}
+
+/// Model, optimiser and the flat buffers of one replica.
+pub struct Trainer {
+    pub model: PretrainModel,
+    pub opt: AdamW,
+    pub options: StepOptions,
+    /// Master copy of the parameters, updated in place by AdamW.
+    params: Vec<f32>,
+    grad: Vec<f32>,
+    /// Optimiser steps taken.
+    pub step: u64,
+}
+
+/// Sums of one forward pass, as plain numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossSums {
+    pub mlm_sum: f64,
+    pub mlm_count: u64,
+    pub mlm_correct: u64,
+    pub nsp_sum: f64,
+    pub nsp_count: u64,
+    pub nsp_correct: u64,
+}
+
+/// Forward and backward of `Σ_mlm · w_mlm + Σ_nsp · w_nsp`, adding the gradient into `grad`.
+pub fn forward_backward(
+    m: &PretrainModel,
+    batch: &PretrainBatch,
+    weights: (f64, f64),
+    dropout: Option<&mut rand_chacha::ChaCha8Rng>,
+    grad: &mut [f32],
+) -> Result<LossSums> {
+    let mut rng = dropout;
+    let out = m.model.forward(batch, &mut rng)?;
+    let loss = ((&out.mlm_sum * weights.0)? + (&out.nsp_sum * weights.1)?)?;
+    let grads = loss.backward()?;
+    m.store.accumulate_grads(&grads, grad)?;
+    Ok(LossSums {
+        mlm_sum: scalar(&out.mlm_sum)?,
+        mlm_count: out.mlm_count as u64,
+        mlm_correct: out.mlm_correct as u64,
+        nsp_sum: scalar(&out.nsp_sum)?,
+        nsp_count: out.nsp_count as u64,
+        nsp_correct: out.nsp_correct as u64,
+    })
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_scalar::<f32>()? as f64)
+}
+
+fn inv(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0 / x
+    } else {
+        0.0
+    }
+}
+
+impl Trainer {
+    pub fn new(model: PretrainModel, options: StepOptions) -> Result<Self> {
+        let params = model.store.to_flat()?;
+        let opt = AdamW::new(options.adamw, &model.store);
+        let n = params.len();
+        Ok(Trainer {
+            model,
+            opt,
+            options,
+            params,
+            grad: vec![0.0; n],
+            step: 0,
+        })
+    }
+
+    /// The flat gradient of the last step (after all-reduce, before clipping).
+    pub fn last_grad(&self) -> &[f32] {
+        &self.grad
+    }
+
+    /// Copies `root`'s weights to every rank (used once at start so replicas are identical).
+    pub fn broadcast_params(&mut self, comm: &mut dyn Collective, root: usize) -> Result<()> {
+        comm.broadcast(&mut self.params, root)?;
+        self.model.store.set_from_flat(&self.params)
+    }
+
+    /// One optimiser step over `micro` (this rank's micro-batches), as described above.
+    pub fn train_step(
+        &mut self,
+        micro: &[PretrainBatch],
+        comm: &mut dyn Collective,
+    ) -> Result<StepStats> {
+        let rank = comm.rank() as u64;
+        let mut counts = [
+            micro.iter().map(|b| b.mlm_count()).sum::<usize>() as f32,
+            micro.iter().map(|b| b.nsp_count()).sum::<usize>() as f32,
+        ];
+        comm.all_reduce_sum(&mut counts)?;
+        let weights = (inv(counts[0] as f64), inv(counts[1] as f64));
+
+        self.grad.iter_mut().for_each(|g| *g = 0.0);
+        let mut local = LossSums::default();
+        for (i, b) in micro.iter().enumerate() {
+            let mut rng = util::rng(&[self.options.seed, self.step, rank, i as u64]);
+            let dropout = self.options.dropout.then_some(&mut rng);
+            let s = forward_backward(&self.model, b, weights, dropout, &mut self.grad)?;
+            local.mlm_sum += s.mlm_sum;
+            local.nsp_sum += s.nsp_sum;
+            local.mlm_correct += s.mlm_correct;
+            local.nsp_correct += s.nsp_correct;
+        }
+        for bucket in self.grad.chunks_mut(self.options.bucket_elems.max(1)) {
+            comm.all_reduce_sum(bucket)?;
+        }
+        let mut sums = [
+            local.mlm_sum as f32,
+            local.nsp_sum as f32,
+            local.mlm_correct as f32,
+            local.nsp_correct as f32,
+        ];
+        comm.all_reduce_sum(&mut sums)?;
+
+        let grad_norm = clip_global_norm(&mut self.grad, self.options.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(Error::Train(format!(
+                "non-finite gradient norm ({grad_norm}) at step {}; the step was not applied",
+                self.step
+            )));
+        }
+        let lr = self.options.schedule.lr(self.step);
+        self.opt.step(&mut self.params, &self.grad, lr);
+        self.model.store.set_from_flat(&self.params)?;
+        self.step += 1;
+
+        let mlm_loss = sums[0] as f64 * weights.0;
+        let nsp_loss = sums[1] as f64 * weights.1;
+        Ok(StepStats {
+            step: self.step,
+            lr,
+            loss: (mlm_loss + nsp_loss) as f32,
+            mlm_loss: mlm_loss as f32,
+            nsp_loss: nsp_loss as f32,
+            mlm_accuracy: (sums[2] as f64 * weights.0) as f32,
+            nsp_accuracy: (sums[3] as f64 * weights.1) as f32,
+            grad_norm,
+            mlm_tokens: counts[0] as u64,
+            examples: micro.iter().map(|b| b.batch as u64).sum::<u64>(),
+        })
+    }
+}
