@@ -40,6 +40,26 @@ pub enum Error {
 
     #[error("training: {0}")]
     Train(String),
+
+    /// A corpus line or record that cannot be used: `origin` is the file (or the shard's source).
+    #[error("{origin}:{line}: {msg}")]
+    Corpus {
+        origin: String,
+        line: u64,
+        msg: String,
+    },
+
+    #[error("data: {0}")]
+    Data(String),
+
+    #[error("shard {id}: {msg}")]
+    Shard { id: u32, msg: String },
+
+    #[error("tokenizer {origin}: {msg}")]
+    Tokenizer { origin: String, msg: String },
+
+    #[error("collective (rank {rank}): {msg}")]
+    Comm { rank: usize, msg: String },
 }
 
 impl Error {

@@ -1,6 +1,12 @@
 //! tandem: distributed data-parallel BERT training.
 //!
 //! # Layout
+//! - [`config`]: the job configuration (TOML, environment, `--set`), validated once.
+//! - [`coordinator`]: the control plane's server: membership, generations, data plan,
+//!   checkpoints, summary.
+//! - [`worker`]: joins a coordinator and trains its assignments on a dedicated thread.
+//! - [`launch`]: `tandem launch`, a coordinator and N workers on one machine.
+//! - [`proto`]: the gRPC protocol (generated from `proto/tandem/v1`).
 //! - [`model`]: BERT on candle — config, fused CPU kernels with backward, parameter store,
 //!   encoder and heads, HuggingFace checkpoint I/O.
 //! - [`train`]: AdamW over flat buffers, learning-rate schedules, the exact data-parallel step.
@@ -12,11 +18,16 @@
 
 pub mod bench;
 pub mod comm;
+pub mod config;
+pub mod coordinator;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod launch;
 pub mod model;
+pub mod proto;
 pub mod train;
 pub mod util;
+pub mod worker;
 
 pub use error::{Error, Result};

@@ -5,6 +5,10 @@
 
 use crate::error::Result;
 
+pub mod ring;
+
+pub use ring::{AbortHandle, Ring, RingConfig};
+
 /// Sum-all-reduce, broadcast and barrier over a fixed group of ranks.
 pub trait Collective: Send {
     fn rank(&self) -> usize;

@@ -203,6 +203,29 @@ impl PretrainBatch {
         Ok(())
     }
 
+    /// The examples `rows` of this batch, as a batch of their own.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> PretrainBatch {
+        let t = self.seq;
+        let span = rows.start * t..rows.end * t;
+        PretrainBatch {
+            batch: rows.len(),
+            seq: t,
+            input_ids: self.input_ids[span.clone()].to_vec(),
+            token_type_ids: self.token_type_ids[span.clone()].to_vec(),
+            attention_mask: self.attention_mask[span.clone()].to_vec(),
+            mlm_labels: if self.mlm_labels.is_empty() {
+                vec![]
+            } else {
+                self.mlm_labels[span].to_vec()
+            },
+            nsp_labels: if self.nsp_labels.is_empty() {
+                vec![]
+            } else {
+                self.nsp_labels[rows].to_vec()
+            },
+        }
+    }
+
     /// Number of MLM-labelled positions (the MLM loss's normaliser).
     pub fn mlm_count(&self) -> usize {
         self.mlm_labels.iter().filter(|l| **l != IGNORE).count()

@@ -192,8 +192,22 @@ pub fn load_weights(
     Ok(report)
 }
 
-/// Saves `store` as an HF checkpoint directory (`config.json` + `model.safetensors` with
-/// `format = pt` metadata, which transformers requires), each file written atomically.
+/// Serialises named tensors as safetensors bytes with the `format = pt` metadata that
+/// transformers requires.
+pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    let tensors: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(&tensors, Some(meta)).map_err(|e| Error::Checkpoint {
+        path: WEIGHTS_FILE.into(),
+        msg: format!("cannot serialise safetensors: {e}"),
+    })
+}
+
+/// Saves `store` as an HF checkpoint directory (`config.json` + `model.safetensors`), each
+/// file written atomically.
 pub fn save_checkpoint(
     dir: &Path,
     cfg: &BertConfig,
@@ -201,16 +215,28 @@ pub fn save_checkpoint(
     architecture: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tensors: BTreeMap<String, Tensor> = store
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(&tensors, Some(meta)).map_err(|e| Error::Checkpoint {
-        path: dir.into(),
-        msg: format!("cannot serialise safetensors: {e}"),
-    })?;
-    util::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    util::write_atomic(
+        &dir.join(WEIGHTS_FILE),
+        &safetensors_bytes(&store.tensors())?,
+    )?;
     cfg.save(&dir.join(CONFIG_FILE), architecture)
+}
+
+/// Reads safetensors bytes (as f32 tensors on the CPU).
+pub fn tensors_from_bytes(bytes: &[u8], origin: &str) -> Result<HashMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
+        path: origin.into(),
+        msg: format!("cannot read safetensors: {e}"),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
+        let t = if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
 }

@@ -1,5 +1,6 @@
 //! Training: AdamW, learning-rate schedules and the data-parallel step.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
 pub mod step;

@@ -48,6 +48,7 @@ pub struct StepStats {
     pub nsp_accuracy: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
+    /// Masked tokens and examples in this step, over all ranks.
     pub mlm_tokens: u64,
     pub examples: u64,
 }
@@ -130,6 +131,13 @@ impl Trainer {
         &self.grad
     }
 
+    /// Re-reads the master copy of the parameters from the model (after weights were loaded
+    /// into the store from outside).
+    pub fn reload_params(&mut self) -> Result<()> {
+        self.params = self.model.store.to_flat()?;
+        Ok(())
+    }
+
     /// Copies `root`'s weights to every rank (used once at start so replicas are identical).
     pub fn broadcast_params(&mut self, comm: &mut dyn Collective, root: usize) -> Result<()> {
         comm.broadcast(&mut self.params, root)?;
@@ -196,7 +204,7 @@ impl Trainer {
             nsp_accuracy: (sums[3] as f64 * weights.1) as f32,
             grad_norm,
             mlm_tokens: counts[0] as u64,
-            examples: micro.iter().map(|b| b.batch as u64).sum::<u64>(),
+            examples: counts[1] as u64,
         })
     }
 }

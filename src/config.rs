@@ -1,0 +1,516 @@
+//! The job configuration: TOML file, then environment (`TANDEM__<SECTION>__<KEY>`, e.g.
+//! `TANDEM__JOB__SEED=7`; other `TANDEM_*` variables such as `TANDEM_TOKEN` are not config), then
+//! `--set key=value` overrides, layered with the `config` crate and validated once.
+//!
+//! Every field is documented here; this file is the reference for `configs/*.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::instances::InstanceOptions;
+use crate::model::Preset;
+use crate::train::Decay;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {msg}")]
+    Load { path: PathBuf, msg: String },
+    #[error("--set {0:?}: expected key=value")]
+    BadOverride(String),
+    #[error("invalid configuration: {key}: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub job: JobSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// The stages, run in order.
+    pub stages: Vec<StageConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Job id: workers must present it; also names logs.
+    pub name: String,
+    /// Seed of initialisation, data order, masking and dropout.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Where the coordinator keeps the job's state: shard index, tokenizer, checkpoints,
+    /// summary.json. Relative paths are relative to the working directory.
+    pub state_dir: PathBuf,
+    /// File holding the job token (the `TANDEM_TOKEN` environment variable wins).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Training starts once this many workers have joined.
+    #[serde(default = "d_one")]
+    pub min_workers: usize,
+    /// At most this many workers take part; more joiners wait.
+    #[serde(default = "d_one")]
+    pub max_workers: usize,
+    /// After `min_workers` joined, wait this long for more (up to `max_workers`).
+    #[serde(default = "d_join_window")]
+    pub join_window_s: f64,
+    /// Give up if `min_workers` have not joined within this time.
+    #[serde(default = "d_join_timeout")]
+    pub join_timeout_s: f64,
+    /// A worker silent for this long is considered lost.
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_timeout_s: f64,
+    /// Bound on every collective socket operation.
+    #[serde(default = "d_collective_timeout")]
+    pub collective_timeout_s: f64,
+    /// Gradient bucket size for the all-reduce, in MiB (PyTorch DDP's default is 25).
+    #[serde(default = "d_bucket")]
+    pub bucket_mib: f64,
+    /// Workers report progress every this many steps.
+    #[serde(default = "d_one_u64")]
+    pub progress_every: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Sizes: tiny, mini or base (vocab_size always follows the tokenizer).
+    #[serde(default)]
+    pub preset: Option<Preset>,
+    /// An HF `config.json` to take the sizes from instead of a preset.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// Dropout probabilities (hidden and attention), overriding the preset's 0.1.
+    #[serde(default)]
+    pub dropout: Option<f32>,
+    /// Maximum positions (default 512, or the config file's).
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Corpus files, directories or globs (google-research/bert text or JSONL).
+    pub corpus: Vec<String>,
+    /// Target shard size, e.g. "256KiB", "64MiB".
+    #[serde(default = "d_shard_size")]
+    pub shard_size: String,
+    /// Longest accepted line in bytes.
+    #[serde(default = "d_max_line")]
+    pub max_line_bytes: usize,
+    /// Bad input lines: "fail" (default) or "skip" (skipped and counted).
+    #[serde(default = "d_on_error")]
+    pub on_error: String,
+    /// A tokenizer (directory with tokenizer.json or vocab.txt, or the file). Without one, a
+    /// WordPiece vocabulary is trained on the corpus and kept in the state dir.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size when training a tokenizer.
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// Lower-case text (BERT uncased).
+    #[serde(default = "d_true")]
+    pub lowercase: bool,
+    /// Pre-training instance creation (sequence length, masking, NSP).
+    #[serde(default)]
+    pub instances: InstanceOptions,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Save every this many optimiser steps (0: only at the end of each stage).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Keep this many most recent checkpoints.
+    #[serde(default = "d_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    Pretrain,
+    SequenceClassification,
+    PairClassification,
+    TokenClassification,
+    QuestionAnswering,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    pub kind: StageKind,
+    #[serde(default = "d_one_u32")]
+    pub epochs: u32,
+    /// Stop the stage after this many optimiser steps.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Examples per worker per micro-batch.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimiser step.
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Fraction of the stage's steps spent warming up linearly.
+    #[serde(default = "d_warmup")]
+    pub warmup_fraction: f32,
+    /// Decay after warm-up: linear, cosine or constant.
+    #[serde(default = "d_decay")]
+    pub decay: Decay,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f32,
+    /// Global-norm gradient clipping (0: off).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f32,
+}
+
+fn d_seed() -> u64 {
+    42
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_u64() -> u64 {
+    1
+}
+fn d_one_u32() -> u32 {
+    1
+}
+fn d_join_window() -> f64 {
+    2.0
+}
+fn d_join_timeout() -> f64 {
+    300.0
+}
+fn d_heartbeat() -> f64 {
+    30.0
+}
+fn d_collective_timeout() -> f64 {
+    120.0
+}
+fn d_bucket() -> f64 {
+    25.0
+}
+fn d_shard_size() -> String {
+    "64MiB".into()
+}
+fn d_max_line() -> usize {
+    1 << 20
+}
+fn d_on_error() -> String {
+    "fail".into()
+}
+fn d_vocab() -> usize {
+    8192
+}
+fn d_true() -> bool {
+    true
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_batch() -> usize {
+    16
+}
+fn d_warmup() -> f32 {
+    0.1
+}
+fn d_decay() -> Decay {
+    Decay::Linear
+}
+fn d_wd() -> f32 {
+    0.01
+}
+fn d_clip() -> f32 {
+    1.0
+}
+
+/// Parses sizes such as `"512"`, `"256KiB"`, `"64MiB"`, `"1GiB"`, `"10MB"`.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => return None,
+    };
+    let v = n * mult;
+    (v >= 1.0).then_some(v as u64)
+}
+
+impl JobConfig {
+    /// Loads `path`, applies `TANDEM_*` environment variables and `--set` overrides, and
+    /// validates. Relative paths inside the file stay relative to the working directory.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let load_err = |msg: String| ConfigError::Load {
+            path: path.into(),
+            msg,
+        };
+        if !path.exists() {
+            return Err(load_err("no such file".into()));
+        }
+        let mut b = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("TANDEM")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            b = b
+                .set_override(k.trim(), v.trim())
+                .map_err(|e| load_err(format!("--set {o}: {e}")))?;
+        }
+        let cfg: JobConfig = b
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| load_err(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment, no overrides) and validates.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: JobConfig = toml::from_str(text).map_err(|e| ConfigError::Load {
+            path: "<string>".into(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.job.name.is_empty() {
+            return Err(invalid("job.name", "must not be empty"));
+        }
+        let c = &self.cluster;
+        if c.min_workers == 0 {
+            return Err(invalid("cluster.min_workers", "must be at least 1"));
+        }
+        if c.max_workers < c.min_workers {
+            return Err(invalid(
+                "cluster.max_workers",
+                format!("{} is below min_workers {}", c.max_workers, c.min_workers),
+            ));
+        }
+        for (k, v) in [
+            ("cluster.join_timeout_s", c.join_timeout_s),
+            ("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s),
+            ("cluster.collective_timeout_s", c.collective_timeout_s),
+            ("cluster.bucket_mib", c.bucket_mib),
+        ] {
+            if !(v > 0.0) {
+                return Err(invalid(k, format!("{v}: must be positive")));
+            }
+        }
+        if c.progress_every == 0 {
+            return Err(invalid("cluster.progress_every", "must be at least 1"));
+        }
+        if self.model.preset.is_some() == self.model.config.is_some() {
+            return Err(invalid("model", "set exactly one of `preset` and `config`"));
+        }
+        if let Some(p) = self.model.dropout {
+            if !(0.0..1.0).contains(&p) {
+                return Err(invalid(
+                    "model.dropout",
+                    format!("{p}: expected a probability in [0, 1)"),
+                ));
+            }
+        }
+        if self.data.corpus.is_empty() {
+            return Err(invalid(
+                "data.corpus",
+                "list at least one file, directory or glob",
+            ));
+        }
+        if parse_bytes(&self.data.shard_size).is_none() {
+            return Err(invalid(
+                "data.shard_size",
+                format!(
+                    "{:?}: expected a size such as \"256KiB\" or \"64MiB\"",
+                    self.data.shard_size
+                ),
+            ));
+        }
+        if !matches!(self.data.on_error.as_str(), "fail" | "skip") {
+            return Err(invalid(
+                "data.on_error",
+                format!("{:?}: expected \"fail\" or \"skip\"", self.data.on_error),
+            ));
+        }
+        if self.data.vocab_size < 16 {
+            return Err(invalid("data.vocab_size", "must be at least 16"));
+        }
+        if self.stages.is_empty() {
+            return Err(invalid("stages", "define at least one [[stages]] entry"));
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let k = |f: &str| format!("stages[{i}].{f}");
+            if s.kind != StageKind::Pretrain {
+                return Err(invalid(
+                    &k("kind"),
+                    format!(
+                        "{:?}: fine-tuning stages are not implemented yet; only \"pretrain\" runs",
+                        s.kind
+                    ),
+                ));
+            }
+            if s.epochs == 0 {
+                return Err(invalid(&k("epochs"), "must be at least 1"));
+            }
+            if s.batch_size == 0 {
+                return Err(invalid(&k("batch_size"), "must be at least 1"));
+            }
+            if s.grad_accum == 0 {
+                return Err(invalid(&k("grad_accum"), "must be at least 1"));
+            }
+            if !(s.lr > 0.0 && s.lr.is_finite()) {
+                return Err(invalid(&k("lr"), format!("{}: must be positive", s.lr)));
+            }
+            if !(0.0..=1.0).contains(&s.warmup_fraction) {
+                return Err(invalid(
+                    &k("warmup_fraction"),
+                    "expected a fraction in [0, 1]",
+                ));
+            }
+            if s.max_steps == Some(0) {
+                return Err(invalid(&k("max_steps"), "must be at least 1 when set"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn shard_bytes(&self) -> u64 {
+        parse_bytes(&self.data.shard_size).expect("validated")
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serialises")
+    }
+
+    pub fn from_json(s: &str) -> Result<Self, ConfigError> {
+        let cfg: JobConfig = serde_json::from_str(s).map_err(|e| ConfigError::Load {
+            path: "<assignment>".into(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [job]
+        name = "t"
+        state_dir = "s"
+        [model]
+        preset = "tiny"
+        [data]
+        corpus = ["c.txt"]
+        [[stages]]
+        name = "pretrain"
+        kind = "pretrain"
+        lr = 1e-3
+    "#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = JobConfig::from_toml(MIN).unwrap();
+        assert_eq!(c.cluster.min_workers, 1);
+        assert_eq!(c.stages[0].batch_size, 16);
+        assert_eq!(c.checkpoint.keep, 3);
+        assert_eq!(c.shard_bytes(), 64 << 20);
+        let back = JobConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = JobConfig::from_toml(&MIN.replace("lr = 1e-3", "lr = -1.0")).unwrap_err();
+        assert!(e.to_string().contains("stages[0].lr"), "{e}");
+        let e = JobConfig::from_toml(&format!(
+            "{MIN}\n[cluster]\nmin_workers = 3\nmax_workers = 2\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("cluster.max_workers"), "{e}");
+        let e = JobConfig::from_toml(&MIN.replace("name = \"t\"", "name = \"t\"\nbogus = 1"))
+            .unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn file_env_and_overrides_layer() {
+        let dir = std::env::temp_dir().join(format!("tandem-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("job.toml");
+        std::fs::write(&p, MIN).unwrap();
+        let c =
+            JobConfig::load(&p, &["stages[0].batch_size=4".into(), "job.seed=7".into()]).unwrap();
+        assert_eq!(c.stages[0].batch_size, 4);
+        assert_eq!(c.job.seed, 7);
+        let e = JobConfig::load(&p, &["stages[0].batch_size=x".into()]).unwrap_err();
+        assert!(e.to_string().contains("batch_size"), "{e}");
+        let e = JobConfig::load(&p, &["nokey".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadOverride(_)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("256KiB"), Some(256 * 1024));
+        assert_eq!(parse_bytes("10MB"), Some(10_000_000));
+        assert_eq!(parse_bytes("1.5k"), Some(1536));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+    }
+}

@@ -1,0 +1,309 @@
+//! The gRPC handlers: thin — authenticate, check protocol version and generation, convert,
+//! call into the job state, map errors to a `Status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::state::{Event, Member, Phase, Shared};
+use crate::proto::{self, coordinator_server::Coordinator};
+use crate::train::checkpoint::sha256_hex;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct Service {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Checks the job token on every call (constant-time comparison).
+pub fn auth_interceptor(
+    token: String,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let got = req
+            .metadata()
+            .get(proto::TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let ok = got.len() == token.len()
+            && got
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong job token (x-tandem-token)",
+            ))
+        }
+    }
+}
+
+impl Service {
+    fn check_job(&self, job_id: &str) -> Result<(), Status> {
+        if job_id != self.shared.job_id {
+            return Err(Status::permission_denied(format!(
+                "this coordinator runs job {:?}, not {job_id:?}",
+                self.shared.job_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_generation(&self, generation: u64) -> Result<(), Status> {
+        let current = self.shared.state.lock().unwrap().generation;
+        if generation != current {
+            return Err(Status::failed_precondition(format!(
+                "stale generation {generation}: the current generation is {current}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    type JoinStream = BoxStream<proto::Directive>;
+
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        let r = req.into_inner();
+        if r.protocol_version != proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported: this coordinator speaks version {} (mixed releases?)",
+                r.protocol_version,
+                proto::PROTOCOL_VERSION
+            )));
+        }
+        if !r.job_id.is_empty() {
+            self.check_job(&r.job_id)?;
+        }
+        if r.ring_addr.is_empty() {
+            return Err(Status::invalid_argument("ring_addr is empty"));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let id = {
+            let mut st = self.shared.state.lock().unwrap();
+            if matches!(st.phase, Phase::Finished | Phase::Failed) {
+                return Err(Status::unavailable("the job has ended"));
+            }
+            let id = st.next_member;
+            st.next_member += 1;
+            st.members.insert(
+                id,
+                Member {
+                    worker_id: r.worker_id.clone(),
+                    ring_addr: r.ring_addr.clone(),
+                    tx: tx.clone(),
+                    rank: None,
+                    last_seen: Instant::now(),
+                    phase: "joined".into(),
+                    step: 0,
+                },
+            );
+            id
+        };
+        tracing::info!(worker = %r.worker_id, ring = %r.ring_addr, threads = r.threads, device = %r.device, "worker joined");
+        let events = self.shared.events.clone();
+        let _ = events.send(Event::Joined);
+        // The stream's end (worker gone, connection cut) is the member's departure.
+        tokio::spawn(async move {
+            tx.closed().await;
+            let _ = events.send(Event::Left(id));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<proto::ProgressReport>,
+    ) -> Result<Response<proto::ProgressAck>, Status> {
+        let r = req.into_inner();
+        self.check_job(&r.job_id)?;
+        self.check_generation(r.generation)?;
+        let keep_going = {
+            let mut st = self.shared.state.lock().unwrap();
+            let Some(m) = st.members.values_mut().find(|m| m.rank == Some(r.rank)) else {
+                return Err(Status::failed_precondition(format!(
+                    "rank {} is not a member of this generation",
+                    r.rank
+                )));
+            };
+            m.last_seen = Instant::now();
+            m.phase = r.phase.clone();
+            m.step = r.step;
+            if r.rank == 0 && !r.done {
+                st.last = Some(r.clone());
+            }
+            st.phase == Phase::Running
+        };
+        if !r.error.is_empty() {
+            let _ = self.shared.events.send(Event::Failed {
+                rank: r.rank,
+                error: r.error.clone(),
+            });
+        } else if r.done {
+            let _ = self.shared.events.send(Event::Done(Box::new(r)));
+        }
+        Ok(Response::new(proto::ProgressAck { keep_going }))
+    }
+
+    type FetchShardStream = BoxStream<proto::ShardChunk>;
+
+    async fn fetch_shard(
+        &self,
+        req: Request<proto::FetchShardRequest>,
+    ) -> Result<Response<Self::FetchShardStream>, Status> {
+        let r = req.into_inner();
+        self.check_job(&r.job_id)?;
+        self.check_generation(r.generation)?;
+        let shared = self.shared.clone();
+        let bytes =
+            tokio::task::spawn_blocking(move || shared.prepared.index.read_shard(r.shard_id))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::not_found(format!("shard {}: {e}", r.shard_id)))?;
+        let sha = sha256_hex(&bytes);
+        let n = bytes.len().div_ceil(proto::CHUNK_BYTES).max(1);
+        let chunks: Vec<Result<proto::ShardChunk, Status>> = (0..n)
+            .map(|i| {
+                let lo = i * proto::CHUNK_BYTES;
+                let hi = (lo + proto::CHUNK_BYTES).min(bytes.len());
+                Ok(proto::ShardChunk {
+                    data: bytes[lo..hi].to_vec(),
+                    sha256: if i + 1 == n {
+                        sha.clone()
+                    } else {
+                        String::new()
+                    },
+                    last: i + 1 == n,
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn put_checkpoint(
+        &self,
+        req: Request<Streaming<proto::CheckpointChunk>>,
+    ) -> Result<Response<proto::PutCheckpointResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut files: Vec<(String, Vec<u8>)> = vec![];
+        let mut current: Option<(String, Vec<u8>)> = None;
+        let mut name = String::new();
+        while let Some(c) = stream.next().await {
+            let c = c?;
+            if name.is_empty() {
+                self.check_job(&c.job_id)?;
+                self.check_generation(c.generation)?;
+                name = c.name.clone();
+            } else if c.name != name {
+                return Err(Status::invalid_argument(
+                    "checkpoint name changed within one upload",
+                ));
+            }
+            let cur = current.get_or_insert_with(|| (c.file.clone(), vec![]));
+            if cur.0 != c.file {
+                return Err(Status::invalid_argument(format!(
+                    "file {:?} started before {:?} ended",
+                    c.file, cur.0
+                )));
+            }
+            cur.1.extend_from_slice(&c.data);
+            if c.last_of_file {
+                let (f, b) = current.take().expect("set above");
+                if sha256_hex(&b) != c.sha256 {
+                    return Err(Status::data_loss(format!(
+                        "checkpoint {name}: file {f} arrived corrupted (SHA-256 mismatch)"
+                    )));
+                }
+                files.push((f, b));
+            }
+        }
+        if current.is_some() || files.is_empty() {
+            return Err(Status::invalid_argument(
+                "checkpoint upload ended in the middle of a file",
+            ));
+        }
+        let shared = self.shared.clone();
+        let n2 = name.clone();
+        let dir = tokio::task::spawn_blocking(move || shared.store.commit(&n2, &files))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
+        tracing::info!(checkpoint = %name, dir = %dir.display(), "checkpoint stored");
+        let _ = self.shared.events.send(Event::Checkpoint(name.clone()));
+        Ok(Response::new(proto::PutCheckpointResponse {
+            stored_as: name,
+        }))
+    }
+
+    type GetCheckpointStream = BoxStream<proto::CheckpointChunk>;
+
+    async fn get_checkpoint(
+        &self,
+        req: Request<proto::GetCheckpointRequest>,
+    ) -> Result<Response<Self::GetCheckpointStream>, Status> {
+        let r = req.into_inner();
+        self.check_job(&r.job_id)?;
+        self.check_generation(r.generation)?;
+        let shared = self.shared.clone();
+        let name = r.name.clone();
+        let files = tokio::task::spawn_blocking(move || shared.store.read(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::not_found(format!("checkpoint {}: {e}", r.name)))?;
+        let chunks = checkpoint_chunks(&r.job_id, r.generation, &r.name, &files);
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        Ok(Response::new(self.shared.status()))
+    }
+}
+
+/// Splits checkpoint files into stream chunks (used in both directions).
+pub fn checkpoint_chunks(
+    job_id: &str,
+    generation: u64,
+    name: &str,
+    files: &[(String, Vec<u8>)],
+) -> Vec<proto::CheckpointChunk> {
+    let mut out = vec![];
+    for (f, bytes) in files {
+        let sha = sha256_hex(bytes);
+        let n = bytes.len().div_ceil(proto::CHUNK_BYTES).max(1);
+        for i in 0..n {
+            let lo = i * proto::CHUNK_BYTES;
+            let hi = (lo + proto::CHUNK_BYTES).min(bytes.len());
+            out.push(proto::CheckpointChunk {
+                job_id: job_id.into(),
+                generation,
+                name: name.into(),
+                file: f.clone(),
+                data: bytes[lo..hi].to_vec(),
+                sha256: if i + 1 == n {
+                    sha.clone()
+                } else {
+                    String::new()
+                },
+                last_of_file: i + 1 == n,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,120 @@
+//! The coordinator's job state, shared between the gRPC handlers and the driver.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::data::shard::ShardIndex;
+use crate::model::BertConfig;
+use crate::proto;
+use crate::train::checkpoint::CheckpointStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Rendezvous,
+    Running,
+    Finished,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Rendezvous => "rendezvous",
+            Phase::Running => "running",
+            Phase::Finished => "finished",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Everything prepared before workers are admitted.
+pub struct Prepared {
+    pub index: ShardIndex,
+    pub index_json: String,
+    pub tokenizer_json: String,
+    pub model_cfg: BertConfig,
+    pub model_cfg_json: String,
+}
+
+/// A connected worker.
+pub struct Member {
+    pub worker_id: String,
+    pub ring_addr: String,
+    pub tx: mpsc::Sender<Result<proto::Directive, Status>>,
+    /// Rank in the current generation (None: waiting).
+    pub rank: Option<u32>,
+    pub last_seen: Instant,
+    pub phase: String,
+    pub step: u64,
+}
+
+pub enum Event {
+    Joined,
+    Left(u64),
+    Done(Box<proto::ProgressReport>),
+    Failed { rank: u32, error: String },
+    Checkpoint(String),
+}
+
+pub struct JobState {
+    pub phase: Phase,
+    pub generation: u64,
+    pub next_member: u64,
+    pub members: BTreeMap<u64, Member>,
+    pub stage_index: u32,
+    /// Rank 0's latest progress report.
+    pub last: Option<proto::ProgressReport>,
+    pub message: String,
+}
+
+pub struct Shared {
+    pub job_id: String,
+    pub cfg: crate::config::JobConfig,
+    pub cfg_json: String,
+    pub prepared: Prepared,
+    pub store: CheckpointStore,
+    pub state: Mutex<JobState>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn status(&self) -> proto::StatusResponse {
+        let st = self.state.lock().unwrap();
+        let stage = self.cfg.stages.get(st.stage_index as usize);
+        let last = st.last.clone().unwrap_or_default();
+        proto::StatusResponse {
+            job_id: self.job_id.clone(),
+            phase: st.phase.as_str().into(),
+            generation: st.generation,
+            workers: st.members.len() as u32,
+            stage_index: st.stage_index,
+            stages: self.cfg.stages.len() as u32,
+            stage_name: stage.map(|s| s.name.clone()).unwrap_or_default(),
+            epoch: last.epoch,
+            epochs: stage.map(|s| s.epochs).unwrap_or(0),
+            step: last.step,
+            total_steps: last.total_steps,
+            loss: last.loss,
+            mlm_accuracy: last.mlm_accuracy,
+            nsp_accuracy: last.nsp_accuracy,
+            samples_per_s: last.samples_per_s,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            message: st.message.clone(),
+        }
+    }
+
+    /// Sends a directive to every member (ignoring members already gone).
+    pub fn broadcast(&self, d: proto::directive::Kind) {
+        let st = self.state.lock().unwrap();
+        for m in st.members.values() {
+            let _ = m.tx.try_send(Ok(proto::Directive {
+                kind: Some(d.clone()),
+            }));
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! Document-aligned shards of a corpus, their checksummed index, and the per-epoch plan.
+//!
+//! One streaming scan cuts the corpus (files in sorted order) into shards of about a target
+//! size, only where a document starts, so a shard may span files but never splits a document.
+//! Every shard holds at least two documents (NSP draws its random B from another document of
+//! the same shard). A shard is the unit the coordinator serves and a rank consumes: its bytes
+//! are the concatenation of its ranges, checksummed with SHA-256.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::corpus::{
+    resolve_inputs, Assembler, CorpusOptions, Document, Format, LineReader, ParseStats,
+};
+use crate::error::{Error, Result};
+
+/// Version of the index's JSON layout.
+pub const INDEX_VERSION: u32 = 1;
+
+/// One corpus file as it was when the index was built.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusFile {
+    pub path: PathBuf,
+    pub format: Format,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+/// Bytes `start..end` of file `file` (an index into [`ShardIndex::files`]), beginning at the
+/// start of line `first_line` (1-based), which is also a document boundary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardRange {
+    pub file: u32,
+    pub start: u64,
+    pub end: u64,
+    pub first_line: u64,
+}
+
+/// One shard: whole documents from one or more consecutive files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSpec {
+    /// Stable id: the shard's position in corpus order.
+    pub id: u32,
+    pub ranges: Vec<ShardRange>,
+    pub documents: u64,
+    /// Sum of the ranges' lengths.
+    pub bytes: u64,
+    /// Lowercase hex SHA-256 of the concatenated range bytes.
+    pub sha256: String,
+}
+
+/// The shards of a corpus and the files they come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardIndex {
+    pub version: u32,
+    pub target_shard_bytes: u64,
+    /// The parsing options the document counts depend on; workers must parse with these.
+    pub options: CorpusOptions,
+    pub files: Vec<CorpusFile>,
+    pub shards: Vec<ShardSpec>,
+    /// Counts of the scan (documents, sentences, skipped lines and records).
+    pub stats: ParseStats,
+}
+
+/// The shard being filled during the scan.
+struct Open {
+    ranges: Vec<ShardRange>,
+    documents: u64,
+    bytes: u64,
+    hasher: Sha256,
+}
+
+impl Open {
+    fn new() -> Self {
+        Open {
+            ranges: Vec::new(),
+            documents: 0,
+            bytes: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    fn begin(&mut self, file: u32, start: u64, first_line: u64) {
+        self.ranges.push(ShardRange {
+            file,
+            start,
+            end: start,
+            first_line,
+        });
+    }
+
+    fn drop_empty_range(&mut self) {
+        if self.ranges.last().is_some_and(|r| r.start == r.end) {
+            self.ranges.pop();
+        }
+    }
+}
+
+fn hex(d: impl std::fmt::LowerHex) -> String {
+    format!("{d:x}")
+}
+
+/// Scans `inputs` (files, directories, globs) once and cuts them into shards of about
+/// `target_shard_bytes` (a shard is closed at the first document start at or past the
+/// target, once it holds two documents; a lone last document joins the previous shard).
+pub fn build_index<P: AsRef<Path>>(
+    inputs: &[P],
+    target_shard_bytes: u64,
+    opts: &CorpusOptions,
+) -> Result<ShardIndex> {
+    let paths = resolve_inputs(inputs)?;
+    let target = target_shard_bytes.max(1);
+    let mut files = Vec::with_capacity(paths.len());
+    let mut shards: Vec<ShardSpec> = Vec::new();
+    let mut stats = ParseStats::default();
+    let mut cur = Open::new();
+    // The last closed shard's hash continued over `cur`'s bytes, kept while `cur` holds at
+    // most one document: if the corpus ends there, that document joins the previous shard.
+    let mut prev_ext: Option<Sha256> = None;
+    for (fi, path) in paths.iter().enumerate() {
+        let fi =
+            u32::try_from(fi).map_err(|_| Error::Data("more than 2^32 corpus files".into()))?;
+        let origin = path.display().to_string();
+        let format = Format::from_path(path);
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader =
+            LineReader::new(BufReader::with_capacity(1 << 20, f), opts.max_line_bytes, 1);
+        let mut asm = Assembler::new(format, opts, &origin, true);
+        let mut file_hasher = Sha256::new();
+        let mut size = 0u64;
+        cur.begin(fi, 0, 1);
+        loop {
+            let line = reader.next_line(&mut |b| {
+                file_hasher.update(b);
+                cur.hasher.update(b);
+                if let Some(p) = prev_ext.as_mut() {
+                    p.update(b);
+                }
+            });
+            let Some(line) = line.map_err(|e| Error::io(path, e))? else {
+                break;
+            };
+            let (starts, _) = asm.line(&line, reader.content(&line))?;
+            if starts {
+                if cur.documents >= 2 && cur.bytes >= target {
+                    cur.drop_empty_range();
+                    let id = shards.len() as u32;
+                    let done = std::mem::replace(&mut cur, Open::new());
+                    shards.push(ShardSpec {
+                        id,
+                        ranges: done.ranges,
+                        documents: done.documents,
+                        bytes: done.bytes,
+                        sha256: hex(done.hasher.clone().finalize()),
+                    });
+                    prev_ext = Some(done.hasher);
+                    cur.begin(fi, line.start, line.number);
+                }
+                cur.documents += 1;
+                if cur.documents >= 2 {
+                    prev_ext = None;
+                }
+            }
+            if !line.overflowed {
+                let raw = reader.raw();
+                file_hasher.update(raw);
+                cur.hasher.update(raw);
+                if let Some(p) = prev_ext.as_mut() {
+                    p.update(raw);
+                }
+            }
+            let n = line.end - line.start;
+            cur.bytes += n;
+            size += n;
+            if let Some(r) = cur.ranges.last_mut() {
+                r.end = line.end;
+            }
+        }
+        asm.finish();
+        asm.stats.warn_skipped(&origin);
+        stats.add(&asm.stats);
+        cur.drop_empty_range();
+        files.push(CorpusFile {
+            path: path.clone(),
+            format,
+            size,
+            sha256: hex(file_hasher.finalize()),
+        });
+    }
+    let names: Vec<_> = inputs.iter().map(|p| p.as_ref().display()).collect();
+    let what = || format!("{} file(s) from {names:?}", paths.len());
+    if stats.documents == 0 {
+        return Err(Error::Data(format!(
+            "empty corpus: no documents in {}",
+            what()
+        )));
+    }
+    match (cur.documents, shards.last_mut()) {
+        (1, None) => {
+            return Err(Error::Data(format!(
+                "NSP needs at least two documents; the corpus ({}) holds one",
+                what()
+            )))
+        }
+        (1, Some(last)) => {
+            for r in cur.ranges {
+                match last.ranges.last_mut() {
+                    Some(l) if l.file == r.file && l.end == r.start => l.end = r.end,
+                    _ => last.ranges.push(r),
+                }
+            }
+            last.documents += 1;
+            last.bytes += cur.bytes;
+            last.sha256 = hex(prev_ext.take().expect("hash kept").finalize());
+        }
+        _ => shards.push(ShardSpec {
+            id: shards.len() as u32,
+            ranges: cur.ranges,
+            documents: cur.documents,
+            bytes: cur.bytes,
+            sha256: hex(cur.hasher.finalize()),
+        }),
+    }
+    Ok(ShardIndex {
+        version: INDEX_VERSION,
+        target_shard_bytes,
+        options: opts.clone(),
+        files,
+        shards,
+        stats,
+    })
+}
+
+impl ShardIndex {
+    /// Writes the index as JSON, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
+        crate::util::write_atomic(path, &json)
+    }
+
+    /// Reads and checks an index written by [`ShardIndex::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let index: ShardIndex = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
+        index
+            .validate()
+            .map_err(|m| Error::Data(format!("shard index {}: {m}", path.display())))?;
+        Ok(index)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.version != INDEX_VERSION {
+            return Err(format!(
+                "version {}, expected {INDEX_VERSION}",
+                self.version
+            ));
+        }
+        let is_hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        for (i, f) in self.files.iter().enumerate() {
+            if !is_hex(&f.sha256) {
+                return Err(format!("files[{i}].sha256 is not 64 hex digits"));
+            }
+        }
+        for (i, s) in self.shards.iter().enumerate() {
+            if s.id as usize != i {
+                return Err(format!("shards[{i}] has id {}, expected {i}", s.id));
+            }
+            if s.documents < 2 {
+                return Err(format!(
+                    "shard {i} holds {} document(s), expected ≥ 2",
+                    s.documents
+                ));
+            }
+            if !is_hex(&s.sha256) {
+                return Err(format!("shard {i}: sha256 is not 64 hex digits"));
+            }
+            let mut total = 0u64;
+            for r in &s.ranges {
+                let Some(f) = self.files.get(r.file as usize) else {
+                    return Err(format!("shard {i}: file index {} out of range", r.file));
+                };
+                if r.start > r.end || r.end > f.size || r.first_line == 0 {
+                    return Err(format!(
+                        "shard {i}: range {}..{} (line {}) invalid for {} ({} bytes)",
+                        r.start,
+                        r.end,
+                        r.first_line,
+                        f.path.display(),
+                        f.size
+                    ));
+                }
+                total += r.end - r.start;
+            }
+            if total != s.bytes {
+                return Err(format!(
+                    "shard {i}: ranges hold {total} bytes, `bytes` says {}",
+                    s.bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The spec of shard `id`.
+    pub fn shard(&self, id: u32) -> Result<&ShardSpec> {
+        self.shards.get(id as usize).ok_or_else(|| Error::Shard {
+            id,
+            msg: format!("no such shard (the index has {})", self.shards.len()),
+        })
+    }
+
+    /// Total documents over all shards.
+    pub fn total_documents(&self) -> u64 {
+        self.shards.iter().map(|s| s.documents).sum()
+    }
+
+    /// Whether the index was built from exactly these resolved files (as
+    /// [`resolve_inputs`] gives them) with this target size: if so, and
+    /// [`ShardIndex::verify_unchanged`] passes, it can be reused.
+    pub fn same_inputs(&self, files: &[PathBuf], target_shard_bytes: u64) -> bool {
+        self.target_shard_bytes == target_shard_bytes
+            && self.files.len() == files.len()
+            && self.files.iter().zip(files).all(|(f, p)| &f.path == p)
+    }
+
+    /// Checks that every corpus file still has its indexed size and SHA-256.
+    pub fn verify_unchanged(&self) -> Result<()> {
+        for f in &self.files {
+            let changed = |what: String| {
+                Error::Data(format!(
+                    "corpus file {} changed since the index was built: {what}",
+                    f.path.display()
+                ))
+            };
+            let meta = std::fs::metadata(&f.path).map_err(|e| Error::io(&f.path, e))?;
+            if meta.len() != f.size {
+                return Err(changed(format!("{} bytes, indexed {}", meta.len(), f.size)));
+            }
+            let mut h = Sha256::new();
+            let mut file = File::open(&f.path).map_err(|e| Error::io(&f.path, e))?;
+            std::io::copy(&mut file, &mut h).map_err(|e| Error::io(&f.path, e))?;
+            let sum = hex(h.finalize());
+            if sum != f.sha256 {
+                return Err(changed(format!("SHA-256 {sum}, indexed {}", f.sha256)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of shard `id` (what the coordinator serves), checksum verified.
+    pub fn read_shard(&self, id: u32) -> Result<Vec<u8>> {
+        let spec = self.shard(id)?;
+        let mut out = Vec::with_capacity(spec.bytes as usize);
+        for r in &spec.ranges {
+            let f = self
+                .files
+                .get(r.file as usize)
+                .ok_or_else(|| Error::Shard {
+                    id,
+                    msg: format!("file index {} out of range", r.file),
+                })?;
+            let mut file = File::open(&f.path).map_err(|e| Error::io(&f.path, e))?;
+            file.seek(SeekFrom::Start(r.start))
+                .map_err(|e| Error::io(&f.path, e))?;
+            let n = file
+                .take(r.end - r.start)
+                .read_to_end(&mut out)
+                .map_err(|e| Error::io(&f.path, e))?;
+            if n as u64 != r.end - r.start {
+                return Err(Error::Shard {
+                    id,
+                    msg: format!(
+                        "{} is shorter than indexed (wanted bytes {}..{})",
+                        f.path.display(),
+                        r.start,
+                        r.end
+                    ),
+                });
+            }
+        }
+        verify_shard_bytes(spec, &out)?;
+        Ok(out)
+    }
+
+    /// Parses bytes of shard `id` (e.g. fetched from the coordinator) into its documents.
+    pub fn parse_shard(&self, id: u32, bytes: &[u8]) -> Result<Vec<Document>> {
+        parse_shard(&self.files, self.shard(id)?, bytes, &self.options)
+    }
+
+    /// Reads and parses shard `id` from the local corpus.
+    pub fn shard_documents(&self, id: u32) -> Result<Vec<Document>> {
+        let bytes = self.read_shard(id)?;
+        self.parse_shard(id, &bytes)
+    }
+}
+
+/// Checks a shard's bytes against its spec (length and SHA-256).
+pub fn verify_shard_bytes(spec: &ShardSpec, bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 != spec.bytes {
+        return Err(Error::Shard {
+            id: spec.id,
+            msg: format!("{} bytes, expected {}", bytes.len(), spec.bytes),
+        });
+    }
+    let sum = hex(Sha256::digest(bytes));
+    if sum != spec.sha256 {
+        return Err(Error::Shard {
+            id: spec.id,
+            msg: format!("checksum mismatch: SHA-256 {sum}, expected {}", spec.sha256),
+        });
+    }
+    Ok(())
+}
+
+/// Parses a shard's (verified) bytes into documents: each range with its file's format, line
+/// numbers as in the file. Fails if the document count differs from the index's.
+pub fn parse_shard(
+    files: &[CorpusFile],
+    spec: &ShardSpec,
+    bytes: &[u8],
+    opts: &CorpusOptions,
+) -> Result<Vec<Document>> {
+    verify_shard_bytes(spec, bytes)?;
+    let mut docs = Vec::with_capacity(spec.documents as usize);
+    let mut stats = ParseStats::default();
+    let mut at = 0usize;
+    for r in &spec.ranges {
+        let f = files.get(r.file as usize).ok_or_else(|| Error::Shard {
+            id: spec.id,
+            msg: format!("file index {} out of range", r.file),
+        })?;
+        let len = (r.end - r.start) as usize;
+        let piece = &bytes[at..at + len];
+        at += len;
+        let origin = f.path.display().to_string();
+        docs.extend(crate::data::corpus::parse_piece(
+            piece,
+            f.format,
+            opts,
+            &origin,
+            r.first_line,
+            &mut stats,
+        )?);
+    }
+    if docs.len() as u64 != spec.documents {
+        return Err(Error::Shard {
+            id: spec.id,
+            msg: format!(
+                "parsed {} documents, the index says {} (different corpus options?)",
+                docs.len(),
+                spec.documents
+            ),
+        });
+    }
+    Ok(docs)
+}
+
+/// Which shards each rank reads in one epoch, in reading order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochPlan {
+    pub seed: u64,
+    pub epoch: u64,
+    pub per_rank: Vec<Vec<u32>>,
+    /// Bytes assigned to each rank.
+    pub rank_bytes: Vec<u64>,
+}
+
+/// Assigns every shard to exactly one of `world_size` ranks: the shards in a permutation
+/// drawn from (seed, epoch), each given to the least-loaded rank (by bytes; ties to the
+/// lower rank; `world_size` must be ≥ 1). This list scheduling keeps any two ranks' loads within one shard's bytes:
+/// when the fullest rank took its last shard it was the emptiest.
+pub fn plan_epoch(index: &ShardIndex, seed: u64, epoch: u64, world_size: usize) -> EpochPlan {
+    assert!(world_size > 0, "plan_epoch: world size must be at least 1");
+    let mut order: Vec<u32> = (0..index.shards.len() as u32).collect();
+    order.shuffle(&mut crate::util::rng(&[seed, epoch, PLAN_STREAM]));
+    let mut per_rank = vec![Vec::new(); world_size];
+    let mut rank_bytes = vec![0u64; world_size];
+    for id in order {
+        let r = (0..world_size)
+            .min_by_key(|&r| (rank_bytes[r], r))
+            .unwrap_or(0);
+        per_rank[r].push(id);
+        rank_bytes[r] += index.shards[id as usize].bytes;
+    }
+    EpochPlan {
+        seed,
+        epoch,
+        per_rank,
+        rank_bytes,
+    }
+}
+
+/// Separates the plan's random stream from others drawn from the same (seed, epoch).
+const PLAN_STREAM: u64 = 0x504c_414e; // "PLAN"

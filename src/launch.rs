@@ -1,0 +1,270 @@
+//! `tandem launch`: one coordinator and N workers as child processes on 127.0.0.1, with a
+//! progress bar, rank-prefixed logs, a human summary and the job's exit code. Every child
+//! dies with the launcher (interrupt or coordinator failure).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::config::JobConfig;
+use crate::coordinator::Summary;
+use crate::proto;
+
+pub struct LaunchOptions {
+    pub config: PathBuf,
+    pub workers: Option<usize>,
+    pub corpus: Vec<String>,
+    pub max_steps: Option<u64>,
+    pub state_dir: Option<PathBuf>,
+    pub sets: Vec<String>,
+    /// CPU threads per worker.
+    pub threads: usize,
+    /// Plain log lines instead of a progress bar (also when stderr is not a terminal).
+    pub no_progress: bool,
+}
+
+/// Applies the launch flags to the loaded configuration.
+pub fn effective_config(opts: &LaunchOptions) -> anyhow::Result<JobConfig> {
+    let mut cfg = JobConfig::load(&opts.config, &opts.sets)?;
+    if let Some(n) = opts.workers {
+        anyhow::ensure!(n >= 1, "--workers must be at least 1");
+        cfg.cluster.min_workers = n;
+        cfg.cluster.max_workers = n;
+    }
+    if !opts.corpus.is_empty() {
+        cfg.data.corpus = opts.corpus.clone();
+        // A corpus of one's own gets a vocabulary of its own (trained into the state dir).
+        cfg.data.tokenizer = None;
+    }
+    if let Some(m) = opts.max_steps {
+        for s in &mut cfg.stages {
+            s.max_steps = Some(m);
+        }
+    }
+    if let Some(d) = &opts.state_dir {
+        cfg.job.state_dir = d.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn spawn(exe: &Path, args: &[String], token: &str, threads: usize) -> anyhow::Result<Child> {
+    Command::new(exe)
+        .args(args)
+        .env("TANDEM_TOKEN", token)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
+}
+
+/// Forwards a child's output line by line with a prefix. A worker's prefix switches from its
+/// launch index to its rank once it logs its assignment ("assignment received rank=N").
+fn forward_output(child: &mut Child, prefix: String, tx: mpsc::UnboundedSender<String>) {
+    let prefix = std::sync::Arc::new(std::sync::Mutex::new(prefix));
+    let streams: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for s in streams {
+        let (tx, prefix) = (tx.clone(), prefix.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(s).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.contains("assignment received") {
+                    if let Some(rank) = l
+                        .split("rank=")
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                    {
+                        *prefix.lock().unwrap() = format!("[rank {rank}]");
+                    }
+                }
+                let p = prefix.lock().unwrap().clone();
+                let _ = tx.send(format!("{p} {l}"));
+            }
+        });
+    }
+}
+
+/// Runs the job; returns the process exit code (0 when the job completed).
+pub async fn run(
+    opts: LaunchOptions,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<i32> {
+    let cfg = effective_config(&opts)?;
+    let state_dir = cfg.job.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let job_file = state_dir.join("job.toml");
+    crate::util::write_atomic(&job_file, toml::to_string(&cfg)?.as_bytes())?;
+    let addr_file = state_dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let _ = std::fs::remove_file(state_dir.join("summary.json"));
+    let exe = std::env::current_exe().context("locating the tandem binary")?;
+    let token = random_token();
+    let n = cfg.cluster.max_workers;
+    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+
+    let mut coord = spawn(
+        &exe,
+        &[
+            "coordinator".into(),
+            "--config".into(),
+            job_file.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--addr-file".into(),
+            addr_file.display().to_string(),
+        ],
+        &token,
+        1,
+    )?;
+    forward_output(&mut coord, "[coordinator]".into(), log_tx.clone());
+    eprintln!(
+        "tandem launch: job {:?}, {n} worker(s) × {} thread(s), state in {}",
+        cfg.job.name,
+        opts.threads,
+        state_dir.display()
+    );
+
+    let bar = if opts.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps · ETA {eta} · {msg}",
+            )
+            .expect("template"),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    };
+    let println = |bar: &ProgressBar, s: &str| {
+        if bar.is_hidden() {
+            eprintln!("{s}");
+        } else {
+            bar.println(s);
+        }
+    };
+
+    tokio::pin!(interrupt);
+    let mut workers: Vec<Child> = vec![];
+    let mut client = None;
+    let started = Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let status = loop {
+        tokio::select! {
+            _ = &mut interrupt => {
+                println(&bar, "tandem launch: interrupted; stopping every process");
+                bar.finish_and_clear();
+                return Ok(130);
+            }
+            Some(line) = log_rx.recv() => println(&bar, &line),
+            st = coord.wait() => break st?,
+            _ = poll.tick() => {
+                if workers.is_empty() {
+                    if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                        let url = format!("http://{}", addr.trim());
+                        for i in 0..n {
+                            let mut w = spawn(&exe, &[
+                                "worker".into(), "--coordinator".into(), url.clone(),
+                                "--threads".into(), opts.threads.to_string(),
+                                "--worker-id".into(), format!("local-{i}"),
+                            ], &token, opts.threads)?;
+                            forward_output(&mut w, format!("[worker {i}]"), log_tx.clone());
+                            workers.push(w);
+                        }
+                        client = Some(crate::worker::connect(&url, &token, Duration::from_secs(10)).await?);
+                    } else if started.elapsed() > Duration::from_secs(600) {
+                        anyhow::bail!("the coordinator did not start listening within 10 minutes");
+                    }
+                } else if let Some(c) = client.as_mut() {
+                    if let Ok(s) = c.status(proto::StatusRequest {}).await {
+                        let s = s.into_inner();
+                        if s.total_steps > 0 {
+                            bar.set_length(s.total_steps);
+                            bar.set_position(s.step.min(s.total_steps));
+                        }
+                        bar.set_message(format!(
+                            "{} · {} · epoch {}/{} · loss {:.3} · MLM acc {:.3} · NSP acc {:.3} · {:.1} samples/s",
+                            s.phase, s.stage_name, (s.epoch + 1).min(s.epochs.max(1)), s.epochs, s.loss, s.mlm_accuracy, s.nsp_accuracy, s.samples_per_s
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    // Drain what the processes still print, give workers a moment to leave, then stop them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for w in &mut workers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, w.wait()).await.is_err() {
+            let _ = w.start_kill();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while let Ok(line) = log_rx.try_recv() {
+        println(&bar, &line);
+    }
+    bar.finish_and_clear();
+    let code = status.code().unwrap_or(1);
+    match std::fs::read(state_dir.join("summary.json")) {
+        Ok(b) => {
+            let s: Summary = serde_json::from_slice(&b)?;
+            eprintln!("{}", human_summary(&s, &state_dir));
+        }
+        Err(_) => eprintln!(
+            "tandem launch: the coordinator exited with status {code} and wrote no summary"
+        ),
+    }
+    Ok(code)
+}
+
+pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
+    let mut out = format!(
+        "\njob {:?} {} in {:.1} s · {} worker(s) · {} generation(s) · corpus {} documents in {} shards\n",
+        s.job, s.status, s.wall_s, s.world_size, s.generations, s.corpus_documents, s.shards
+    );
+    if !s.reason.is_empty() {
+        out += &format!("reason: {}\n", s.reason);
+    }
+    for st in &s.stages {
+        out += &format!(
+            "stage {:?} ({}): {} steps, {} examples, {} documents · loss {:.3} (MLM {:.3}, NSP {:.3}) · MLM accuracy {:.3} (chance ≈ 0) · NSP accuracy {:.3} (chance 0.5) · {:.1} samples/s · replicas identical: {}\n",
+            st.name, st.kind, st.steps, st.examples, st.documents, st.loss, st.mlm_loss, st.nsp_loss, st.mlm_accuracy, st.nsp_accuracy, st.samples_per_s, st.replicas_identical
+        );
+    }
+    if let Some(f) = &s.final_checkpoint {
+        out += &format!("final model (HF layout): {}\n", f.display());
+    }
+    out += &format!("summary: {}", state_dir.join("summary.json").display());
+    out
+}

@@ -1,0 +1,316 @@
+//! Checkpoints: what a replica saves (model in HF layout, optimiser moments, trainer state)
+//! and how the coordinator stores them (temporary directory, per-file SHA-256 manifest,
+//! fsync, atomic rename, keep the last N, fall back past a corrupt one).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::step::Trainer;
+use crate::error::{Error, Result};
+use crate::model::hf;
+use crate::util;
+
+pub const MANIFEST: &str = "MANIFEST.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Where training stood when a checkpoint was taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub stage_index: u32,
+    pub stage_name: String,
+    /// Optimiser steps taken in this stage.
+    pub step: u64,
+    /// Epoch in progress (or the next one, if `epoch_step` is 0).
+    pub epoch: u32,
+    /// Steps already taken within `epoch`.
+    pub epoch_step: u64,
+    /// The schedule's total steps.
+    pub total_steps: u64,
+    pub world_size: u32,
+    pub generation: u64,
+    /// Set on the checkpoint written when the stage finished.
+    pub stage_done: bool,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The files of a checkpoint of `trainer`, as (file name, bytes).
+pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Vec<(String, Vec<u8>)>> {
+    let m = &trainer.model;
+    let model = hf::safetensors_bytes(&m.store.tensors())?;
+    let mut cfg_path_bytes = Vec::new();
+    {
+        let mut cfg = m.cfg.clone();
+        cfg.extra.insert("model_type".into(), "bert".into());
+        cfg.extra.insert(
+            "architectures".into(),
+            serde_json::Value::from(vec![crate::model::pretrain::ARCHITECTURE]),
+        );
+        cfg_path_bytes.extend(serde_json::to_vec_pretty(&cfg).expect("config serialises"));
+    }
+    let mut opt = BTreeMap::new();
+    for (i, spec) in m.store.specs().iter().enumerate() {
+        let r = m.store.range(i);
+        let shape = spec.shape.as_slice();
+        opt.insert(
+            format!("{}.exp_avg", spec.name),
+            Tensor::from_slice(&trainer.opt.m[r.clone()], shape, &Device::Cpu)?,
+        );
+        opt.insert(
+            format!("{}.exp_avg_sq", spec.name),
+            Tensor::from_slice(&trainer.opt.v[r], shape, &Device::Cpu)?,
+        );
+    }
+    let mut st = serde_json::to_value(state).expect("state serialises");
+    st["optimizer_t"] = trainer.opt.t.into();
+    Ok(vec![
+        (hf::WEIGHTS_FILE.into(), model),
+        (hf::CONFIG_FILE.into(), cfg_path_bytes),
+        (OPTIMIZER_FILE.into(), hf::safetensors_bytes(&opt)?),
+        (
+            STATE_FILE.into(),
+            serde_json::to_vec_pretty(&st).expect("json"),
+        ),
+    ])
+}
+
+/// Restores weights, optimiser moments and step counters from checkpoint files.
+pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Result<TrainerState> {
+    let get = |f: &str| {
+        files.get(f).ok_or_else(|| Error::Checkpoint {
+            path: f.into(),
+            msg: "missing from the checkpoint".into(),
+        })
+    };
+    let tensors = hf::tensors_from_bytes(get(hf::WEIGHTS_FILE)?, hf::WEIGHTS_FILE)?;
+    let m = &trainer.model;
+    let report = hf::load_weights(
+        &m.store,
+        tensors,
+        Path::new(hf::WEIGHTS_FILE),
+        m.cfg.initializer_range,
+        0,
+    )?;
+    if !report.initialised.is_empty() {
+        return Err(Error::Checkpoint {
+            path: hf::WEIGHTS_FILE.into(),
+            msg: format!("lacks {}", report.initialised.join(", ")),
+        });
+    }
+    let opt = hf::tensors_from_bytes(get(OPTIMIZER_FILE)?, OPTIMIZER_FILE)?;
+    let mut m_flat = vec![0f32; m.store.numel()];
+    let mut v_flat = vec![0f32; m.store.numel()];
+    for (i, spec) in m.store.specs().iter().enumerate() {
+        for (suffix, dst) in [("exp_avg", &mut m_flat), ("exp_avg_sq", &mut v_flat)] {
+            let key = format!("{}.{suffix}", spec.name);
+            let t = opt.get(&key).ok_or_else(|| Error::Checkpoint {
+                path: OPTIMIZER_FILE.into(),
+                msg: format!("missing `{key}`"),
+            })?;
+            dst[m.store.range(i)].copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    let st: serde_json::Value =
+        serde_json::from_slice(get(STATE_FILE)?).map_err(|source| Error::Json {
+            path: STATE_FILE.into(),
+            source,
+        })?;
+    let state: TrainerState = serde_json::from_value(st.clone()).map_err(|source| Error::Json {
+        path: STATE_FILE.into(),
+        source,
+    })?;
+    trainer.opt.m = m_flat;
+    trainer.opt.v = v_flat;
+    trainer.opt.t = st["optimizer_t"].as_u64().unwrap_or(state.step);
+    trainer.step = state.step;
+    trainer.reload_params()?;
+    Ok(state)
+}
+
+/// Checkpoints on the coordinator's disk: `root/<name>/{files…, MANIFEST.json}`.
+pub struct CheckpointStore {
+    root: PathBuf,
+    keep: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    name: String,
+    /// file → (bytes, sha256)
+    files: BTreeMap<String, (u64, String)>,
+    /// Commit order: one more than the newest checkpoint present when this one was written.
+    seq: u64,
+    created_unix_s: u64,
+}
+
+impl CheckpointStore {
+    pub fn new(root: PathBuf, keep: usize) -> Result<Self> {
+        std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        Ok(CheckpointStore {
+            root,
+            keep: keep.max(1),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Writes a checkpoint atomically: files into `.tmp-<name>`, each fsynced, a manifest of
+    /// checksums, then one rename. Older checkpoints beyond `keep` are removed.
+    pub fn commit(&self, name: &str, files: &[(String, Vec<u8>)]) -> Result<PathBuf> {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(Error::Checkpoint {
+                path: self.root.clone(),
+                msg: format!("invalid checkpoint name {name:?}"),
+            });
+        }
+        let tmp = self.root.join(format!(".tmp-{name}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let seq = self.list_with_seq().last().map(|(s, _)| s + 1).unwrap_or(0);
+        let mut manifest = Manifest {
+            name: name.into(),
+            files: BTreeMap::new(),
+            seq,
+            created_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        for (f, bytes) in files {
+            if f.contains(['/', '\\']) || f.starts_with('.') || f == MANIFEST {
+                return Err(Error::Checkpoint {
+                    path: tmp.clone(),
+                    msg: format!("invalid file name {f:?}"),
+                });
+            }
+            util::write_atomic(&tmp.join(f), bytes)?;
+            manifest
+                .files
+                .insert(f.clone(), (bytes.len() as u64, sha256_hex(bytes)));
+        }
+        util::write_atomic(
+            &tmp.join(MANIFEST),
+            &serde_json::to_vec_pretty(&manifest).expect("json"),
+        )?;
+        let dst = self.root.join(name);
+        let _ = std::fs::remove_dir_all(&dst);
+        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        if let Ok(d) = std::fs::File::open(&self.root) {
+            let _ = d.sync_all();
+        }
+        self.prune()?;
+        Ok(dst)
+    }
+
+    /// Committed checkpoints, oldest first.
+    pub fn list(&self) -> Vec<String> {
+        self.list_with_seq().into_iter().map(|(_, n)| n).collect()
+    }
+
+    fn list_with_seq(&self) -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    return None;
+                }
+                let m: Manifest =
+                    serde_json::from_slice(&std::fs::read(e.path().join(MANIFEST)).ok()?).ok()?;
+                Some((m.seq, name))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn prune(&self) -> Result<()> {
+        let all = self.list();
+        if all.len() > self.keep {
+            for old in &all[..all.len() - self.keep] {
+                let p = self.root.join(old);
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a checkpoint, verifying every file against the manifest.
+    pub fn read(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let dir = self.root.join(name);
+        let mpath = dir.join(MANIFEST);
+        let bytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: mpath.clone(),
+            source,
+        })?;
+        let mut out = vec![];
+        for (f, (len, sha)) in &m.files {
+            let p = dir.join(f);
+            let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+            if b.len() as u64 != *len || &sha256_hex(&b) != sha {
+                return Err(Error::Checkpoint {
+                    path: p,
+                    msg: format!("checksum mismatch (expected {len} bytes with SHA-256 {sha})"),
+                });
+            }
+            out.push((f.clone(), b));
+        }
+        Ok(out)
+    }
+
+    /// The newest checkpoint whose files all verify; corrupt newer ones are reported and
+    /// skipped.
+    pub fn latest_good(&self) -> Option<(String, Vec<(String, Vec<u8>)>)> {
+        for name in self.list().into_iter().rev() {
+            match self.read(&name) {
+                Ok(files) => return Some((name, files)),
+                Err(e) => tracing::warn!(
+                    "checkpoint {name} is unusable, falling back to an older one: {e}"
+                ),
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_commits_prunes_and_skips_corrupt() {
+        let root = std::env::temp_dir().join(format!("tandem-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let s = CheckpointStore::new(root.clone(), 2).unwrap();
+        for i in 0..3 {
+            s.commit(&format!("c{i}"), &[("a.bin".into(), vec![i as u8; 10])])
+                .unwrap();
+        }
+        assert_eq!(s.list(), ["c1", "c2"]);
+        assert_eq!(s.latest_good().unwrap().0, "c2");
+        std::fs::write(root.join("c2/a.bin"), [9u8; 10]).unwrap();
+        assert!(s
+            .read("c2")
+            .unwrap_err()
+            .to_string()
+            .contains("checksum mismatch"));
+        let (name, files) = s.latest_good().unwrap();
+        assert_eq!(name, "c1");
+        assert_eq!(files[0].1, vec![1u8; 10]);
+        assert!(s.commit("../x", &[]).is_err());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

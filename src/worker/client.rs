@@ -1,0 +1,110 @@
+//! The worker's side of the control plane: connecting with backoff and the blocking RPC
+//! helpers the training thread uses (through a runtime handle).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::{self, coordinator_client::CoordinatorClient};
+use crate::train::checkpoint::sha256_hex;
+
+pub type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+
+#[derive(Clone)]
+pub struct TokenInterceptor(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert(proto::TOKEN_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Connects to the coordinator, retrying with exponential backoff until `deadline`.
+pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Result<Client> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| {
+            format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)")
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let token = token
+        .parse()
+        .map_err(|_| anyhow::anyhow!("the job token must be printable ASCII"))?;
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match endpoint.connect().await {
+            Ok(ch) => {
+                return Ok(
+                    CoordinatorClient::with_interceptor(ch, TokenInterceptor(token))
+                        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+                )
+            }
+            Err(e) if start.elapsed() < deadline => {
+                tracing::debug!("coordinator {url} not reachable yet ({e}); retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                anyhow::bail!("cannot reach the coordinator at {url} within {deadline:?}: {e}")
+            }
+        }
+    }
+}
+
+/// Downloads one shard and checks its SHA-256.
+pub async fn fetch_shard(
+    client: &mut Client,
+    job_id: &str,
+    generation: u64,
+    shard_id: u32,
+) -> anyhow::Result<Vec<u8>> {
+    let mut s = client
+        .fetch_shard(proto::FetchShardRequest {
+            job_id: job_id.into(),
+            generation,
+            shard_id,
+        })
+        .await
+        .with_context(|| format!("fetching shard {shard_id}"))?
+        .into_inner();
+    let mut bytes = vec![];
+    let mut sha = None;
+    while let Some(c) = s.next().await {
+        let c = c.with_context(|| format!("fetching shard {shard_id}"))?;
+        bytes.extend_from_slice(&c.data);
+        if c.last {
+            sha = Some(c.sha256);
+        }
+    }
+    let sha = sha.with_context(|| format!("shard {shard_id}: the stream ended early"))?;
+    anyhow::ensure!(
+        sha256_hex(&bytes) == sha,
+        "shard {shard_id} arrived corrupted (SHA-256 mismatch)"
+    );
+    Ok(bytes)
+}
+
+/// Uploads checkpoint files under `name`.
+pub async fn put_checkpoint(
+    client: &mut Client,
+    job_id: &str,
+    generation: u64,
+    name: &str,
+    files: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let chunks = crate::coordinator::checkpoint_chunks(job_id, generation, name, files);
+    client
+        .put_checkpoint(tokio_stream::iter(chunks))
+        .await
+        .with_context(|| format!("uploading checkpoint {name}"))?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! The worker: joins the coordinator, obeys its directives, and runs each assignment on a
+//! dedicated training thread that owns the model (the async runtime never blocks on a step).
+
+mod client;
+mod feed;
+mod train;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use client::{connect, Client};
+
+use crate::proto::{self, directive::Kind};
+
+pub struct WorkerOptions {
+    /// e.g. `http://127.0.0.1:50051`
+    pub coordinator: String,
+    pub token: String,
+    /// Free-form, stable id (pod name); defaults to host:pid.
+    pub worker_id: String,
+    /// Where the ring listener binds (`0.0.0.0:PORT` in a pod, `127.0.0.1:0` locally).
+    pub ring_listen: SocketAddr,
+    /// Host name or IP peers use to reach this worker's ring port (default: the bound IP).
+    pub advertise_host: Option<String>,
+    pub threads: usize,
+    pub device: String,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+}
+
+/// Runs until the coordinator says stop, the coordinator goes away, or `shutdown`.
+pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    anyhow::ensure!(opts.device == "cpu", "device {:?} is not supported by this build (the CUDA path is not built yet); use --device cpu", opts.device);
+    let listener = TcpListener::bind(opts.ring_listen)
+        .with_context(|| format!("binding the ring listener on {}", opts.ring_listen))?;
+    let bound = listener.local_addr()?;
+    let ring_addr = match &opts.advertise_host {
+        Some(h) => format!("{h}:{}", bound.port()),
+        None => bound.to_string(),
+    };
+    let mut client = connect(&opts.coordinator, &opts.token, opts.connect_timeout).await?;
+    let mut directives = client
+        .join(proto::JoinRequest {
+            protocol_version: proto::PROTOCOL_VERSION,
+            job_id: String::new(),
+            worker_id: opts.worker_id.clone(),
+            ring_addr: ring_addr.clone(),
+            threads: opts.threads as u32,
+            device: opts.device.clone(),
+        })
+        .await
+        .context("joining the job")?
+        .into_inner();
+    tracing::info!(coordinator = %opts.coordinator, %ring_addr, "joined; waiting for an assignment");
+
+    let abort = Arc::new(AtomicBool::new(false));
+    let ring_abort: Arc<Mutex<Option<crate::comm::ring::AbortHandle>>> = Arc::new(Mutex::new(None));
+    let progress = Arc::new(Mutex::new(proto::ProgressReport::default()));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let mut training: Option<std::thread::JoinHandle<()>> = None;
+    let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+    tokio::pin!(shutdown);
+
+    let stop_training =
+        |abort: &AtomicBool, ring_abort: &Mutex<Option<crate::comm::ring::AbortHandle>>| {
+            abort.store(true, Ordering::SeqCst);
+            if let Some(h) = ring_abort.lock().unwrap().as_ref() {
+                h.abort();
+            }
+        };
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                stop_training(&abort, &ring_abort);
+                break Ok(());
+            }
+            res = done_rx.recv() => {
+                if let Some(Err(e)) = res {
+                    if !abort.load(Ordering::SeqCst) {
+                        tracing::error!("training failed: {e:#}");
+                        let mut p = progress.lock().unwrap().clone();
+                        p.error = format!("{e:#}");
+                        let _ = client.report_progress(p).await;
+                    }
+                }
+            }
+            d = directives.message() => match d {
+                Ok(Some(proto::Directive { kind: Some(Kind::Assignment(a)) })) => {
+                    tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, stage = a.stage_index, "assignment received");
+                    abort.store(false, Ordering::SeqCst);
+                    let ctx = train::Ctx {
+                        rt: tokio::runtime::Handle::current(),
+                        client: client.clone(),
+                        listener: listener.try_clone()?,
+                        token: opts.token.clone(),
+                        abort: abort.clone(),
+                        ring_abort: ring_abort.clone(),
+                        progress: progress.clone(),
+                    };
+                    let tx = done_tx.clone();
+                    training = Some(std::thread::Builder::new().name(format!("train-r{}", a.rank)).spawn(move || {
+                        let r = train::run_assignment(a, ctx);
+                        let _ = tx.send(r);
+                    })?);
+                    if heartbeat.is_none() {
+                        heartbeat = Some(tokio::spawn(heartbeat_loop(client.clone(), progress.clone())));
+                    }
+                }
+                Ok(Some(proto::Directive { kind: Some(Kind::Abort(a)) })) => {
+                    tracing::warn!(generation = a.generation, "abort: {}", a.reason);
+                    stop_training(&abort, &ring_abort);
+                }
+                Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) => {
+                    tracing::info!("stop: {}", s.reason);
+                    stop_training(&abort, &ring_abort);
+                    break Ok(());
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    stop_training(&abort, &ring_abort);
+                    break Err(anyhow::anyhow!("the coordinator closed the directive stream"));
+                }
+                Err(status) => {
+                    stop_training(&abort, &ring_abort);
+                    break Err(anyhow::anyhow!("lost the coordinator: {status}"));
+                }
+            }
+        }
+    };
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
+    if let Some(t) = training {
+        // The abort flag and the ring's abort make the thread return promptly.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    result
+}
+
+/// Sends the latest progress every second: the coordinator's liveness signal, decoupled from
+/// step time, so the training thread never waits on an RPC for progress.
+async fn heartbeat_loop(mut client: Client, progress: Arc<Mutex<proto::ProgressReport>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let p = progress.lock().unwrap().clone();
+        if p.job_id.is_empty() || p.done {
+            continue;
+        }
+        if let Err(e) = client.report_progress(p).await {
+            tracing::debug!("progress report refused: {e}");
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The TCP ring collective on 127.0.0.1: ranks are threads of this process, each with its own
+//! listener. Every test bounds its own duration, so a hang fails instead of stalling CI.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tandem::comm::ring::{bench_rank, bus_bandwidth_gbs};
+use tandem::comm::{Collective, Ring, RingConfig};
+
+const TOKEN: &str = "test-job-token";
+const GENERATION: u64 = 7;
+/// No test may take longer than this, whatever the ring does.
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    (ls, addrs)
+}
+
+fn config(rank: usize, peers: &[SocketAddr], chunk_bytes: usize, timeout: Duration) -> RingConfig {
+    let mut c = RingConfig::new(rank, peers.len(), peers.to_vec(), TOKEN, GENERATION);
+    c.chunk_bytes = chunk_bytes;
+    c.timeout = timeout;
+    c
+}
+
+/// Runs `f(rank, cfg, listener)` on one thread per rank and returns the results in rank order;
+/// panics if a thread panics or if they are not all done within [`LIMIT`].
+fn per_rank<T, F>(n: usize, chunk_bytes: usize, timeout: Duration, f: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, RingConfig, TcpListener) -> T + Send + Sync + 'static,
+{
+    let (ls, addrs) = listeners(n);
+    let f = Arc::new(f);
+    let (tx, rx) = mpsc::channel();
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (f, tx, cfg) = (
+                f.clone(),
+                tx.clone(),
+                config(rank, &addrs, chunk_bytes, timeout),
+            );
+            thread::spawn(move || {
+                let out = f(rank, cfg, l);
+                let _ = tx.send((rank, out));
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    loop {
+        // A thread sends its result before it finishes: look at `finished` first.
+        let finished: Vec<bool> = handles.iter().map(|h| h.is_finished()).collect();
+        while let Ok((rank, v)) = rx.try_recv() {
+            out[rank] = Some(v);
+        }
+        if out.iter().all(Option::is_some) {
+            break;
+        }
+        if let Some(rank) = (0..n).find(|&r| finished[r] && out[r].is_none()) {
+            let h = handles.into_iter().nth(rank).unwrap();
+            match h.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(()) => panic!("rank {rank} ended without a result"),
+            }
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "ranks still running after {LIMIT:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Floats of mixed signs and magnitudes, so that summation order would show in the bits.
+fn data(rank: usize, len: usize, salt: u64) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let mut h = (rank as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64) ^ salt;
+            h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            h ^= h >> 32;
+            let mantissa = (h % 20_001) as f32 / 10_000.0 - 1.0;
+            mantissa * 10f32.powi((h >> 40) as i32 % 9 - 4)
+        })
+        .collect()
+}
+
+/// Checks every rank's result against the f64 sum, and that all ranks agree bit for bit.
+fn check_sum(results: &[Vec<f32>], n: usize, len: usize, salt: u64) {
+    let inputs: Vec<Vec<f32>> = (0..n).map(|r| data(r, len, salt)).collect();
+    for i in 0..len {
+        let exact: f64 = inputs.iter().map(|v| v[i] as f64).sum();
+        let scale: f64 = inputs.iter().map(|v| (v[i] as f64).abs()).sum();
+        let got = results[0][i] as f64;
+        assert!(
+            (got - exact).abs() <= 1e-6 * scale + 1e-30,
+            "n {n} len {len} index {i}: got {got}, expected {exact}"
+        );
+    }
+    for (r, v) in results.iter().enumerate() {
+        let same = v
+            .iter()
+            .zip(&results[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same && v.len() == len,
+            "rank {r} differs from rank 0 (n {n} len {len})"
+        );
+    }
+}
+
+const LENGTHS: [usize; 6] = [0, 1, 2, 7, 1000, 100_003];
+
+#[test]
+fn all_reduce_is_the_sum_and_bit_identical() {
+    // 12-byte chunks cut segments into many uneven chunks; 1 MiB leaves each segment whole.
+    for chunk_bytes in [12, 4096, 1 << 20] {
+        for n in 1..=4 {
+            let results = per_rank(
+                n,
+                chunk_bytes,
+                Duration::from_secs(10),
+                move |rank, cfg, l| {
+                    let mut ring = Ring::connect(cfg, l).unwrap();
+                    assert_eq!((ring.rank(), ring.world_size()), (rank, n));
+                    LENGTHS
+                        .iter()
+                        .map(|&len| {
+                            let mut v = data(rank, len, len as u64);
+                            ring.all_reduce_sum(&mut v).unwrap();
+                            v
+                        })
+                        .collect::<Vec<_>>()
+                },
+            );
+            for (k, &len) in LENGTHS.iter().enumerate() {
+                let per: Vec<Vec<f32>> = results.iter().map(|r| r[k].clone()).collect();
+                check_sum(&per, n, len, len as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn consecutive_all_reduces_reuse_one_ring() {
+    let n = 3;
+    let rounds: Vec<(usize, u64)> = (0..25).map(|k| ((k * 7919) % 5000, k as u64)).collect();
+    let rounds2 = rounds.clone();
+    let results = per_rank(n, 1000, Duration::from_secs(10), move |rank, cfg, l| {
+        let mut ring = Ring::connect(cfg, l).unwrap();
+        rounds2
+            .iter()
+            .map(|&(len, salt)| {
+                let mut v = data(rank, len, salt);
+                ring.all_reduce_sum(&mut v).unwrap();
+                if salt % 5 == 0 {
+                    ring.barrier().unwrap();
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    });
+    for (k, &(len, salt)) in rounds.iter().enumerate() {
+        let per: Vec<Vec<f32>> = results.iter().map(|r| r[k].clone()).collect();
+        check_sum(&per, n, len, salt);
+    }
+}
+
+#[test]
+fn broadcast_from_a_nonzero_root_and_barrier() {
+    for n in [1, 2, 3, 4] {
+        let root = n - 1;
+        let results = per_rank(n, 4096, Duration::from_secs(10), move |rank, cfg, l| {
+            let mut ring = Ring::connect(cfg, l).unwrap();
+            let mut out = Vec::new();
+            for len in LENGTHS {
+                let mut v = data(rank, len, 99);
+                ring.barrier().unwrap();
+                ring.broadcast(&mut v, root).unwrap();
+                out.push(v);
+            }
+            ring.barrier().unwrap();
+            assert!(ring.broadcast(&mut [0.0], n).is_err(), "root out of range");
+            out
+        });
+        for (k, &len) in LENGTHS.iter().enumerate() {
+            let want: Vec<u32> = data(root, len, 99).iter().map(|x| x.to_bits()).collect();
+            for (rank, r) in results.iter().enumerate() {
+                let got: Vec<u32> = r[k].iter().map(|x| x.to_bits()).collect();
+                assert!(
+                    got == want,
+                    "n {n} len {len}: rank {rank} differs from root {root}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn barrier_waits_for_the_slowest_rank() {
+    let n = 3;
+    let exits = per_rank(n, 4096, Duration::from_secs(10), |rank, cfg, l| {
+        let mut ring = Ring::connect(cfg, l).unwrap();
+        ring.barrier().unwrap();
+        if rank == 1 {
+            thread::sleep(Duration::from_millis(300));
+        }
+        let entered = Instant::now();
+        ring.barrier().unwrap();
+        (rank, entered.elapsed())
+    });
+    for (rank, waited) in exits {
+        if rank != 1 {
+            assert!(
+                waited >= Duration::from_millis(200),
+                "rank {rank} passed the barrier early"
+            );
+        }
+    }
+}
+
+/// Rank 1's slot is first taken by an impostor (`bad` alters its config); the real rank 1
+/// arrives later. The impostor must be refused and the real ring must still form.
+fn impostor_is_refused(bad: fn(&mut RingConfig)) -> String {
+    let (mut ls, addrs) = listeners(2);
+    let (impostor_l, impostor_addr) = listeners(1);
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let mut icfg = config(
+        1,
+        &[addrs[0], impostor_addr[0]],
+        4096,
+        Duration::from_secs(1),
+    );
+    bad(&mut icfg);
+    let started = Instant::now();
+    let impostor = thread::spawn(move || {
+        Ring::connect(icfg, impostor_l.into_iter().next().unwrap()).map(|_| ())
+    });
+    let cfg0 = config(0, &addrs, 4096, Duration::from_secs(10));
+    let cfg1 = config(1, &addrs, 4096, Duration::from_secs(10));
+    let r0 = thread::spawn(move || {
+        let mut ring = Ring::connect(cfg0, l0)?;
+        let mut v = vec![1.0f32, 2.0];
+        ring.all_reduce_sum(&mut v).map(|_| v)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let r1 = thread::spawn(move || {
+        let mut ring = Ring::connect(cfg1, l1)?;
+        let mut v = vec![10.0f32, 20.0];
+        ring.all_reduce_sum(&mut v).map(|_| v)
+    });
+    let err = impostor
+        .join()
+        .unwrap()
+        .expect_err("the impostor must be refused");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(r0.join().unwrap().unwrap(), vec![11.0, 22.0]);
+    assert_eq!(r1.join().unwrap().unwrap(), vec![11.0, 22.0]);
+    err.to_string()
+}
+
+#[test]
+fn peer_with_wrong_token_is_refused() {
+    let msg = impostor_is_refused(|c| c.token = "another-job".into());
+    assert!(msg.contains("rank 0") && msg.contains("job token"), "{msg}");
+}
+
+#[test]
+fn peer_from_another_generation_is_refused() {
+    let msg = impostor_is_refused(|c| c.generation = GENERATION - 1);
+    assert!(msg.contains("generation"), "{msg}");
+}
+
+#[test]
+fn ring_that_cannot_form_errors_within_the_timeout() {
+    let start = Instant::now();
+    let errs = per_rank(2, 4096, Duration::from_secs(1), |rank, mut cfg, l| {
+        if rank == 1 {
+            cfg.token = "wrong".into();
+        }
+        Ring::connect(cfg, l).err().map(|e| e.to_string())
+    });
+    assert!(start.elapsed() < Duration::from_secs(10));
+    for (rank, e) in errs.iter().enumerate() {
+        let e = e
+            .as_deref()
+            .unwrap_or_else(|| panic!("rank {rank} formed a ring"));
+        assert!(
+            e.contains(&format!("rank {rank}")) && e.contains("within 1 s"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn silent_and_garbage_connections_do_not_block_the_ring() {
+    let results = per_rank(2, 4096, Duration::from_secs(10), |rank, cfg, l| {
+        if rank == 0 {
+            // Strangers on rank 1's port: one silent, one speaking nonsense.
+            let silent = TcpStream::connect(cfg.peers[1]).unwrap();
+            let mut noisy = TcpStream::connect(cfg.peers[1]).unwrap();
+            std::io::Write::write_all(&mut noisy, &[0xAB; 100]).unwrap();
+            let mut ring = Ring::connect(cfg, l).unwrap();
+            let mut v = vec![1.0f32];
+            ring.all_reduce_sum(&mut v).unwrap();
+            drop((silent, noisy));
+            v
+        } else {
+            thread::sleep(Duration::from_millis(100));
+            let mut ring = Ring::connect(cfg, l).unwrap();
+            let mut v = vec![2.0f32];
+            ring.all_reduce_sum(&mut v).unwrap();
+            v
+        }
+    });
+    assert_eq!(results, vec![vec![3.0], vec![3.0]]);
+}
+
+#[test]
+fn mismatched_calls_fail_clearly() {
+    let errs = per_rank(2, 4096, Duration::from_secs(5), |rank, cfg, l| {
+        let mut ring = Ring::connect(cfg, l).unwrap();
+        let mut v = vec![0.0f32; 10 + rank];
+        let e = ring.all_reduce_sum(&mut v).unwrap_err().to_string();
+        // The ring is unusable afterwards, and says why.
+        let again = ring.barrier().unwrap_err().to_string();
+        assert!(again.contains("earlier failure"), "{again}");
+        e
+    });
+    assert!(
+        errs.iter().any(|e| e.contains("different call")),
+        "{errs:?}"
+    );
+}
+
+/// Ranks 0 and 1 all-reduce twice; rank 2 leaves according to `leave`. The survivors must get
+/// an error naming a rank within well under ten seconds (timeout 2 s).
+fn survivors_fail_fast(leave: fn(&mut Ring)) -> Vec<String> {
+    let out = per_rank(3, 64 << 10, Duration::from_secs(2), move |rank, cfg, l| {
+        let mut ring = Ring::connect(cfg, l).unwrap();
+        let mut v = data(rank, 1 << 20, 1);
+        ring.all_reduce_sum(&mut v).unwrap();
+        if rank == 2 {
+            leave(&mut ring);
+            return None;
+        }
+        let start = Instant::now();
+        let e = ring.all_reduce_sum(&mut v).expect_err("rank 2 is gone");
+        Some((start.elapsed(), e.to_string()))
+    });
+    out.into_iter()
+        .flatten()
+        .map(|(took, e)| {
+            assert!(took < Duration::from_secs(10), "error after {took:?}: {e}");
+            assert!(e.contains("rank"), "{e}");
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn a_dead_peer_makes_the_others_fail_not_hang() {
+    // Rank 2 returns (its ring is dropped) while the others start a 4 MiB all-reduce.
+    let errs = survivors_fail_fast(|_| ());
+    assert_eq!(errs.len(), 2);
+}
+
+#[test]
+fn a_stalled_peer_makes_the_others_time_out() {
+    let errs = survivors_fail_fast(|_| thread::sleep(Duration::from_secs(4)));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("timed out after 2 s") && e.contains("from rank 2")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_peer_dying_mid_reduce_fails_the_others() {
+    // Rank 2 aborts its own ring from another thread while inside a large all-reduce.
+    let out = per_rank(3, 64 << 10, Duration::from_secs(2), |rank, cfg, l| {
+        let mut ring = Ring::connect(cfg, l).unwrap();
+        let mut v = data(rank, 8 << 20, 1);
+        if rank == 2 {
+            let h = ring.abort_handle();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(5));
+                h.abort();
+            });
+        }
+        let start = Instant::now();
+        // Rank 2 may finish before its abort lands; then the others still fail on the next.
+        let r = ring
+            .all_reduce_sum(&mut v)
+            .and_then(|_| ring.all_reduce_sum(&mut v));
+        (start.elapsed(), r.map_err(|e| e.to_string()))
+    });
+    for (rank, (took, r)) in out.into_iter().enumerate() {
+        let e = r.expect_err("a rank died mid-reduce");
+        assert!(
+            took < Duration::from_secs(10),
+            "rank {rank}: error after {took:?}"
+        );
+        assert!(e.contains(&format!("rank {rank}")), "{e}");
+    }
+}
+
+#[test]
+fn abort_handle_unblocks_a_blocked_all_reduce() {
+    let out = per_rank(2, 4096, Duration::from_secs(30), |rank, cfg, l| {
+        let mut ring = Ring::connect(cfg, l).unwrap();
+        if rank == 1 {
+            // Never joins the all-reduce, so rank 0 blocks until aborted.
+            thread::sleep(Duration::from_secs(2));
+            return None;
+        }
+        let h = ring.abort_handle();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            h.abort();
+        });
+        let start = Instant::now();
+        let e = ring
+            .all_reduce_sum(&mut [1.0; 1000])
+            .unwrap_err()
+            .to_string();
+        let took = start.elapsed();
+        let again = ring.barrier().unwrap_err().to_string();
+        Some((took, e, again))
+    });
+    let (took, e, again) = out[0].clone().unwrap();
+    assert!(took < Duration::from_secs(5), "abort took {took:?}");
+    assert!(e.contains("aborted") && e.contains("rank 1"), "{e}");
+    assert!(again.contains("aborted"), "{again}");
+}
+
+/// Two ranks on loopback at 4, 16 and 64 MiB: prints bus bandwidth, asserts nothing.
+/// `cargo test --release --test ring -- --ignored --nocapture bandwidth`;
+/// `RING_CHUNKS=262144,1048576` picks the chunk sizes to compare.
+#[test]
+#[ignore]
+fn bandwidth_two_ranks_loopback() {
+    let chunks = std::env::var("RING_CHUNKS").unwrap_or_else(|_| "1048576".into());
+    let sizes = [4 << 20, 16 << 20, 64 << 20];
+    for chunk in chunks
+        .split(',')
+        .map(|c| c.trim().parse::<usize>().unwrap())
+    {
+        let out = per_rank(2, chunk, Duration::from_secs(30), move |_, cfg, l| {
+            bench_rank(cfg, l, &sizes, 15).unwrap()
+        });
+        for (bytes, ms) in &out[0] {
+            println!(
+                "chunk {:>8} B  size {:>3} MiB  median {:>8.2} ms  bus {:.2} GB/s",
+                chunk,
+                bytes >> 20,
+                ms,
+                bus_bandwidth_gbs(*bytes, 2, ms / 1e3)
+            );
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The real runtime: the built binary as coordinator and worker processes on 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tandem")
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh directory with a small job: the bundled corpus, a very small BERT.
+fn job_dir(name: &str, workers: usize, extra: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tandem-rt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("model.json"),
+        r#"{"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64}"#,
+    )
+    .unwrap();
+    let corpus = repo().join("configs/data/corpus");
+    std::fs::write(
+        dir.join("job.toml"),
+        format!(
+            r#"
+[job]
+name = "{name}"
+seed = 7
+state_dir = "{state}"
+[cluster]
+min_workers = {workers}
+max_workers = {workers}
+join_timeout_s = 60
+heartbeat_timeout_s = 20
+collective_timeout_s = 20
+[model]
+config = "{model}"
+[data]
+corpus = ["{corpus}"]
+shard_size = "8KiB"
+vocab_size = 1000
+[data.instances]
+max_seq_length = 48
+max_predictions_per_seq = 8
+[[stages]]
+name = "pretrain"
+kind = "pretrain"
+epochs = 1
+batch_size = 8
+lr = 1e-3
+{extra}
+"#,
+            state = dir.join("state").display(),
+            model = dir.join("model.json").display(),
+            corpus = corpus.display(),
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("state/summary.json")).unwrap()).unwrap()
+}
+
+fn check_completed(s: &Value, workers: u64) {
+    assert_eq!(s["status"], "completed", "{s:#}");
+    assert_eq!(s["world_size"], workers);
+    let stage = &s["stages"][0];
+    assert_eq!(stage["replicas_identical"], true, "{s:#}");
+    let fps = stage["param_fingerprints"].as_array().unwrap();
+    assert_eq!(fps.len() as u64, workers);
+    assert!(fps.iter().all(|f| f == &fps[0]), "{fps:?}");
+    // One epoch: every document of the corpus consumed exactly once across ranks.
+    assert_eq!(stage["documents"], s["corpus_documents"], "{s:#}");
+    assert!(s["corpus_documents"].as_u64().unwrap() > 100);
+    assert!(stage["steps"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn launch_runs_a_two_worker_job_to_completion() {
+    let dir = job_dir("launch2", 2, "");
+    let mut child = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .arg("--no-progress")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(240));
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("[rank 0]") && err.contains("[rank 1]"),
+        "rank-prefixed logs:\n{err}"
+    );
+    assert!(err.contains("completed"), "{err}");
+    check_completed(&summary(&dir), 2);
+    // The final model is an HF directory that tandem itself can load.
+    let out = Command::new(bin())
+        .args(["tokenize", "--tokenizer"])
+        .arg(dir.join("state/final"))
+        .args(["--text", "나는 오늘 라면을 먹었다.", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("state/final/model.safetensors").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn coordinator_and_three_workers_started_by_hand() {
+    let dir = job_dir("hand3", 3, "");
+    let addr_file = dir.join("addr");
+    let token = "test-token-3";
+    let mut coord = Command::new(bin())
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("job.toml"))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env("TANDEM_TOKEN", token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !addr_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "coordinator did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!(
+        "http://{}",
+        std::fs::read_to_string(&addr_file).unwrap().trim()
+    );
+    // A worker with the wrong token is refused and exits with an error.
+    let bad = Command::new(bin())
+        .args(["worker", "--coordinator", &url, "--connect-timeout-s", "5"])
+        .env("TANDEM_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("token"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let mut workers: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(bin())
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--worker-id",
+                    &format!("w{i}"),
+                ])
+                .env("TANDEM_TOKEN", token)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let status = wait_with_timeout(&mut coord, Duration::from_secs(240));
+    assert!(status.success());
+    for w in &mut workers {
+        assert!(wait_with_timeout(w, Duration::from_secs(30)).success());
+    }
+    check_completed(&summary(&dir), 3);
+    std::fs::remove_dir_all(dir).unwrap();
+}
