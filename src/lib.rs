@@ -13,10 +13,12 @@
 //! - [`comm`]: collectives (the data plane): the trait and its backends.
 //! - [`data`]: batches and, later, corpora, shards, tokenizer and pre-training instances.
 //! - [`eval`]: `tandem eval-batch`, a checkpoint checked on one batch.
+//! - [`cli`]: the `tandem` command line (parsed by `main.rs`).
 //! - [`bench`]: the `tandem bench` measurements.
 //! - [`util`]: atomic writes, stable hashes, seeded RNGs, process tuning.
 
 pub mod bench;
+pub mod cli;
 pub mod comm;
 pub mod config;
 pub mod coordinator;

@@ -24,6 +24,32 @@ pub struct PretrainBatch {
     pub nsp_labels: Vec<u32>,
 }
 
+/// Labels of a fine-tuning batch, by task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskLabels {
+    /// No labels (prediction).
+    None,
+    /// One class id per example (sequence and pair classification).
+    Classes(Vec<u32>),
+    /// One label per position, [`IGNORE`] where no loss applies (token classification:
+    /// label on the first sub-token of a word, -100 on the rest and on special tokens).
+    Tokens(Vec<i64>),
+    /// Answer start and end token positions per example (extractive QA); unanswerable
+    /// examples point at `[CLS]` (position 0).
+    Spans { start: Vec<u32>, end: Vec<u32> },
+}
+
+/// A padded fine-tuning batch (`batch × seq`, row-major), in HF field names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneBatch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<u32>,
+    pub token_type_ids: Vec<u32>,
+    pub attention_mask: Vec<u32>,
+    pub labels: TaskLabels,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonBatch {

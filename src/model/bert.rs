@@ -175,20 +175,43 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn new(b: &PretrainBatch, device: &Device) -> Result<Self> {
-        let n = b.batch * b.seq;
-        let positions: Vec<u32> = (0..n).map(|i| (i % b.seq) as u32).collect();
-        let bias: Vec<f32> = b
-            .attention_mask
+        Self::from_arrays(
+            b.batch,
+            b.seq,
+            &b.input_ids,
+            &b.token_type_ids,
+            &b.attention_mask,
+            device,
+        )
+    }
+
+    /// From `batch × seq` row-major ids, segment ids and attention mask (1 = attend).
+    pub fn from_arrays(
+        batch: usize,
+        seq: usize,
+        input_ids: &[u32],
+        token_type_ids: &[u32],
+        attention_mask: &[u32],
+        device: &Device,
+    ) -> Result<Self> {
+        let n = batch * seq;
+        if input_ids.len() != n || token_type_ids.len() != n || attention_mask.len() != n {
+            return Err(Error::Batch(format!(
+                "arrays must hold batch × seq = {n} entries"
+            )));
+        }
+        let positions: Vec<u32> = (0..n).map(|i| (i % seq) as u32).collect();
+        let bias: Vec<f32> = attention_mask
             .iter()
             .map(|&m| if m == 0 { MASKED } else { 0.0 })
             .collect();
         Ok(Inputs {
-            batch: b.batch,
-            seq: b.seq,
-            input_ids: Tensor::from_slice(&b.input_ids, n, device)?,
-            token_type_ids: Tensor::from_slice(&b.token_type_ids, n, device)?,
+            batch,
+            seq,
+            input_ids: Tensor::from_slice(input_ids, n, device)?,
+            token_type_ids: Tensor::from_slice(token_type_ids, n, device)?,
             position_ids: Tensor::from_vec(positions, n, device)?,
-            attention_bias: Tensor::from_vec(bias, (b.batch, b.seq), device)?,
+            attention_bias: Tensor::from_vec(bias, (batch, seq), device)?,
         })
     }
 }

@@ -1,0 +1,206 @@
+//! The command line, in the library so tests can check that the arguments the deployment
+//! manifests give the binary are accepted (`Cli::try_parse_from`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::model::Preset;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Distributed data-parallel BERT training"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a job on this machine: one coordinator and N workers as child processes on
+    /// 127.0.0.1 (the default runs the bundled job, configs/local.toml).
+    Launch {
+        /// Job configuration (TOML).
+        #[arg(default_value = "configs/local.toml")]
+        config: PathBuf,
+        /// Number of worker processes (sets cluster.min_workers and max_workers).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Corpus files, directories or globs (replaces data.corpus; a vocabulary is then
+        /// trained on it unless the config names a tokenizer).
+        #[arg(long, num_args = 1..)]
+        corpus: Vec<String>,
+        /// Stop every stage after this many optimiser steps.
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Where the job keeps its state (replaces job.state_dir).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// CPU threads per worker.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Print plain log lines instead of a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Run the coordinator of a job (the job token comes from TANDEM_TOKEN or job.token_file).
+    Coordinator {
+        #[arg(long)]
+        config: PathBuf,
+        /// Address to serve gRPC on.
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: std::net::SocketAddr,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Run a worker: join the coordinator and train what it assigns.
+    Worker {
+        /// Coordinator URL, e.g. http://127.0.0.1:50051.
+        #[arg(long, env = "TANDEM_COORDINATOR")]
+        coordinator: String,
+        /// cpu (cuda:N needs a build with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// CPU threads for this worker's kernels.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Stable worker id (defaults to host-pid).
+        #[arg(long, env = "TANDEM_WORKER_ID")]
+        worker_id: Option<String>,
+        /// Address the ring listener binds.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        ring_listen: std::net::SocketAddr,
+        /// Host name peers use to reach the ring listener (default: the bound IP).
+        #[arg(long, env = "TANDEM_ADVERTISE_HOST")]
+        advertise_host: Option<String>,
+        /// Keep trying to reach the coordinator this long (seconds).
+        #[arg(long, default_value_t = 300)]
+        connect_timeout_s: u64,
+    },
+    /// Losses (and gradient norms) of an HF checkpoint on one JSON batch, as transformers
+    /// reports them.
+    EvalBatch {
+        /// HF checkpoint directory (config.json + model.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// JSON batch with HF field names (input_ids, token_type_ids, attention_mask,
+        /// labels, next_sentence_label).
+        #[arg(long)]
+        batch: PathBuf,
+        /// Also print the gradient of `loss`: global L2 norm and per-tensor norms.
+        #[arg(long)]
+        grads: bool,
+    },
+    /// Benchmarks that print one JSON line per measurement.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Print the WordPiece ids and tokens of a text (special tokens included).
+    Tokenize {
+        /// Directory with tokenizer.json or vocab.txt (or the file).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// One JSON object with `ids` and `tokens`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Corpus tools.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a BERT WordPiece vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] = ids 0–4).
+    Train {
+        #[arg(long, num_args = 1.., required = true)]
+        corpus: Vec<String>,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep case (cased BERT).
+        #[arg(long)]
+        cased: bool,
+        /// Minimum frequency of a merged piece.
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Cut a corpus into document-aligned shards and write the shard index (shards.json).
+    Shard {
+        #[arg(long, num_args = 1.., required = true)]
+        corpus: Vec<String>,
+        /// Target shard size, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB")]
+        shard_size: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Skip (and count) bad lines instead of failing.
+        #[arg(long)]
+        skip_bad_lines: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate a job configuration; print it as JSON.
+    Check {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Full pre-training steps (forward, backward, AdamW) on synthetic data.
+    Step {
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: Preset,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+    /// The data pipeline on one thread (parse, tokenize, instances, collate): tokens/s and
+    /// instances/s.
+    Data {
+        #[arg(long, num_args = 1.., default_value = "configs/data/corpus")]
+        corpus: Vec<String>,
+        /// Tokenizer directory or file (default: train one on the corpus first).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+    },
+}
