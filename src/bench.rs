@@ -137,3 +137,176 @@ pub fn bench_step(
         params,
     })
 }
+
+/// Parent of `tandem bench allreduce`: spawns `world` rank processes of this binary on
+/// 127.0.0.1 and relays rank 0's JSON lines.
+pub fn allreduce(
+    world: usize,
+    sizes: &[usize],
+    iters: usize,
+    chunk_bytes: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(world >= 1, "--world must be at least 1");
+    // Reserve free ports, release them, and let each rank bind its own.
+    let ports: Vec<u16> = (0..world)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+        })
+        .collect::<std::io::Result<_>>()?;
+    let ports_arg = ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let sizes_arg = sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<std::process::Child> = (0..world)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "allreduce",
+                    "--rank",
+                    &r.to_string(),
+                    "--ports",
+                    &ports_arg,
+                ])
+                .args([
+                    "--sizes",
+                    &sizes_arg,
+                    "--iters",
+                    &iters.to_string(),
+                    "--chunk-bytes",
+                    &chunk_bytes.to_string(),
+                ])
+                .env("TANDEM_TOKEN", "bench")
+                .stdout(if r == 0 {
+                    std::process::Stdio::inherit()
+                } else {
+                    std::process::Stdio::null()
+                })
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()?;
+    let mut ok = true;
+    for c in &mut children {
+        ok &= c.wait()?.success();
+    }
+    anyhow::ensure!(ok, "a rank failed");
+    Ok(())
+}
+
+/// One rank of `tandem bench allreduce`.
+pub fn allreduce_rank(
+    rank: usize,
+    ports: &[u16],
+    sizes: &[usize],
+    iters: usize,
+    chunk_bytes: usize,
+) -> anyhow::Result<()> {
+    use crate::comm::ring::{bench_rank, bus_bandwidth_gbs, RingConfig};
+    let peers: Vec<std::net::SocketAddr> = ports
+        .iter()
+        .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let listener = std::net::TcpListener::bind(peers[rank])?;
+    let mut cfg = RingConfig::new(rank, ports.len(), peers, "bench", 1);
+    cfg.chunk_bytes = chunk_bytes;
+    let world = ports.len();
+    for (bytes, ms) in bench_rank(cfg, listener, sizes, iters)? {
+        if rank == 0 {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "world": world, "bytes": bytes, "median_ms": ms,
+                    "busbw_gbps": bus_bandwidth_gbs(bytes, world, ms / 1e3), "chunk_bytes": chunk_bytes,
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Result line of `tandem bench scaling`.
+#[derive(Debug, Serialize)]
+pub struct ScalingBench {
+    pub preset: Preset,
+    pub workers: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: u64,
+    pub samples_per_s_1: f64,
+    pub samples_per_s_n: f64,
+    /// samples_per_s_n / (N · samples_per_s_1)
+    pub efficiency: f64,
+}
+
+/// Runs the same short job through `tandem launch` with 1 and with `workers` workers.
+pub async fn scaling(
+    preset: Preset,
+    workers: usize,
+    batch: usize,
+    seq: usize,
+    steps: u64,
+) -> anyhow::Result<ScalingBench> {
+    let dir = std::env::temp_dir().join(format!("tandem-bench-scaling-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let corpus = std::path::Path::new("configs/data/corpus");
+    anyhow::ensure!(
+        corpus.exists(),
+        "run from the repository root (needs configs/data/corpus)"
+    );
+    let preset_name = serde_json::to_value(preset)?
+        .as_str()
+        .unwrap_or("tiny")
+        .to_string();
+    let mut rates = vec![];
+    for n in [1, workers] {
+        let state = dir.join(format!("w{n}"));
+        let cfg = format!(
+            "[job]\nname = \"scaling\"\nstate_dir = {state:?}\n[cluster]\nmin_workers = {n}\nmax_workers = {n}\n\
+             [model]\npreset = \"{preset_name}\"\nmax_position_embeddings = {seq}\n\
+             [data]\ncorpus = [{corpus:?}]\nshard_size = \"4KiB\"\nvocab_size = 8192\n\
+             [data.instances]\nmax_seq_length = {seq}\n\
+             [[stages]]\nname = \"pretrain\"\nkind = \"pretrain\"\nepochs = 1000\nbatch_size = {batch}\nlr = 1e-4\nmax_steps = {steps}\n",
+            state = state.display().to_string(),
+            corpus = corpus.display().to_string(),
+        );
+        let path = dir.join(format!("job{n}.toml"));
+        std::fs::write(&path, cfg)?;
+        let opts = crate::launch::LaunchOptions {
+            config: path,
+            workers: None,
+            corpus: vec![],
+            max_steps: None,
+            state_dir: None,
+            sets: vec![],
+            threads: 1,
+            no_progress: true,
+            quiet: true,
+        };
+        let code = crate::launch::run(opts, std::future::pending()).await?;
+        anyhow::ensure!(code == 0, "the {n}-worker run failed (exit {code})");
+        let s: crate::coordinator::Summary =
+            serde_json::from_slice(&std::fs::read(state.join("summary.json"))?)?;
+        rates.push(s.stages[0].samples_per_s as f64);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ScalingBench {
+        preset,
+        workers,
+        batch,
+        seq,
+        steps,
+        samples_per_s_1: rates[0],
+        samples_per_s_n: rates[1],
+        efficiency: rates[1] / (workers as f64 * rates[0]),
+    })
+}

@@ -7,6 +7,10 @@ use clap::{Parser, Subcommand};
 
 use crate::model::Preset;
 
+fn tandem_default_chunk() -> usize {
+    crate::comm::ring::DEFAULT_CHUNK_BYTES
+}
+
 #[derive(Parser)]
 #[command(
     name = "tandem",
@@ -189,6 +193,43 @@ pub enum BenchCommand {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+    },
+    /// Ring all-reduce between N local processes on 127.0.0.1: one JSON line per size with
+    /// bytes, median_ms and busbw_gbps (2(n−1)/n · bytes / time).
+    Allreduce {
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Buffer sizes, e.g. 4MiB,16MiB,64MiB.
+        #[arg(long, default_value = "4MiB,16MiB,64MiB", value_delimiter = ',')]
+        sizes: Vec<String>,
+        /// Timed all-reduces per size (the median is reported).
+        #[arg(long, default_value_t = 15)]
+        iters: usize,
+        /// Pipelining chunk in bytes.
+        #[arg(long, default_value_t = tandem_default_chunk())]
+        chunk_bytes: usize,
+        /// Internal: run as one rank (set by the parent process).
+        #[arg(long, hide = true)]
+        rank: Option<usize>,
+        /// Internal: every rank's port.
+        #[arg(long, hide = true, value_delimiter = ',')]
+        ports: Vec<u16>,
+    },
+    /// The same short pre-training through the real runtime with N workers and with 1 worker
+    /// (1 thread each): samples/s and scaling efficiency.
+    Scaling {
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: Preset,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Per-worker batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Optimiser steps per run (the first 2 are excluded from the rate).
+        #[arg(long, default_value_t = 12)]
+        steps: u64,
     },
     /// The data pipeline on one thread (parse, tokenize, instances, collate): tokens/s and
     /// instances/s.

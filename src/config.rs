@@ -347,7 +347,7 @@ impl JobConfig {
             ("cluster.collective_timeout_s", c.collective_timeout_s),
             ("cluster.bucket_mib", c.bucket_mib),
         ] {
-            if !(v > 0.0) {
+            if v.is_nan() || v <= 0.0 {
                 return Err(invalid(k, format!("{v}: must be positive")));
             }
         }

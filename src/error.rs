@@ -58,6 +58,18 @@ pub enum Error {
     #[error("tokenizer {origin}: {msg}")]
     Tokenizer { origin: String, msg: String },
 
+    /// A fine-tuning data set input that cannot be used: `at` says where in the file
+    /// (`line 12`, `question \`dev-000-1\``).
+    #[error("{path}, {at}: {msg}")]
+    Dataset {
+        path: PathBuf,
+        at: String,
+        msg: String,
+    },
+
+    #[error("metrics: {0}")]
+    Metrics(String),
+
     #[error("collective (rank {rank}): {msg}")]
     Comm { rank: usize, msg: String },
 }

@@ -27,6 +27,8 @@ pub struct LaunchOptions {
     pub threads: usize,
     /// Plain log lines instead of a progress bar (also when stderr is not a terminal).
     pub no_progress: bool,
+    /// Forward no child output and print no summary (for benchmarks).
+    pub quiet: bool,
 }
 
 /// Applies the launch flags to the loaded configuration.
@@ -147,14 +149,19 @@ pub async fn run(
         1,
     )?;
     forward_output(&mut coord, "[coordinator]".into(), log_tx.clone());
-    eprintln!(
-        "tandem launch: job {:?}, {n} worker(s) × {} thread(s), state in {}",
-        cfg.job.name,
-        opts.threads,
-        state_dir.display()
-    );
+    if !opts.quiet {
+        eprintln!(
+            "tandem launch: job {:?}, {n} worker(s) × {} thread(s), state in {}",
+            cfg.job.name,
+            opts.threads,
+            state_dir.display()
+        );
+    }
 
-    let bar = if opts.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    let bar = if opts.quiet
+        || opts.no_progress
+        || !std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
         ProgressBar::hidden()
     } else {
         let b = ProgressBar::new(0);
@@ -187,7 +194,7 @@ pub async fn run(
                 bar.finish_and_clear();
                 return Ok(130);
             }
-            Some(line) = log_rx.recv() => println(&bar, &line),
+            Some(line) = log_rx.recv() => if !opts.quiet { println(&bar, &line) },
             st = coord.wait() => break st?,
             _ = poll.tick() => {
                 if workers.is_empty() {
@@ -232,10 +239,15 @@ pub async fn run(
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     while let Ok(line) = log_rx.try_recv() {
-        println(&bar, &line);
+        if !opts.quiet {
+            println(&bar, &line);
+        }
     }
     bar.finish_and_clear();
     let code = status.code().unwrap_or(1);
+    if opts.quiet {
+        return Ok(code);
+    }
     match std::fs::read(state_dir.join("summary.json")) {
         Ok(b) => {
             let s: Summary = serde_json::from_slice(&b)?;

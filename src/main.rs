@@ -73,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sets,
                 threads,
                 no_progress,
+                quiet: false,
             };
             let code = runtime()?.block_on(tandem::launch::run(opts, shutdown_signal()))?;
             if code != 0 {
@@ -203,6 +204,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check { config, sets }) => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
+        }
+        Command::Bench(BenchCommand::Allreduce {
+            world,
+            sizes,
+            iters,
+            chunk_bytes,
+            rank,
+            ports,
+        }) => {
+            let sizes = sizes
+                .iter()
+                .map(|s| {
+                    tandem::config::parse_bytes(s)
+                        .map(|b| b as usize)
+                        .ok_or_else(|| anyhow::anyhow!("--sizes: cannot read {s:?}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            match rank {
+                Some(r) => tandem::bench::allreduce_rank(r, &ports, &sizes, iters, chunk_bytes)?,
+                None => tandem::bench::allreduce(world, &sizes, iters, chunk_bytes)?,
+            }
+        }
+        Command::Bench(BenchCommand::Scaling {
+            preset,
+            workers,
+            batch,
+            seq,
+            steps,
+        }) => {
+            let r =
+                runtime()?.block_on(tandem::bench::scaling(preset, workers, batch, seq, steps))?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         Command::Bench(BenchCommand::Data {
             corpus,

@@ -443,30 +443,3 @@ fn abort_handle_unblocks_a_blocked_all_reduce() {
     assert!(e.contains("aborted") && e.contains("rank 1"), "{e}");
     assert!(again.contains("aborted"), "{again}");
 }
-
-/// Two ranks on loopback at 4, 16 and 64 MiB: prints bus bandwidth, asserts nothing.
-/// `cargo test --release --test ring -- --ignored --nocapture bandwidth`;
-/// `RING_CHUNKS=262144,1048576` picks the chunk sizes to compare.
-#[test]
-#[ignore]
-fn bandwidth_two_ranks_loopback() {
-    let chunks = std::env::var("RING_CHUNKS").unwrap_or_else(|_| "1048576".into());
-    let sizes = [4 << 20, 16 << 20, 64 << 20];
-    for chunk in chunks
-        .split(',')
-        .map(|c| c.trim().parse::<usize>().unwrap())
-    {
-        let out = per_rank(2, chunk, Duration::from_secs(30), move |_, cfg, l| {
-            bench_rank(cfg, l, &sizes, 15).unwrap()
-        });
-        for (bytes, ms) in &out[0] {
-            println!(
-                "chunk {:>8} B  size {:>3} MiB  median {:>8.2} ms  bus {:.2} GB/s",
-                chunk,
-                bytes >> 20,
-                ms,
-                bus_bandwidth_gbs(*bytes, 2, ms / 1e3)
-            );
-        }
-    }
-}

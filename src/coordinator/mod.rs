@@ -255,7 +255,6 @@ struct Generation {
     id: u64,
     world: u32,
     done: BTreeMap<u32, proto::ProgressReport>,
-    started: Instant,
 }
 
 async fn drive(
@@ -473,7 +472,6 @@ fn assign(shared: &Shared) -> anyhow::Result<Generation> {
         id: generation,
         world,
         done: BTreeMap::new(),
-        started: Instant::now(),
     })
 }
 
@@ -500,7 +498,7 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
         nsp_loss: r0.nsp_loss,
         mlm_accuracy: r0.mlm_accuracy,
         nsp_accuracy: r0.nsp_accuracy,
-        samples_per_s: (r0.examples as f64 / g.started.elapsed().as_secs_f64().max(1e-9)) as f32,
+        samples_per_s: r0.samples_per_s,
         replicas_identical: fps.windows(2).all(|w| w[0] == w[1]),
         param_fingerprints: fps,
     }

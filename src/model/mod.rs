@@ -2,6 +2,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod heads;
 pub mod hf;
 pub mod ops;
 pub mod params;
@@ -9,5 +10,6 @@ pub mod pretrain;
 
 pub use bert::{BertForPreTraining, BertModel, PretrainOutput};
 pub use config::{BertConfig, Preset};
+pub use heads::{task_specs, TaskHead, TaskModel, TaskOutput};
 pub use params::{ParamSpec, ParamStore};
 pub use pretrain::PretrainModel;

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::model::hf;
 use crate::util;
 
+/// A checkpoint's files: (file name, bytes).
+pub type Files = Vec<(String, Vec<u8>)>;
+
 pub const MANIFEST: &str = "MANIFEST.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -273,7 +276,7 @@ impl CheckpointStore {
 
     /// The newest checkpoint whose files all verify; corrupt newer ones are reported and
     /// skipped.
-    pub fn latest_good(&self) -> Option<(String, Vec<(String, Vec<u8>)>)> {
+    pub fn latest_good(&self) -> Option<(String, Files)> {
         for name in self.list().into_iter().rev() {
             match self.read(&name) {
                 Ok(files) => return Some((name, files)),

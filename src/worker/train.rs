@@ -120,7 +120,8 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let mut documents = 0u64;
     let mut examples = 0u64;
     let mut total_steps = 0u64;
-    let started = Instant::now();
+    // Throughput is measured from the end of the second step on (start-up excluded).
+    let mut since = (Instant::now(), 0u64);
     let pad_id = tokenizer.pad_id();
     'epochs: for epoch in 0..stage.epochs {
         let plan = plan_epoch(&index, seed, epoch as u64, world);
@@ -199,6 +200,9 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             set_phase(&ctx, "training");
             let stats = trainer.train_step(&micro, &mut ring)?;
             examples += stats.examples;
+            if trainer.step == 2 {
+                since = (Instant::now(), examples);
+            }
             window.push_back(stats);
             if window.len() > 20 {
                 window.pop_front();
@@ -212,7 +216,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                     trainer.step,
                     total_steps,
                     examples,
-                    started,
+                    since,
                 );
             }
             let ckpt_due =
@@ -259,7 +263,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         trainer.step,
         total_steps,
         examples,
-        started,
+        since,
     );
     done.done = true;
     done.param_fingerprint = fingerprint;
@@ -286,7 +290,7 @@ fn fill_report(
     step: u64,
     total_steps: u64,
     examples: u64,
-    started: Instant,
+    since: (Instant, u64),
 ) {
     let n = window.len().max(1) as f32;
     let mean = |f: fn(&crate::train::StepStats) -> f32| window.iter().map(f).sum::<f32>() / n;
@@ -300,7 +304,8 @@ fn fill_report(
     p.nsp_accuracy = mean(|s| s.nsp_accuracy);
     p.lr = window.back().map(|s| s.lr).unwrap_or(0.0);
     p.examples = examples;
-    p.samples_per_s = (examples as f64 / started.elapsed().as_secs_f64().max(1e-9)) as f32;
+    p.samples_per_s =
+        ((examples - since.1) as f64 / since.0.elapsed().as_secs_f64().max(1e-9)) as f32;
 }
 
 #[allow(clippy::too_many_arguments)]
