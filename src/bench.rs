@@ -291,6 +291,7 @@ pub async fn scaling(
             threads: 1,
             no_progress: true,
             quiet: true,
+            resume: false,
         };
         let code = crate::launch::run(opts, std::future::pending()).await?;
         anyhow::ensure!(code == 0, "the {n}-worker run failed (exit {code})");

@@ -52,6 +52,10 @@ pub enum Command {
         /// Print plain log lines instead of a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Continue the stopped job in STATE_DIR (its job.toml; other config arguments are
+        /// ignored). A finished job says so instead of retraining.
+        #[arg(long, value_name = "STATE_DIR")]
+        resume: Option<PathBuf>,
     },
     /// Run the coordinator of a job (the job token comes from TANDEM_TOKEN or job.token_file).
     Coordinator {
@@ -63,6 +67,9 @@ pub enum Command {
         /// Write the bound address to this file once listening.
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// Continue the job recorded in the config's state_dir (from its last good checkpoint).
+        #[arg(long)]
+        resume: bool,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },

@@ -87,6 +87,24 @@ pub struct ClusterSection {
     /// Workers report progress every this many steps.
     #[serde(default = "d_one_u64")]
     pub progress_every: u64,
+    /// Generations that may fail (worker lost, stalled or failed) before the job fails.
+    #[serde(default = "d_restarts")]
+    pub max_restarts: u32,
+    /// When the world size changes on a restart: `keep_global_batch` (default: each step
+    /// still consumes batch_size × grad_accum × the initial world size examples, split over
+    /// the ranks, with more micro-batches where needed; the trajectory is unchanged up to
+    /// float rounding) or `keep_per_worker_batch` (each rank keeps its batch; the global
+    /// batch and the learning rate scale with the world size, linearly).
+    #[serde(default)]
+    pub resize_policy: ResizePolicy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizePolicy {
+    #[default]
+    KeepGlobalBatch,
+    KeepPerWorkerBatch,
 }
 
 impl Default for ClusterSection {
@@ -210,6 +228,9 @@ fn d_one_u64() -> u64 {
 }
 fn d_one_u32() -> u32 {
     1
+}
+fn d_restarts() -> u32 {
+    3
 }
 fn d_join_window() -> f64 {
     2.0

@@ -29,6 +29,8 @@ pub struct LaunchOptions {
     pub no_progress: bool,
     /// Forward no child output and print no summary (for benchmarks).
     pub quiet: bool,
+    /// Continue the job in the config's state_dir.
+    pub resume: bool,
 }
 
 /// Applies the launch flags to the loaded configuration.
@@ -125,29 +127,32 @@ pub async fn run(
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let job_file = state_dir.join("job.toml");
-    crate::util::write_atomic(&job_file, toml::to_string(&cfg)?.as_bytes())?;
+    if !opts.resume {
+        crate::util::write_atomic(&job_file, toml::to_string(&cfg)?.as_bytes())?;
+    }
     let addr_file = state_dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let _ = std::fs::remove_file(state_dir.join("summary.json"));
+    if !opts.resume {
+        let _ = std::fs::remove_file(state_dir.join("summary.json"));
+    }
     let exe = std::env::current_exe().context("locating the tandem binary")?;
     let token = random_token();
     let n = cfg.cluster.max_workers;
     let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
 
-    let mut coord = spawn(
-        &exe,
-        &[
-            "coordinator".into(),
-            "--config".into(),
-            job_file.display().to_string(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--addr-file".into(),
-            addr_file.display().to_string(),
-        ],
-        &token,
-        1,
-    )?;
+    let mut coord_args: Vec<String> = vec![
+        "coordinator".into(),
+        "--config".into(),
+        job_file.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--addr-file".into(),
+        addr_file.display().to_string(),
+    ];
+    if opts.resume {
+        coord_args.push("--resume".into());
+    }
+    let mut coord = spawn(&exe, &coord_args, &token, 1)?;
     forward_output(&mut coord, "[coordinator]".into(), log_tx.clone());
     if !opts.quiet {
         eprintln!(
@@ -184,6 +189,8 @@ pub async fn run(
 
     tokio::pin!(interrupt);
     let mut workers: Vec<Child> = vec![];
+    let mut worker_args: Vec<Vec<String>> = vec![];
+    let mut restarted = 0u32;
     let mut client = None;
     let started = Instant::now();
     let mut poll = tokio::time::interval(Duration::from_millis(500));
@@ -201,19 +208,39 @@ pub async fn run(
                     if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                         let url = format!("http://{}", addr.trim());
                         for i in 0..n {
-                            let mut w = spawn(&exe, &[
+                            let args: Vec<String> = vec![
                                 "worker".into(), "--coordinator".into(), url.clone(),
                                 "--threads".into(), opts.threads.to_string(),
                                 "--worker-id".into(), format!("local-{i}"),
-                            ], &token, opts.threads)?;
+                            ];
+                            let mut w = spawn(&exe, &args, &token, opts.threads)?;
                             forward_output(&mut w, format!("[worker {i}]"), log_tx.clone());
                             workers.push(w);
+                            worker_args.push(args);
                         }
                         client = Some(crate::worker::connect(&url, &token, Duration::from_secs(10)).await?);
                     } else if started.elapsed() > Duration::from_secs(600) {
                         anyhow::bail!("the coordinator did not start listening within 10 minutes");
                     }
                 } else if let Some(c) = client.as_mut() {
+                    // The local elastic agent: a worker process that dies is started again
+                    // (it rejoins; the coordinator restarts the generation from the last
+                    // checkpoint), up to cluster.max_restarts times.
+                    for i in 0..workers.len() {
+                        if let Ok(Some(st)) = workers[i].try_wait() {
+                            if st.success() || restarted >= cfg.cluster.max_restarts {
+                                continue;
+                            }
+                            restarted += 1;
+                            println(&bar, &format!(
+                                "[launch] worker {i} exited ({st}); starting it again ({restarted}/{})",
+                                cfg.cluster.max_restarts
+                            ));
+                            let mut w = spawn(&exe, &worker_args[i], &token, opts.threads)?;
+                            forward_output(&mut w, format!("[worker {i}]"), log_tx.clone());
+                            workers[i] = w;
+                        }
+                    }
                     if let Ok(s) = c.status(proto::StatusRequest {}).await {
                         let s = s.into_inner();
                         if s.total_steps > 0 {

@@ -26,6 +26,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod launch;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod train;

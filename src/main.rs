@@ -57,7 +57,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sets,
             threads,
             no_progress,
+            resume,
         } => {
+            let config = match &resume {
+                Some(dir) => dir.join("job.toml"),
+                None => config,
+            };
             if !config.exists() {
                 anyhow::bail!(
                     "{}: no such config file (run from the repository root for the bundled job, or pass a config)",
@@ -74,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 no_progress,
                 quiet: false,
+                resume: resume.is_some(),
             };
             let code = runtime()?.block_on(tandem::launch::run(opts, shutdown_signal()))?;
             if code != 0 {
@@ -85,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             addr_file,
             sets,
+            resume,
         } => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
             let token = tandem::coordinator::resolve_token(&cfg)?;
@@ -92,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 addr_file,
                 token,
+                resume,
             };
             let summary =
                 runtime()?.block_on(tandem::coordinator::run(cfg, opts, shutdown_signal()))?;

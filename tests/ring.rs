@@ -6,7 +6,6 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tandem::comm::ring::{bench_rank, bus_bandwidth_gbs};
 use tandem::comm::{Collective, Ring, RingConfig};
 
 const TOKEN: &str = "test-job-token";

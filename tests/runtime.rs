@@ -1,88 +1,12 @@
 //! The real runtime: the built binary as coordinator and worker processes on 127.0.0.1.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{assert_exactly_once, bin, job_dir, summary, wait_with_timeout};
 use serde_json::Value;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tandem")
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh directory with a small job: the bundled corpus, a very small BERT.
-fn job_dir(name: &str, workers: usize, extra: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-rt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("model.json"),
-        r#"{"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 64, "max_position_embeddings": 64}"#,
-    )
-    .unwrap();
-    let corpus = repo().join("configs/data/corpus");
-    std::fs::write(
-        dir.join("job.toml"),
-        format!(
-            r#"
-[job]
-name = "{name}"
-seed = 7
-state_dir = "{state}"
-[cluster]
-min_workers = {workers}
-max_workers = {workers}
-join_timeout_s = 60
-heartbeat_timeout_s = 20
-collective_timeout_s = 20
-[model]
-config = "{model}"
-[data]
-corpus = ["{corpus}"]
-shard_size = "8KiB"
-vocab_size = 1000
-[data.instances]
-max_seq_length = 48
-max_predictions_per_seq = 8
-[[stages]]
-name = "pretrain"
-kind = "pretrain"
-epochs = 1
-batch_size = 8
-lr = 1e-3
-{extra}
-"#,
-            state = dir.join("state").display(),
-            model = dir.join("model.json").display(),
-            corpus = corpus.display(),
-        ),
-    )
-    .unwrap();
-    dir
-}
-
-fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn summary(dir: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(dir.join("state/summary.json")).unwrap()).unwrap()
-}
 
 fn check_completed(s: &Value, workers: u64) {
     assert_eq!(s["status"], "completed", "{s:#}");
@@ -96,11 +20,12 @@ fn check_completed(s: &Value, workers: u64) {
     assert_eq!(stage["documents"], s["corpus_documents"], "{s:#}");
     assert!(s["corpus_documents"].as_u64().unwrap() > 100);
     assert!(stage["steps"].as_u64().unwrap() > 0);
+    assert_exactly_once(s);
 }
 
 #[test]
 fn launch_runs_a_two_worker_job_to_completion() {
-    let dir = job_dir("launch2", 2, "");
+    let dir = job_dir("launch2", 2, 2, "", "epochs = 1", 32);
     let mut child = Command::new(bin())
         .arg("launch")
         .arg(dir.join("job.toml"))
@@ -137,7 +62,7 @@ fn launch_runs_a_two_worker_job_to_completion() {
 
 #[test]
 fn coordinator_and_three_workers_started_by_hand() {
-    let dir = job_dir("hand3", 3, "");
+    let dir = job_dir("hand3", 3, 3, "", "epochs = 1", 32);
     let addr_file = dir.join("addr");
     let token = "test-token-3";
     let mut coord = Command::new(bin())

@@ -229,3 +229,21 @@ fn tiny_model_learns_a_repetitive_corpus() {
     );
     assert!(log.iter().all(|s| s.grad_norm.is_finite()));
 }
+
+#[test]
+fn a_batch_without_labels_still_gives_every_parameter_a_gradient() {
+    let cfg = tiny_cfg(40, 16);
+    let m = PretrainModel::new(&cfg, 11, &Device::Cpu).unwrap();
+    let mut b = synthetic_batch(&cfg, 2, 8, 5);
+    b.mlm_labels.iter_mut().for_each(|l| *l = IGNORE);
+    let mut grad = vec![0f32; m.store.numel()];
+    // Errors if any parameter (e.g. cls.predictions.bias) got no gradient at all.
+    forward_backward(&m, &b, (0.0, 1.0 / b.nsp_count() as f64), None, &mut grad).unwrap();
+    let mlm_bias = m
+        .store
+        .specs()
+        .iter()
+        .position(|s| s.name == "cls.predictions.bias")
+        .unwrap();
+    assert!(grad[m.store.range(mlm_bias)].iter().all(|g| *g == 0.0));
+}

@@ -35,6 +35,8 @@ pub struct CoordinatorOptions {
     /// Write the bound address here once listening (for `tandem launch` and tests).
     pub addr_file: Option<PathBuf>,
     pub token: String,
+    /// Continue the job recorded in `state_dir` (required when one is there).
+    pub resume: bool,
 }
 
 /// Written to `state_dir/summary.json` when the job ends.
@@ -45,6 +47,9 @@ pub struct Summary {
     pub status: String,
     pub reason: String,
     pub generations: u64,
+    /// Failed generations that were restarted.
+    pub restarts: u32,
+    pub history: Vec<GenerationRecord>,
     pub world_size: u32,
     pub wall_s: f64,
     pub corpus_documents: u64,
@@ -60,7 +65,8 @@ pub struct StageSummary {
     pub steps: u64,
     pub epochs: u32,
     pub examples: u64,
-    /// Documents consumed, summed over ranks and epochs (= epochs × corpus_documents).
+    /// Documents of the epochs whose every planned instance was consumed exactly once in
+    /// committed steps (from the ledger): epochs × corpus_documents for a finished stage.
     pub documents: u64,
     pub loss: f32,
     pub mlm_loss: f32,
@@ -73,6 +79,9 @@ pub struct StageSummary {
     /// Parameter fingerprint of every rank at the end (all equal when replicas are in sync).
     pub param_fingerprints: Vec<String>,
     pub replicas_identical: bool,
+    /// Per epoch: instances planned, consumed and consumed more than once (committed steps
+    /// only, across every generation and restart).
+    pub epochs_ledger: Vec<crate::train::checkpoint::EpochLedger>,
 }
 
 fn corpus_options(cfg: &JobConfig) -> CorpusOptions {
@@ -177,6 +186,28 @@ pub async fn run(
     opts: CoordinatorOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
+    let record = match JobRecord::load(&cfg.job.state_dir)? {
+        Some(r) if !opts.resume => anyhow::bail!(
+            "state_dir {} already holds job {:?} ({}, generation {}); pass --resume to continue it, or choose another state_dir",
+            cfg.job.state_dir.display(),
+            r.job,
+            r.status,
+            r.generation
+        ),
+        Some(r) if r.status == "completed" => {
+            let path = cfg.job.state_dir.join("summary.json");
+            tracing::info!("job {:?} already finished; its summary is {}", r.job, path.display());
+            let s: Summary = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
+            return Ok(s);
+        }
+        Some(mut r) => {
+            tracing::info!(generation = r.generation, status = %r.status, "resuming job {:?}", r.job);
+            r.restarts = 0;
+            r
+        }
+        None if opts.resume => anyhow::bail!("--resume: {} holds no job to resume", cfg.job.state_dir.display()),
+        None => JobRecord { job: cfg.job.name.clone(), status: "running".into(), ..Default::default() },
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
@@ -193,7 +224,7 @@ pub async fn run(
         store,
         state: Mutex::new(JobState {
             phase: Phase::Rendezvous,
-            generation: 0,
+            generation: record.generation,
             next_member: 0,
             members: BTreeMap::new(),
             stage_index: 0,
@@ -231,7 +262,7 @@ pub async fn run(
     }
     tracing::info!(%addr, job = %cfg.job.name, "coordinator listening");
 
-    let summary = drive(shared.clone(), events_rx, shutdown).await;
+    let summary = drive(shared.clone(), events_rx, shutdown, record).await;
     // Let workers read their Stop directive before the server goes away.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_server_tx.send(());
@@ -250,78 +281,315 @@ fn tonic_health_free_intercept<S>(
     tonic::service::interceptor::InterceptedService::new(svc, auth_interceptor(token))
 }
 
+/// The job's durable state (`state_dir/job_state.json`): what a restarted coordinator needs
+/// to resume the job.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct JobRecord {
+    pub job: String,
+    /// "running", "completed", "failed" or "interrupted".
+    pub status: String,
+    pub stage_index: u32,
+    pub generation: u64,
+    /// Generations that failed and were restarted (since the last manual resume).
+    pub restarts: u32,
+    /// One line per generation: world size, outcome.
+    pub history: Vec<GenerationRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub world_size: u32,
+    /// The checkpoint it started from ("" = from scratch).
+    pub start_checkpoint: String,
+    /// "completed", or why it ended.
+    pub outcome: String,
+}
+
+pub const JOB_RECORD: &str = "job_state.json";
+
+impl JobRecord {
+    pub fn load(state_dir: &std::path::Path) -> anyhow::Result<Option<JobRecord>> {
+        let p = state_dir.join(JOB_RECORD);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    fn save(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
+        crate::util::write_atomic(
+            &state_dir.join(JOB_RECORD),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+}
+
 /// Per-generation bookkeeping of the driver.
 struct Generation {
-    id: u64,
     world: u32,
     done: BTreeMap<u32, proto::ProgressReport>,
+}
+
+/// What the driver decided after a generation failed.
+enum AfterFailure {
+    Restart,
+    Fail(Summary),
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    record: JobRecord,
+    gen: Option<Generation>,
+    stages: Vec<StageSummary>,
+    quorum_since: Option<Instant>,
+    join_deadline: Instant,
+}
+
+impl Driver {
+    fn state_dir(&self) -> &std::path::Path {
+        &self.shared.cfg.job.state_dir
+    }
+
+    fn persist(&self) {
+        if let Err(e) = self.record.save(self.state_dir()) {
+            tracing::error!("cannot persist the job state: {e:#}");
+        }
+    }
+
+    fn summary(&self, status: &str, reason: String) -> Summary {
+        Summary {
+            job: self.shared.job_id.clone(),
+            status: status.into(),
+            reason,
+            generations: self.record.generation,
+            restarts: self.record.restarts,
+            history: self.record.history.clone(),
+            world_size: self.gen.as_ref().map(|g| g.world).unwrap_or(0),
+            wall_s: self.shared.started.elapsed().as_secs_f64(),
+            corpus_documents: self.shared.prepared.index.total_documents(),
+            shards: self.shared.prepared.index.shards.len(),
+            stages: self.stages.clone(),
+            final_checkpoint: Some(self.state_dir().join("final")).filter(|p| p.exists()),
+        }
+    }
+
+    fn end(&mut self, status: &str, reason: String) -> Summary {
+        self.record.status = status.into();
+        if let Some(h) = self.record.history.last_mut() {
+            if h.outcome.is_empty() {
+                h.outcome = if reason.is_empty() {
+                    status.to_string()
+                } else {
+                    reason.clone()
+                };
+            }
+        }
+        self.persist();
+        set_phase(
+            &self.shared,
+            if status == "completed" {
+                Phase::Finished
+            } else {
+                Phase::Failed
+            },
+            status,
+        );
+        self.shared.broadcast(Kind::Stop(proto::Stop {
+            reason: if reason.is_empty() {
+                format!("job {status}")
+            } else {
+                reason.clone()
+            },
+        }));
+        self.summary(status, reason)
+    }
+
+    /// A generation ended badly: abort it everywhere, evict the culprit (if any), and either
+    /// go back to rendezvous for a new generation or fail the job after `max_restarts`.
+    fn on_failure(&mut self, reason: String, culprit: Option<u64>) -> AfterFailure {
+        let generation = self.shared.state.lock().unwrap().generation;
+        tracing::error!(generation, "generation failed: {reason}");
+        if let Some(id) = culprit {
+            // Dropping its directive sender ends its stream: a stalled worker that wakes up
+            // finds itself out and rejoins.
+            self.shared.state.lock().unwrap().members.remove(&id);
+        }
+        self.shared.broadcast(Kind::Abort(proto::Abort {
+            generation,
+            reason: reason.clone(),
+        }));
+        if let Some(h) = self.record.history.last_mut() {
+            h.outcome = reason.clone();
+        }
+        let max = self.shared.cfg.cluster.max_restarts;
+        if self.record.restarts >= max {
+            let r = format!("{reason}; giving up after max_restarts = {max} restarts");
+            return AfterFailure::Fail(self.end("failed", r));
+        }
+        self.record.restarts += 1;
+        self.persist();
+        {
+            let mut st = self.shared.state.lock().unwrap();
+            st.phase = Phase::Rendezvous;
+            st.message = format!("restart {}/{max}: {reason}", self.record.restarts);
+            for m in st.members.values_mut() {
+                m.rank = None;
+            }
+        }
+        self.gen = None;
+        self.quorum_since = None;
+        self.join_deadline =
+            Instant::now() + Duration::from_secs_f64(self.shared.cfg.cluster.join_timeout_s);
+        tracing::warn!(
+            restart = self.record.restarts,
+            max,
+            "waiting for workers to (re)join for a new generation"
+        );
+        AfterFailure::Restart
+    }
+
+    /// Starts a generation: ranks in join order, peers, the checkpoint to resume from.
+    fn assign(&mut self) -> anyhow::Result<()> {
+        let start_checkpoint = self.resume_point();
+        let shared = &self.shared;
+        let mut st = shared.state.lock().unwrap();
+        st.generation = st.generation.max(self.record.generation) + 1;
+        let generation = st.generation;
+        let ids: Vec<u64> = st
+            .members
+            .keys()
+            .copied()
+            .take(shared.cfg.cluster.max_workers)
+            .collect();
+        let peers: Vec<String> = ids
+            .iter()
+            .map(|id| st.members[id].ring_addr.clone())
+            .collect();
+        let world = ids.len() as u32;
+        let stage_index = st.stage_index;
+        for (rank, id) in ids.iter().enumerate() {
+            let m = st.members.get_mut(id).expect("member listed");
+            m.rank = Some(rank as u32);
+            m.last_seen = Instant::now();
+            m.phase = "assigned".into();
+            let a = proto::Assignment {
+                generation,
+                rank: rank as u32,
+                world_size: world,
+                peers: peers.clone(),
+                job_config_json: shared.cfg_json.clone(),
+                stage_index,
+                shard_index_json: shared.prepared.index_json.clone(),
+                tokenizer_json: shared.prepared.tokenizer_json.clone(),
+                model_config_json: shared.prepared.model_cfg_json.clone(),
+                init_checkpoint: start_checkpoint.clone(),
+            };
+            let _ = m.tx.try_send(Ok(proto::Directive {
+                kind: Some(Kind::Assignment(a)),
+            }));
+        }
+        st.phase = Phase::Running;
+        st.message = format!("generation {generation}: {world} workers");
+        drop(st);
+        tracing::info!(generation, world, ?peers, checkpoint = %start_checkpoint, "assigned ranks");
+        self.record.generation = generation;
+        self.record.status = "running".into();
+        self.record.history.push(GenerationRecord {
+            generation,
+            world_size: world,
+            start_checkpoint,
+            outcome: String::new(),
+        });
+        self.persist();
+        self.gen = Some(Generation {
+            world,
+            done: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// The newest verified checkpoint of the current stage ("" = none: start from scratch).
+    fn resume_point(&self) -> String {
+        let stage = self.shared.state.lock().unwrap().stage_index;
+        match self.shared.store.latest_good() {
+            Some((name, files)) => {
+                let state = files
+                    .iter()
+                    .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE);
+                let st: Option<crate::train::checkpoint::TrainerState> =
+                    state.and_then(|(_, b)| serde_json::from_slice(b).ok());
+                match st {
+                    Some(s) if s.stage_index == stage => name,
+                    _ => String::new(),
+                }
+            }
+            None => String::new(),
+        }
+    }
 }
 
 async fn drive(
     shared: Arc<Shared>,
     mut events: mpsc::UnboundedReceiver<Event>,
     shutdown: impl Future<Output = ()>,
+    record: JobRecord,
 ) -> anyhow::Result<Summary> {
     let cfg = shared.cfg.clone();
     let c = &cfg.cluster;
-    let join_deadline = Instant::now() + Duration::from_secs_f64(c.join_timeout_s);
     let heartbeat = Duration::from_secs_f64(c.heartbeat_timeout_s);
-    let mut quorum_since: Option<Instant> = None;
-    let mut gen: Option<Generation> = None;
-    let mut stages: Vec<StageSummary> = vec![];
+    let mut d = Driver {
+        shared: shared.clone(),
+        record,
+        gen: None,
+        stages: vec![],
+        quorum_since: None,
+        join_deadline: Instant::now() + Duration::from_secs_f64(c.join_timeout_s),
+    };
     tokio::pin!(shutdown);
-    let finish =
-        |status: &str, reason: String, stages: Vec<StageSummary>, gen: &Option<Generation>| {
-            let st = shared.state.lock().unwrap();
-            Summary {
-                job: shared.job_id.clone(),
-                status: status.into(),
-                reason,
-                generations: st.generation,
-                world_size: gen.as_ref().map(|g| g.world).unwrap_or(0),
-                wall_s: shared.started.elapsed().as_secs_f64(),
-                corpus_documents: shared.prepared.index.total_documents(),
-                shards: shared.prepared.index.shards.len(),
-                stages,
-                final_checkpoint: Some(cfg.job.state_dir.join("final")).filter(|p| p.exists()),
-            }
-        };
     loop {
         let ev = tokio::select! {
             _ = &mut shutdown => {
-                tracing::warn!("shutdown requested: telling workers to stop");
-                shared.broadcast(Kind::Stop(proto::Stop { reason: "coordinator shutting down".into() }));
-                set_phase(&shared, Phase::Failed, "interrupted");
-                return Ok(finish("interrupted", "interrupted by signal".into(), stages, &gen));
+                tracing::warn!("shutdown requested: telling workers to stop; the last checkpoint is kept");
+                return Ok(d.end("interrupted", "interrupted by signal".into()));
             }
             ev = events.recv() => ev,
             _ = tokio::time::sleep(Duration::from_millis(200)) => None,
         };
         let phase = shared.state.lock().unwrap().phase;
-        match (phase, ev) {
-            (_, Some(Event::Checkpoint(name))) => tracing::debug!(%name, "checkpoint event"),
+        let failure: Option<(String, Option<u64>)> = match (phase, ev) {
+            (_, Some(Event::Checkpoint(name))) => {
+                tracing::debug!(%name, "checkpoint event");
+                None
+            }
             (Phase::Rendezvous, Some(Event::Left(id))) => {
                 shared.state.lock().unwrap().members.remove(&id);
+                None
             }
             (Phase::Running, Some(Event::Left(id))) => {
                 let m = shared.state.lock().unwrap().members.remove(&id);
-                if let Some(m) = m.filter(|m| m.rank.is_some()) {
-                    let reason = format!(
-                        "rank {} (worker {}) disconnected at step {} while {}",
-                        m.rank.unwrap(),
-                        m.worker_id,
-                        m.step,
-                        m.phase
-                    );
-                    return Ok(fail_generation(&shared, reason, stages, &gen, &finish));
-                }
+                m.filter(|m| m.rank.is_some()).map(|m| {
+                    (
+                        format!(
+                            "rank {} (worker {}) disconnected at step {} while {}",
+                            m.rank.unwrap(),
+                            m.worker_id,
+                            m.step,
+                            m.phase
+                        ),
+                        None,
+                    )
+                })
             }
             (Phase::Running, Some(Event::Failed { rank, error })) => {
-                let reason = format!("rank {rank} failed: {error}");
-                return Ok(fail_generation(&shared, reason, stages, &gen, &finish));
+                Some((format!("rank {rank} failed: {error}"), None))
             }
             (Phase::Running, Some(Event::Done(r))) => {
-                let g = gen.as_mut().expect("running has a generation");
+                let g = d.gen.as_mut().expect("running has a generation");
                 tracing::info!(
                     rank = r.rank,
                     step = r.step,
@@ -331,77 +599,70 @@ async fn drive(
                 g.done.insert(r.rank, *r);
                 if g.done.len() as u32 == g.world {
                     let s = stage_summary(&shared, g);
-                    if !s.replicas_identical {
-                        let reason = format!(
-                            "replicas diverged: parameter fingerprints {:?}",
-                            s.param_fingerprints
-                        );
-                        stages.push(s);
-                        return Ok(fail_generation(&shared, reason, stages, &gen, &finish));
+                    let identical = s.replicas_identical;
+                    let fps = s.param_fingerprints.clone();
+                    d.stages.push(s);
+                    if !identical {
+                        return Ok(d.end(
+                            "failed",
+                            format!("replicas diverged: parameter fingerprints {fps:?}"),
+                        ));
                     }
-                    stages.push(s);
                     let next = shared.state.lock().unwrap().stage_index + 1;
                     if next as usize >= cfg.stages.len() {
                         export_final(&shared)?;
-                        shared.broadcast(Kind::Stop(proto::Stop {
-                            reason: "job completed".into(),
-                        }));
-                        set_phase(&shared, Phase::Finished, "completed");
-                        return Ok(finish("completed", String::new(), stages, &gen));
+                        return Ok(d.end("completed", String::new()));
                     }
                     anyhow::bail!("multi-stage jobs are not implemented yet");
                 }
+                None
             }
-            (_, _) => {}
+            _ => None,
+        };
+        let failure = failure.or_else(|| {
+            if phase != Phase::Running {
+                return None;
+            }
+            let st = shared.state.lock().unwrap();
+            st.members.iter().find(|(_, m)| m.rank.is_some() && m.last_seen.elapsed() > heartbeat).map(|(id, m)| {
+                (
+                    format!(
+                        "rank {} (worker {}) stalled: silent for {:.0} s (heartbeat_timeout_s = {}) at step {} while {}",
+                        m.rank.unwrap(),
+                        m.worker_id,
+                        m.last_seen.elapsed().as_secs_f64(),
+                        c.heartbeat_timeout_s,
+                        m.step,
+                        m.phase
+                    ),
+                    Some(*id),
+                )
+            })
+        });
+        if let Some((reason, culprit)) = failure {
+            if let AfterFailure::Fail(summary) = d.on_failure(reason, culprit) {
+                return Ok(summary);
+            }
+            continue;
         }
-        match phase {
-            Phase::Rendezvous => {
-                let n = shared.state.lock().unwrap().members.len();
-                if n >= c.min_workers {
-                    let since = *quorum_since.get_or_insert_with(Instant::now);
-                    if n >= c.max_workers
-                        || since.elapsed() >= Duration::from_secs_f64(c.join_window_s)
-                    {
-                        gen = Some(assign(&shared)?);
-                    }
-                } else {
-                    quorum_since = None;
-                    if Instant::now() > join_deadline {
-                        let reason = format!(
-                            "only {n} of min_workers = {} joined within join_timeout_s = {}",
-                            c.min_workers, c.join_timeout_s
-                        );
-                        shared.broadcast(Kind::Stop(proto::Stop {
-                            reason: reason.clone(),
-                        }));
-                        set_phase(&shared, Phase::Failed, &reason);
-                        return Ok(finish("failed", reason, stages, &gen));
-                    }
+        if phase == Phase::Rendezvous {
+            let n = shared.state.lock().unwrap().members.len();
+            if n >= c.min_workers {
+                let since = *d.quorum_since.get_or_insert_with(Instant::now);
+                if n >= c.max_workers || since.elapsed() >= Duration::from_secs_f64(c.join_window_s)
+                {
+                    d.assign()?;
+                }
+            } else {
+                d.quorum_since = None;
+                if Instant::now() > d.join_deadline {
+                    let reason = format!(
+                        "only {n} of min_workers = {} joined within join_timeout_s = {}",
+                        c.min_workers, c.join_timeout_s
+                    );
+                    return Ok(d.end("failed", reason));
                 }
             }
-            Phase::Running => {
-                let stalled = {
-                    let st = shared.state.lock().unwrap();
-                    st.members
-                        .values()
-                        .find(|m| m.rank.is_some() && m.last_seen.elapsed() > heartbeat)
-                        .map(|m| {
-                            format!(
-                                "rank {} (worker {}) silent for {:.0} s (heartbeat_timeout_s = {}) at step {} while {}",
-                                m.rank.unwrap(),
-                                m.worker_id,
-                                m.last_seen.elapsed().as_secs_f64(),
-                                c.heartbeat_timeout_s,
-                                m.step,
-                                m.phase
-                            )
-                        })
-                };
-                if let Some(reason) = stalled {
-                    return Ok(fail_generation(&shared, reason, stages, &gen, &finish));
-                }
-            }
-            Phase::Finished | Phase::Failed => {}
         }
     }
 }
@@ -410,69 +671,6 @@ fn set_phase(shared: &Shared, phase: Phase, message: &str) {
     let mut st = shared.state.lock().unwrap();
     st.phase = phase;
     st.message = message.into();
-}
-
-fn fail_generation(
-    shared: &Shared,
-    reason: String,
-    stages: Vec<StageSummary>,
-    gen: &Option<Generation>,
-    finish: &impl Fn(&str, String, Vec<StageSummary>, &Option<Generation>) -> Summary,
-) -> Summary {
-    tracing::error!("generation failed: {reason}");
-    let g = shared.state.lock().unwrap().generation;
-    shared.broadcast(Kind::Abort(proto::Abort {
-        generation: g,
-        reason: reason.clone(),
-    }));
-    shared.broadcast(Kind::Stop(proto::Stop {
-        reason: reason.clone(),
-    }));
-    set_phase(shared, Phase::Failed, &reason);
-    finish("failed", reason, stages, gen)
-}
-
-/// Starts a generation: ranks in join order, peers, and the assignment to every member.
-fn assign(shared: &Shared) -> anyhow::Result<Generation> {
-    let mut st = shared.state.lock().unwrap();
-    st.generation += 1;
-    let generation = st.generation;
-    let max = shared.cfg.cluster.max_workers;
-    let ids: Vec<u64> = st.members.keys().copied().take(max).collect();
-    let peers: Vec<String> = ids
-        .iter()
-        .map(|id| st.members[id].ring_addr.clone())
-        .collect();
-    let world = ids.len() as u32;
-    let stage_index = st.stage_index;
-    for (rank, id) in ids.iter().enumerate() {
-        let m = st.members.get_mut(id).expect("member listed");
-        m.rank = Some(rank as u32);
-        m.last_seen = Instant::now();
-        let a = proto::Assignment {
-            generation,
-            rank: rank as u32,
-            world_size: world,
-            peers: peers.clone(),
-            job_config_json: shared.cfg_json.clone(),
-            stage_index,
-            shard_index_json: shared.prepared.index_json.clone(),
-            tokenizer_json: shared.prepared.tokenizer_json.clone(),
-            model_config_json: shared.prepared.model_cfg_json.clone(),
-            init_checkpoint: String::new(),
-        };
-        let _ = m.tx.try_send(Ok(proto::Directive {
-            kind: Some(Kind::Assignment(a)),
-        }));
-    }
-    st.phase = Phase::Running;
-    st.message = format!("generation {generation}: {world} workers");
-    tracing::info!(generation, world, ?peers, "assigned ranks");
-    Ok(Generation {
-        id: generation,
-        world,
-        done: BTreeMap::new(),
-    })
 }
 
 fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
@@ -485,14 +683,36 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
         .values()
         .map(|r| format!("{:016x}", r.param_fingerprint))
         .collect();
-    let _ = g.id;
+    // The ledger comes from the stage's final checkpoint (written by rank 0 before it
+    // reported done): every committed range of every generation.
+    let ledger = shared
+        .store
+        .latest_good()
+        .and_then(|(_, files)| {
+            files
+                .into_iter()
+                .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE)
+        })
+        .and_then(|(_, b)| {
+            serde_json::from_slice::<crate::train::checkpoint::TrainerState>(&b).ok()
+        })
+        .map(|s| {
+            crate::train::checkpoint::epoch_ledgers(&s.ledger, &s.planned.iter().copied().collect())
+        })
+        .unwrap_or_default();
+    let docs = shared.prepared.index.total_documents();
+    let documents = ledger
+        .iter()
+        .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
+        .count() as u64
+        * docs;
     StageSummary {
         name: stage.name.clone(),
         kind: format!("{:?}", stage.kind).to_lowercase(),
         steps: r0.step,
         epochs: stage.epochs,
         examples: r0.examples,
-        documents: g.done.values().map(|r| r.documents).sum(),
+        documents,
         loss: r0.loss,
         mlm_loss: r0.mlm_loss,
         nsp_loss: r0.nsp_loss,
@@ -501,6 +721,7 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
         samples_per_s: r0.samples_per_s,
         replicas_identical: fps.windows(2).all(|w| w[0] == w[1]),
         param_fingerprints: fps,
+        epochs_ledger: ledger,
     }
 }
 

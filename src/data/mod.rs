@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod corpus;
+pub mod finetune;
 pub mod instances;
 pub mod shard;
 pub mod tokenizer;

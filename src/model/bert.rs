@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 
-use super::ops;
+use super::ops::{self, zero_in_graph};
 use super::params::{Init, ParamSpec, ParamStore};
 use crate::data::batch::{PretrainBatch, IGNORE};
 use crate::error::{Error, Result};
@@ -408,7 +408,7 @@ impl BertForPreTraining {
             // No labelled position: a zero that still reaches the MLM head's parameters, so
             // every tensor gets a gradient (zero) and the buckets keep their layout.
             let probe = self.mlm_logits(&h.narrow(0, 0, 1)?)?;
-            ((probe.sum_all()? * 0.0)?, 0)
+            (zero_in_graph(&probe)?, 0)
         } else {
             let sel = h.index_select(&Tensor::from_slice(&rows, rows.len(), dev)?, 0)?;
             let logits = self.mlm_logits(&sel)?;
@@ -418,7 +418,7 @@ impl BertForPreTraining {
 
         let nsp_logits = self.nsp.forward(&self.bert.pool(&h, &x)?)?;
         let (nsp_sum, nsp_correct) = if b.nsp_labels.is_empty() {
-            ((nsp_logits.sum_all()? * 0.0)?, 0)
+            (zero_in_graph(&nsp_logits)?, 0)
         } else {
             let c = count_correct(&nsp_logits, &b.nsp_labels)?;
             (ops::cross_entropy_sum(&nsp_logits, &b.nsp_labels)?, c)

@@ -242,8 +242,10 @@ impl TaskModel {
     /// that a pooler-less head does not use (old transformers wrote one) is ignored.
     pub fn load(dir: &Path, seed: u64, device: &Device) -> Result<(Self, LoadReport)> {
         let cfg = BertConfig::load(&dir.join(hf::CONFIG_FILE))?;
-        let head = TaskHead::from_config(&cfg)
-            .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+        let head = TaskHead::from_config(&cfg).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", dir.display())),
+            e => e,
+        })?;
         let m = Self::new(&cfg, head, seed, device)?;
         let mut tensors = hf::read_tensors(dir)?;
         let mut dropped = Vec::new();
@@ -386,8 +388,12 @@ impl TaskModel {
         let (logits, rows) = self.run(b, rng)?;
         let dev = logits.device();
         let (n, t) = (b.batch, b.seq);
-        // No labels: a zero that still reaches every parameter, so each gets a gradient.
-        let zero = || -> Result<Tensor> { Ok((logits.sum_all()? * 0.0)?) };
+        // No labels: a zero that still reaches every parameter, so each gets a gradient. (Not
+        // `x * 0.0`: candle's backward prunes an affine op whose factor is 0.)
+        let zero = || -> Result<Tensor> {
+            let z = Tensor::zeros((), logits.dtype(), dev)?;
+            Ok(logits.sum_all()?.mul(&z)?)
+        };
         let (loss_sum, count, correct) = match &b.labels {
             TaskLabels::None => (zero()?, 0, 0),
             TaskLabels::Classes(l) => {
@@ -463,6 +469,12 @@ impl TaskModel {
     }
 
     fn check_inputs(&self, b: &FinetuneBatch) -> Result<()> {
+        if b.batch == 0 || b.seq == 0 {
+            return Err(Error::Batch(format!(
+                "empty batch ({} × {})",
+                b.batch, b.seq
+            )));
+        }
         PretrainBatch {
             batch: b.batch,
             seq: b.seq,

@@ -384,6 +384,12 @@ impl CustomOp1 for CrossEntropySum {
     }
 }
 
+/// A scalar zero that still depends on `t`, so every parameter behind `t` gets a (zero)
+/// gradient. (Not `x * 0.0`: candle's backward prunes an affine op whose factor is 0.)
+pub fn zero_in_graph(t: &Tensor) -> CResult<Tensor> {
+    t.sum_all()?.mul(&Tensor::zeros((), t.dtype(), t.device())?)
+}
+
 /// Sum of the cross-entropy of each row of `logits` (`[n, classes]`) against `labels`.
 pub fn cross_entropy_sum(logits: &Tensor, labels: &[u32]) -> CResult<Tensor> {
     let (n, c) = logits.dims2()?;
@@ -395,7 +401,7 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &[u32]) -> CResult<Tensor> {
     }
     if n == 0 {
         // Keep the graph connected so every parameter still gets a (zero) gradient.
-        return (logits.sum_all()? * 0.0)?.reshape(());
+        return zero_in_graph(logits);
     }
     if is_cpu(logits) {
         return logits.contiguous()?.apply_op1(CrossEntropySum {

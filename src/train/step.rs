@@ -86,7 +86,11 @@ pub fn forward_backward(
 ) -> Result<LossSums> {
     let mut rng = dropout;
     let out = m.model.forward(batch, &mut rng)?;
-    let loss = ((&out.mlm_sum * weights.0)? + (&out.nsp_sum * weights.1)?)?;
+    // Weights as tensors, not `x * w`: candle prunes an affine op whose factor is 0 from the
+    // backward pass, which would leave the MLM head without a gradient on a step with no
+    // masked token (and break the buckets' layout).
+    let w = |x: f64| Tensor::new(x as f32, out.mlm_sum.device());
+    let loss = (out.mlm_sum.mul(&w(weights.0)?)? + out.nsp_sum.mul(&w(weights.1)?)?)?;
     let grads = loss.backward()?;
     m.store.accumulate_grads(&grads, grad)?;
     Ok(LossSums {

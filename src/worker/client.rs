@@ -108,3 +108,45 @@ pub async fn put_checkpoint(
         .with_context(|| format!("uploading checkpoint {name}"))?;
     Ok(())
 }
+
+/// Downloads a stored checkpoint's files (each verified against its SHA-256).
+pub async fn get_checkpoint(
+    client: &mut Client,
+    job_id: &str,
+    generation: u64,
+    name: &str,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut s = client
+        .get_checkpoint(proto::GetCheckpointRequest {
+            job_id: job_id.into(),
+            generation,
+            name: name.into(),
+        })
+        .await
+        .with_context(|| format!("downloading checkpoint {name}"))?
+        .into_inner();
+    let mut files: Vec<(String, Vec<u8>)> = vec![];
+    let mut current: Option<(String, Vec<u8>)> = None;
+    while let Some(c) = s.next().await {
+        let c = c.with_context(|| format!("downloading checkpoint {name}"))?;
+        let cur = current.get_or_insert_with(|| (c.file.clone(), vec![]));
+        anyhow::ensure!(
+            cur.0 == c.file,
+            "checkpoint {name}: interleaved files in the stream"
+        );
+        cur.1.extend_from_slice(&c.data);
+        if c.last_of_file {
+            let (f, b) = current.take().expect("set above");
+            anyhow::ensure!(
+                sha256_hex(&b) == c.sha256,
+                "checkpoint {name}: file {f} arrived corrupted"
+            );
+            files.push((f, b));
+        }
+    }
+    anyhow::ensure!(
+        current.is_none() && !files.is_empty(),
+        "checkpoint {name}: the stream ended early"
+    );
+    Ok(files)
+}

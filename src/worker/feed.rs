@@ -1,7 +1,11 @@
-//! The data feed of one epoch on one rank: a thread that fetches this rank's shards from the
-//! coordinator, parses, tokenizes and turns them into pre-training instances, so data
-//! preparation overlaps training. It first counts the epoch's instances (so all ranks can
-//! agree on the epoch's step count before the first step), then streams them in order.
+//! The data feed of one epoch on one rank: a thread that fetches the shards of this rank's
+//! data partitions from the coordinator, parses, tokenizes and turns them into pre-training
+//! instances, so data preparation overlaps training.
+//!
+//! It first counts every partition's instances (so all ranks can agree on the epoch's step
+//! count and the ledger's totals before the first step), then streams the instances in order,
+//! skipping those a checkpoint's cursor says were already consumed. A partition's instance
+//! stream depends only on (seed, epoch, shards), so it is the same on any rank.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -14,18 +18,27 @@ use crate::data::tokenizer::Tokenizer;
 /// beyond it they are fetched again.
 const CACHE_BYTES: usize = 256 << 20;
 
+/// One data partition of the epoch owned by this rank.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    pub id: u32,
+    pub shards: Vec<u32>,
+    /// Instances already consumed (from the checkpoint's cursor).
+    pub skip: u64,
+}
+
 pub enum FeedMsg {
-    /// Instances and documents in this rank's shards for the epoch (sent first).
+    /// Total instances per partition, in `partitions` order (sent first).
     Count {
-        instances: u64,
-        documents: u64,
+        totals: Vec<u64>,
     },
-    Instance(Instance),
+    /// The next instance and the partition it belongs to.
+    Instance(u32, Instance),
     Error(String),
 }
 
 pub struct FeedSpec {
-    pub shards: Vec<u32>,
+    pub partitions: Vec<Partition>,
     pub index: Arc<ShardIndex>,
     pub tokenizer: Arc<Tokenizer>,
     pub instances: InstanceOptions,
@@ -55,18 +68,17 @@ fn shard_instances(
     vocab: &VocabInfo,
     id: u32,
     bytes: &[u8],
-) -> anyhow::Result<(Vec<Instance>, u64)> {
+) -> anyhow::Result<Vec<Instance>> {
     let docs = spec.index.parse_shard(id, bytes)?;
     let tokenized = spec.tokenizer.encode_documents(&docs)?;
-    let inst = instances_for_shard(
+    Ok(instances_for_shard(
         &tokenized,
         &spec.instances,
         vocab,
         spec.seed,
         spec.epoch,
         id,
-    );
-    Ok((inst, docs.len() as u64))
+    ))
 }
 
 fn run(
@@ -75,39 +87,38 @@ fn run(
     tx: &std::sync::mpsc::SyncSender<FeedMsg>,
 ) -> anyhow::Result<()> {
     let vocab = VocabInfo::from_tokenizer(&spec.tokenizer);
-    let mut cache: Vec<Option<Vec<u8>>> = vec![];
+    let mut cache: std::collections::HashMap<u32, Vec<u8>> = Default::default();
     let mut cached = 0usize;
-    let (mut instances, mut documents) = (0u64, 0u64);
-    for &id in &spec.shards {
-        let bytes = fetch(id)?;
-        let (inst, docs) = shard_instances(spec, &vocab, id, &bytes)?;
-        instances += inst.len() as u64;
-        documents += docs;
-        if cached + bytes.len() <= CACHE_BYTES {
-            cached += bytes.len();
-            cache.push(Some(bytes));
-        } else {
-            cache.push(None);
+    let mut totals = vec![];
+    for p in &spec.partitions {
+        let mut total = 0u64;
+        for &id in &p.shards {
+            let bytes = fetch(id)?;
+            let inst = shard_instances(spec, &vocab, id, &bytes)?;
+            total += inst.len() as u64;
+            if cached + bytes.len() <= CACHE_BYTES {
+                cached += bytes.len();
+                cache.insert(id, bytes);
+            }
         }
+        totals.push(total);
     }
-    if tx
-        .send(FeedMsg::Count {
-            instances,
-            documents,
-        })
-        .is_err()
-    {
+    if tx.send(FeedMsg::Count { totals }).is_err() {
         return Ok(());
     }
-    for (k, &id) in spec.shards.iter().enumerate() {
-        let bytes = match cache[k].take() {
-            Some(b) => b,
-            None => fetch(id)?,
-        };
-        let (inst, _) = shard_instances(spec, &vocab, id, &bytes)?;
-        for i in inst {
-            if tx.send(FeedMsg::Instance(i)).is_err() {
-                return Ok(());
+    for p in &spec.partitions {
+        let mut index = 0u64;
+        for &id in &p.shards {
+            let bytes = match cache.remove(&id) {
+                Some(b) => b,
+                None => fetch(id)?,
+            };
+            let inst = shard_instances(spec, &vocab, id, &bytes)?;
+            for i in inst {
+                if index >= p.skip && tx.send(FeedMsg::Instance(p.id, i)).is_err() {
+                    return Ok(());
+                }
+                index += 1;
             }
         }
     }

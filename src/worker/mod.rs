@@ -33,9 +33,15 @@ pub struct WorkerOptions {
     pub connect_timeout: Duration,
 }
 
-/// Runs until the coordinator says stop, the coordinator goes away, or `shutdown`.
+/// Runs until the coordinator says stop, the coordinator stays unreachable for
+/// `connect_timeout`, or `shutdown`. A lost coordinator (restarted, or a network cut) is
+/// rejoined with backoff; a new assignment replaces the current one.
 pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    anyhow::ensure!(opts.device == "cpu", "device {:?} is not supported by this build (the CUDA path is not built yet); use --device cpu", opts.device);
+    anyhow::ensure!(
+        opts.device == "cpu",
+        "device {:?} is not supported by this build (the CUDA path is not built yet); use --device cpu",
+        opts.device
+    );
     let listener = TcpListener::bind(opts.ring_listen)
         .with_context(|| format!("binding the ring listener on {}", opts.ring_listen))?;
     let bound = listener.local_addr()?;
@@ -43,21 +49,6 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
         Some(h) => format!("{h}:{}", bound.port()),
         None => bound.to_string(),
     };
-    let mut client = connect(&opts.coordinator, &opts.token, opts.connect_timeout).await?;
-    let mut directives = client
-        .join(proto::JoinRequest {
-            protocol_version: proto::PROTOCOL_VERSION,
-            job_id: String::new(),
-            worker_id: opts.worker_id.clone(),
-            ring_addr: ring_addr.clone(),
-            threads: opts.threads as u32,
-            device: opts.device.clone(),
-        })
-        .await
-        .context("joining the job")?
-        .into_inner();
-    tracing::info!(coordinator = %opts.coordinator, %ring_addr, "joined; waiting for an assignment");
-
     let abort = Arc::new(AtomicBool::new(false));
     let ring_abort: Arc<Mutex<Option<crate::comm::ring::AbortHandle>>> = Arc::new(Mutex::new(None));
     let progress = Arc::new(Mutex::new(proto::ProgressReport::default()));
@@ -69,65 +60,106 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     let stop_training =
         |abort: &AtomicBool, ring_abort: &Mutex<Option<crate::comm::ring::AbortHandle>>| {
             abort.store(true, Ordering::SeqCst);
-            if let Some(h) = ring_abort.lock().unwrap().as_ref() {
+            if let Some(h) = ring_abort.lock().unwrap().take() {
                 h.abort();
             }
         };
-    let result = loop {
-        tokio::select! {
-            _ = &mut shutdown => {
-                stop_training(&abort, &ring_abort);
-                break Ok(());
-            }
-            res = done_rx.recv() => {
-                if let Some(Err(e)) = res {
-                    if !abort.load(Ordering::SeqCst) {
-                        tracing::error!("training failed: {e:#}");
-                        let mut p = progress.lock().unwrap().clone();
-                        p.error = format!("{e:#}");
-                        let _ = client.report_progress(p).await;
+    let mut first = true;
+    let result = 'session: loop {
+        // (Re)join. The first attempt waits up to connect_timeout for the coordinator to
+        // come up; later ones too (a restarted coordinator on the same address).
+        let joined = async {
+            let mut client = connect(&opts.coordinator, &opts.token, opts.connect_timeout).await?;
+            let stream = client
+                .join(proto::JoinRequest {
+                    protocol_version: proto::PROTOCOL_VERSION,
+                    job_id: String::new(),
+                    worker_id: opts.worker_id.clone(),
+                    ring_addr: ring_addr.clone(),
+                    threads: opts.threads as u32,
+                    device: opts.device.clone(),
+                })
+                .await
+                .context("joining the job")?
+                .into_inner();
+            anyhow::Ok((client, stream))
+        };
+        let (mut client, mut directives) = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            r = joined => match r {
+                Ok(x) => x,
+                Err(e) if first => break Err(e),
+                Err(e) => break Err(e.context("the coordinator did not come back")),
+            },
+        };
+        first = false;
+        tracing::info!(coordinator = %opts.coordinator, %ring_addr, "joined; waiting for an assignment");
+        if let Some(h) = heartbeat.take() {
+            h.abort();
+        }
+        heartbeat = Some(tokio::spawn(heartbeat_loop(
+            client.clone(),
+            progress.clone(),
+        )));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    stop_training(&abort, &ring_abort);
+                    break 'session Ok(());
+                }
+                res = done_rx.recv() => {
+                    if let Some(Err(e)) = res {
+                        if !abort.load(Ordering::SeqCst) {
+                            tracing::error!("training failed: {e:#}");
+                            let mut p = progress.lock().unwrap().clone();
+                            p.error = format!("{e:#}");
+                            let _ = client.report_progress(p).await;
+                        }
                     }
                 }
-            }
-            d = directives.message() => match d {
-                Ok(Some(proto::Directive { kind: Some(Kind::Assignment(a)) })) => {
-                    tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, stage = a.stage_index, "assignment received");
-                    abort.store(false, Ordering::SeqCst);
-                    let ctx = train::Ctx {
-                        rt: tokio::runtime::Handle::current(),
-                        client: client.clone(),
-                        listener: listener.try_clone()?,
-                        token: opts.token.clone(),
-                        abort: abort.clone(),
-                        ring_abort: ring_abort.clone(),
-                        progress: progress.clone(),
-                    };
-                    let tx = done_tx.clone();
-                    training = Some(std::thread::Builder::new().name(format!("train-r{}", a.rank)).spawn(move || {
-                        let r = train::run_assignment(a, ctx);
-                        let _ = tx.send(r);
-                    })?);
-                    if heartbeat.is_none() {
-                        heartbeat = Some(tokio::spawn(heartbeat_loop(client.clone(), progress.clone())));
+                d = directives.message() => match d {
+                    Ok(Some(proto::Directive { kind: Some(Kind::Assignment(a)) })) => {
+                        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, stage = a.stage_index, "assignment received");
+                        // A new assignment replaces the current one: stop it and wait for it.
+                        if let Some(t) = training.take() {
+                            stop_training(&abort, &ring_abort);
+                            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                        }
+                        abort.store(false, Ordering::SeqCst);
+                        let ctx = train::Ctx {
+                            rt: tokio::runtime::Handle::current(),
+                            client: client.clone(),
+                            listener: listener.try_clone()?,
+                            token: opts.token.clone(),
+                            abort: abort.clone(),
+                            ring_abort: ring_abort.clone(),
+                            progress: progress.clone(),
+                        };
+                        let tx = done_tx.clone();
+                        training = Some(std::thread::Builder::new().name(format!("train-r{}", a.rank)).spawn(move || {
+                            let r = train::run_assignment(a, ctx);
+                            let _ = tx.send(r);
+                        })?);
                     }
-                }
-                Ok(Some(proto::Directive { kind: Some(Kind::Abort(a)) })) => {
-                    tracing::warn!(generation = a.generation, "abort: {}", a.reason);
-                    stop_training(&abort, &ring_abort);
-                }
-                Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) => {
-                    tracing::info!("stop: {}", s.reason);
-                    stop_training(&abort, &ring_abort);
-                    break Ok(());
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    stop_training(&abort, &ring_abort);
-                    break Err(anyhow::anyhow!("the coordinator closed the directive stream"));
-                }
-                Err(status) => {
-                    stop_training(&abort, &ring_abort);
-                    break Err(anyhow::anyhow!("lost the coordinator: {status}"));
+                    Ok(Some(proto::Directive { kind: Some(Kind::Abort(a)) })) => {
+                        tracing::warn!(generation = a.generation, "abort: {}", a.reason);
+                        stop_training(&abort, &ring_abort);
+                    }
+                    Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) => {
+                        tracing::info!("stop: {}", s.reason);
+                        stop_training(&abort, &ring_abort);
+                        break 'session Ok(());
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        let why = match d {
+                            Err(status) => status.to_string(),
+                            _ => "the directive stream ended".into(),
+                        };
+                        tracing::warn!("lost the coordinator ({why}); stopping training and rejoining");
+                        stop_training(&abort, &ring_abort);
+                        continue 'session;
+                    }
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The training thread of one assignment: owns the model, the optimiser and the ring; runs
-//! the stage's epochs; publishes progress; rank 0 uploads checkpoints.
+//! the stage's epochs from the assignment's checkpoint (or from scratch); publishes
+//! progress; rank 0 uploads checkpoints with the data cursor and the consumption ledger.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -11,17 +12,17 @@ use anyhow::Context;
 use candle_core::Device;
 
 use super::client::{self, Client};
-use super::feed::{self, FeedMsg, FeedSpec};
+use super::feed::{self, FeedMsg, FeedSpec, Partition};
 use crate::comm::ring::{AbortHandle, Ring, RingConfig};
 use crate::comm::Collective;
-use crate::config::JobConfig;
+use crate::config::{JobConfig, ResizePolicy};
 use crate::data::instances::collate;
 use crate::data::shard::{plan_epoch, ShardIndex};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{BertConfig, PretrainModel};
 use crate::proto;
-use crate::train::checkpoint::{checkpoint_files, TrainerState};
-use crate::train::{AdamWConfig, Schedule, StepOptions, Trainer};
+use crate::train::checkpoint::{checkpoint_files, restore, DataCursor, LedgerRange, TrainerState};
+use crate::train::{AdamWConfig, Schedule, StepOptions, StepStats, Trainer};
 
 /// What the training thread shares with the async side.
 pub struct Ctx {
@@ -41,6 +42,12 @@ fn set_phase(ctx: &Ctx, phase: &str) {
     ctx.progress.lock().unwrap().phase = phase.into();
 }
 
+/// Examples this rank consumes per step: the global batch split over the ranks (the first
+/// `G mod world` ranks take one more).
+fn quota(global: usize, world: usize, rank: usize) -> usize {
+    global / world + usize::from(rank < global % world)
+}
+
 pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let cfg = JobConfig::from_json(&a.job_config_json)?;
     let stage = cfg
@@ -56,17 +63,14 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let seed = cfg.job.seed;
     let job_id = cfg.job.name.clone();
-    {
-        let mut p = ctx.progress.lock().unwrap();
-        *p = proto::ProgressReport {
-            job_id: job_id.clone(),
-            generation: a.generation,
-            rank: a.rank,
-            stage_index: a.stage_index,
-            phase: "connecting ring".into(),
-            ..Default::default()
-        };
-    }
+    *ctx.progress.lock().unwrap() = proto::ProgressReport {
+        job_id: job_id.clone(),
+        generation: a.generation,
+        rank: a.rank,
+        stage_index: a.stage_index,
+        phase: "connecting ring".into(),
+        ..Default::default()
+    };
 
     let peers: Vec<SocketAddr> = a
         .peers
@@ -112,26 +116,95 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         dropout: true,
     };
     let mut trainer = Trainer::new(model, options)?;
-    // Identical starting weights on every rank, whatever happened before.
-    trainer.broadcast_params(&mut ring, 0)?;
+    let mut state = TrainerState {
+        stage_index: a.stage_index,
+        stage_name: stage.name.clone(),
+        step: 0,
+        total_steps: 0,
+        initial_world_size: world as u32,
+        world_size: world as u32,
+        generation: a.generation,
+        cursor: DataCursor::default(),
+        ledger: vec![],
+        planned: vec![],
+        stage_done: false,
+    };
+    if a.init_checkpoint.is_empty() {
+        // Identical starting weights on every rank, whatever happened before.
+        trainer.broadcast_params(&mut ring, 0)?;
+    } else {
+        set_phase(&ctx, "restoring checkpoint");
+        let mut c = ctx.client.clone();
+        let files = ctx.rt.block_on(client::get_checkpoint(
+            &mut c,
+            &job_id,
+            a.generation,
+            &a.init_checkpoint,
+        ))?;
+        let files = files.into_iter().collect();
+        state = restore(&mut trainer, &files)
+            .with_context(|| format!("restoring {}", a.init_checkpoint))?;
+        anyhow::ensure!(
+            state.stage_index == a.stage_index,
+            "checkpoint {} belongs to stage {}",
+            a.init_checkpoint,
+            state.stage_index
+        );
+        tracing::info!(rank, checkpoint = %a.init_checkpoint, step = state.step, epoch = state.cursor.epoch, "resumed");
+    }
+    state.world_size = world as u32;
+    state.generation = a.generation;
 
-    let per_step = stage.batch_size * stage.grad_accum;
-    let mut window: VecDeque<crate::train::StepStats> = VecDeque::new();
-    let mut documents = 0u64;
+    // The global batch per step, by the resize policy (see config::ResizePolicy).
+    let per_worker = stage.batch_size * stage.grad_accum;
+    let global = match cfg.cluster.resize_policy {
+        ResizePolicy::KeepGlobalBatch => per_worker * state.initial_world_size as usize,
+        ResizePolicy::KeepPerWorkerBatch => {
+            trainer.options.schedule.peak_lr =
+                stage.lr * world as f32 / state.initial_world_size as f32;
+            per_worker * world
+        }
+    };
+    let q = quota(global, world, rank);
+    anyhow::ensure!(
+        q > 0,
+        "global batch {global} is smaller than the world size {world}"
+    );
+
+    let mut window: VecDeque<StepStats> = VecDeque::new();
     let mut examples = 0u64;
-    let mut total_steps = 0u64;
     // Throughput is measured from the end of the second step on (start-up excluded).
     let mut since = (Instant::now(), 0u64);
     let pad_id = tokenizer.pad_id();
-    'epochs: for epoch in 0..stage.epochs {
-        let plan = plan_epoch(&index, seed, epoch as u64, world);
+    let mut epoch = state.cursor.epoch;
+    let mut finished_early = false;
+    while epoch < stage.epochs && !finished_early {
+        // Partitions of this epoch: the plan for the world size at the epoch's start (kept
+        // when resuming mid-epoch, even with another world size), dealt round-robin.
+        let resuming = state.cursor.epoch == epoch && !state.cursor.consumed.is_empty();
+        let (parts, consumed0) = if resuming {
+            (
+                state.cursor.partitions as usize,
+                state.cursor.consumed.clone(),
+            )
+        } else {
+            (world, vec![0u64; world])
+        };
+        let plan = plan_epoch(&index, seed, epoch as u64, parts);
+        let mine: Vec<Partition> = (0..parts)
+            .filter(|p| p % world == rank)
+            .map(|p| Partition {
+                id: p as u32,
+                shards: plan.per_rank[p].clone(),
+                skip: consumed0[p],
+            })
+            .collect();
         set_phase(&ctx, "preparing data");
-        let fetch_client = ctx.client.clone();
-        let rt = ctx.rt.clone();
+        let (fetch_client, rt) = (ctx.client.clone(), ctx.rt.clone());
         let (jid, generation) = (job_id.clone(), a.generation);
         let rx = feed::spawn(
             FeedSpec {
-                shards: plan.per_rank[rank].clone(),
+                partitions: mine.clone(),
                 index: index.clone(),
                 tokenizer: tokenizer.clone(),
                 instances: cfg.data.instances.clone(),
@@ -139,63 +212,118 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 epoch: epoch as u64,
             },
             move |id| {
-                let mut c = fetch_client.clone();
-                rt.block_on(client::fetch_shard(&mut c, &jid, generation, id))
+                rt.block_on(client::fetch_shard(
+                    &mut fetch_client.clone(),
+                    &jid,
+                    generation,
+                    id,
+                ))
             },
         );
-        let (local, docs) = match rx.recv() {
-            Ok(FeedMsg::Count {
-                instances,
-                documents,
-            }) => (instances, documents),
+        let totals_mine = match rx.recv() {
+            Ok(FeedMsg::Count { totals, .. }) => totals,
             Ok(FeedMsg::Error(e)) => anyhow::bail!("data for epoch {epoch}: {e}"),
             _ => anyhow::bail!("data feed for epoch {epoch} ended unexpectedly"),
         };
-        documents += docs;
-        // Every rank learns every rank's instance count; the epoch lasts as long as the
-        // largest share, and ranks that run out feed empty micro-batches (no duplicates,
-        // no dropped tail).
-        let mut counts = vec![0f32; world];
-        counts[rank] = local as f32;
-        ring.all_reduce_sum(&mut counts)?;
-        let steps_in_epoch = counts
-            .iter()
-            .map(|c| (*c as u64).div_ceil(per_step as u64))
+        // Every rank learns every partition's size and every rank's remaining share; the
+        // epoch lasts as long as the largest share, and ranks that run out take part with
+        // empty batches (no duplicates, no dropped tail).
+        let mut v = vec![0f32; parts + world];
+        for (p, t) in mine.iter().zip(&totals_mine) {
+            v[p.id as usize] = *t as f32;
+            v[parts + rank] += (*t - p.skip.min(*t)) as f32;
+        }
+        ring.all_reduce_sum(&mut v)?;
+        let totals: Vec<u64> = v[..parts].iter().map(|x| *x as u64).collect();
+        let steps_in_epoch = (0..world)
+            .map(|r| (v[parts + r] as u64).div_ceil(quota(global, world, r) as u64))
             .max()
             .unwrap_or(0);
-        if epoch == 0 {
-            total_steps = steps_in_epoch * stage.epochs as u64;
+        if !state.planned.iter().any(|(e, _)| *e == epoch) {
+            state.planned.push((epoch, totals.iter().sum()));
+        }
+        if state.total_steps == 0 {
+            let mut total = steps_in_epoch * stage.epochs as u64;
             if let Some(m) = stage.max_steps {
-                total_steps = total_steps.min(m);
+                total = total.min(m);
             }
-            trainer.options.schedule.total_steps = total_steps.max(1);
+            state.total_steps = total.max(1);
+            trainer.options.schedule.total_steps = state.total_steps;
             trainer.options.schedule.warmup_steps =
-                (total_steps as f64 * stage.warmup_fraction as f64).round() as u64;
+                (state.total_steps as f64 * stage.warmup_fraction as f64).round() as u64;
             tracing::info!(
                 rank,
-                instances = local,
                 steps_in_epoch,
-                total_steps,
-                "epoch 0 planned"
+                total_steps = state.total_steps,
+                global_batch = global,
+                "stage planned"
             );
+        } else {
+            trainer.options.schedule.warmup_steps =
+                (state.total_steps as f64 * stage.warmup_fraction as f64).round() as u64;
         }
+
+        let mut consumed = consumed0.clone();
+        let mut mark = consumed0;
+        // All ranks' cursors, and the ledger ranges since the last cut.
+        let cut = |consumed: &[u64],
+                   mark: &mut Vec<u64>,
+                   state: &mut TrainerState,
+                   ring: &mut Ring|
+         -> anyhow::Result<()> {
+            let mut c: Vec<f32> = (0..parts)
+                .map(|p| {
+                    if p % world == rank {
+                        consumed[p] as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            ring.all_reduce_sum(&mut c)?;
+            let cursor: Vec<u64> = c.iter().map(|x| *x as u64).collect();
+            for p in 0..parts {
+                if cursor[p] > mark[p] {
+                    state.ledger.push(LedgerRange {
+                        epoch,
+                        partitions: parts as u32,
+                        partition: p as u32,
+                        start: mark[p],
+                        end: cursor[p],
+                    });
+                }
+            }
+            *mark = cursor.clone();
+            state.cursor = DataCursor {
+                epoch,
+                partitions: parts as u32,
+                consumed: cursor,
+            };
+            Ok(())
+        };
         for _ in 0..steps_in_epoch {
             if ctx.abort.load(Ordering::SeqCst) {
                 anyhow::bail!("aborted by the coordinator");
             }
             let mut micro = vec![];
-            for _ in 0..stage.grad_accum {
-                let mut inst = vec![];
-                while inst.len() < stage.batch_size {
-                    match rx.recv() {
-                        Ok(FeedMsg::Instance(i)) => inst.push(i),
-                        Ok(FeedMsg::Error(e)) => anyhow::bail!("data for epoch {epoch}: {e}"),
-                        Ok(FeedMsg::Count { .. }) | Err(_) => break,
+            let mut inst = vec![];
+            let mut taken = 0;
+            while taken < q {
+                match rx.recv() {
+                    Ok(FeedMsg::Instance(p, i)) => {
+                        consumed[p as usize] += 1;
+                        taken += 1;
+                        inst.push(i);
+                        if inst.len() == stage.batch_size {
+                            micro.push(collate(&std::mem::take(&mut inst), None, pad_id)?);
+                        }
                     }
+                    Ok(FeedMsg::Error(e)) => anyhow::bail!("data for epoch {epoch}: {e}"),
+                    Ok(FeedMsg::Count { .. }) | Err(_) => break,
                 }
-                if !inst.is_empty() {
-                    micro.push(collate(&inst, None, pad_id)?);
-                }
+            }
+            if !inst.is_empty() {
+                micro.push(collate(&inst, None, pad_id)?);
             }
             set_phase(&ctx, "training");
             let stats = trainer.train_step(&micro, &mut ring)?;
@@ -214,60 +342,67 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                     &window,
                     epoch,
                     trainer.step,
-                    total_steps,
+                    state.total_steps,
                     examples,
                     since,
                 );
             }
+            let at_max = stage.max_steps.is_some_and(|m| trainer.step >= m);
             let ckpt_due =
                 cfg.checkpoint.every_steps > 0 && trainer.step % cfg.checkpoint.every_steps == 0;
-            if rank == 0 && ckpt_due {
+            if ckpt_due || at_max {
+                cut(&consumed, &mut mark, &mut state, &mut ring)?;
+                state.step = trainer.step;
+            }
+            if at_max {
+                finished_early = true;
+                break;
+            }
+            if ckpt_due && rank == 0 {
                 set_phase(&ctx, "checkpoint");
-                upload(
-                    &ctx,
-                    &trainer,
-                    &job_id,
-                    &a,
-                    &stage.name,
-                    epoch,
-                    total_steps,
-                    world,
-                    false,
-                )?;
+                upload(&ctx, &trainer, &state, &job_id, a.generation)?;
             }
-            if stage.max_steps.is_some_and(|m| trainer.step >= m) {
-                break 'epochs;
+        }
+        if !finished_early {
+            // The epoch is over: every partition was consumed to its end.
+            for p in 0..parts {
+                if totals[p] > mark[p] {
+                    state.ledger.push(LedgerRange {
+                        epoch,
+                        partitions: parts as u32,
+                        partition: p as u32,
+                        start: mark[p],
+                        end: totals[p],
+                    });
+                }
             }
+            epoch += 1;
+            state.cursor = DataCursor {
+                epoch,
+                partitions: 0,
+                consumed: vec![],
+            };
         }
     }
     set_phase(&ctx, "finishing");
+    state.step = trainer.step;
+    state.stage_done = true;
     let fingerprint = trainer.model.store.fingerprint()?;
     if rank == 0 {
-        upload(
-            &ctx,
-            &trainer,
-            &job_id,
-            &a,
-            &stage.name,
-            stage.epochs,
-            total_steps,
-            world,
-            true,
-        )?;
+        upload(&ctx, &trainer, &state, &job_id, a.generation)?;
     }
     let mut done = ctx.progress.lock().unwrap().clone();
     fill_report(
         &mut done,
         &window,
-        stage.epochs,
+        epoch.min(stage.epochs),
         trainer.step,
-        total_steps,
+        state.total_steps,
         examples,
         since,
     );
     done.done = true;
     done.param_fingerprint = fingerprint;
-    done.documents = documents;
     done.phase = "done".into();
     let mut c = ctx.client.clone();
     ctx.rt
@@ -285,7 +420,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
 
 fn fill_report(
     p: &mut proto::ProgressReport,
-    window: &VecDeque<crate::train::StepStats>,
+    window: &VecDeque<StepStats>,
     epoch: u32,
     step: u64,
     total_steps: u64,
@@ -293,7 +428,7 @@ fn fill_report(
     since: (Instant, u64),
 ) {
     let n = window.len().max(1) as f32;
-    let mean = |f: fn(&crate::train::StepStats) -> f32| window.iter().map(f).sum::<f32>() / n;
+    let mean = |f: fn(&StepStats) -> f32| window.iter().map(f).sum::<f32>() / n;
     p.epoch = epoch;
     p.step = step;
     p.total_steps = total_steps;
@@ -304,41 +439,21 @@ fn fill_report(
     p.nsp_accuracy = mean(|s| s.nsp_accuracy);
     p.lr = window.back().map(|s| s.lr).unwrap_or(0.0);
     p.examples = examples;
-    p.samples_per_s =
-        ((examples - since.1) as f64 / since.0.elapsed().as_secs_f64().max(1e-9)) as f32;
+    p.samples_per_s = (examples.saturating_sub(since.1) as f64
+        / since.0.elapsed().as_secs_f64().max(1e-9)) as f32;
 }
 
-#[allow(clippy::too_many_arguments)]
 fn upload(
     ctx: &Ctx,
     trainer: &Trainer,
+    state: &TrainerState,
     job_id: &str,
-    a: &proto::Assignment,
-    stage_name: &str,
-    epoch: u32,
-    total_steps: u64,
-    world: usize,
-    done: bool,
+    generation: u64,
 ) -> anyhow::Result<()> {
-    let state = TrainerState {
-        stage_index: a.stage_index,
-        stage_name: stage_name.into(),
-        step: trainer.step,
-        epoch,
-        epoch_step: 0,
-        total_steps,
-        world_size: world as u32,
-        generation: a.generation,
-        stage_done: done,
-    };
-    let files = checkpoint_files(trainer, &state)?;
-    let name = format!("stage{}-step{:06}", a.stage_index, trainer.step);
+    let files = checkpoint_files(trainer, state)?;
+    let name = format!("stage{}-step{:06}", state.stage_index, trainer.step);
     let mut c = ctx.client.clone();
     ctx.rt.block_on(client::put_checkpoint(
-        &mut c,
-        job_id,
-        a.generation,
-        &name,
-        &files,
+        &mut c, job_id, generation, &name, &files,
     ))
 }

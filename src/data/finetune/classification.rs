@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::{
-    batch_of, dataset_err, line_at, pad_rows, read_lines, truncate_pair, with_specials, LabelMap,
-    Padding,
+    dataset_err, line_at, pad_rows, read_lines, truncate_pair, with_specials, LabelMap, Padding,
 };
 use crate::data::batch::{FinetuneBatch, TaskLabels};
 use crate::data::tokenizer::Tokenizer;
@@ -68,13 +67,17 @@ impl ClassificationSet {
             Some("jsonl") | Some("json") => read_jsonl(path)?,
             _ => {
                 return Err(Error::Data(format!(
-                    "{}: unknown classification format; expected a .tsv, .txt, .jsonl or .json file",
-                    path.display()
-                )))
+                "{}: unknown classification format; expected a .tsv, .txt, .jsonl or .json file",
+                path.display()
+            )))
             }
         };
         if examples.is_empty() {
-            return Err(dataset_err(path, "end of file", "the file holds no examples"));
+            return Err(dataset_err(
+                path,
+                "end of file",
+                "the file holds no examples",
+            ));
         }
         Ok(ClassificationSet {
             path: path.to_path_buf(),
@@ -180,7 +183,7 @@ pub fn collate_classification(
     let rows = features
         .iter()
         .map(|f| (f.input_ids.as_slice(), f.token_type_ids.as_slice()));
-    let arrays = pad_rows(rows, pad_id, padding)?;
+    let mut batch = pad_rows(rows, pad_id, padding)?;
     let labels: Option<Vec<u32>> = features.iter().map(|f| f.label).collect();
     let labels = match labels {
         Some(l) => TaskLabels::Classes(l),
@@ -191,17 +194,23 @@ pub fn collate_classification(
             ))
         }
     };
-    Ok(batch_of(arrays, labels))
+    batch.labels = labels;
+    Ok(batch)
 }
 
 fn read_tsv(path: &Path) -> Result<(Schema, Vec<ClassificationExample>)> {
     let lines = read_lines(path)?;
     let Some((hline, header)) = lines.first() else {
-        return Err(dataset_err(path, "line 1", "empty file: expected a header row"));
+        return Err(dataset_err(
+            path,
+            "line 1",
+            "empty file: expected a header row",
+        ));
     };
     let cols: Vec<&str> = header.split('\t').map(str::trim).collect();
     let find = |name: &str| cols.iter().position(|c| *c == name);
-    let (text, text_a, text_b, label) = (find("text"), find("text_a"), find("text_b"), find("label"));
+    let (text, text_a, text_b, label) =
+        (find("text"), find("text_a"), find("text_b"), find("label"));
     let texts = match (text, text_a, text_b) {
         (Some(t), None, None) => (t, None),
         (None, Some(a), Some(b)) => (a, Some(b)),
@@ -247,7 +256,11 @@ fn read_tsv(path: &Path) -> Result<(Schema, Vec<ClassificationExample>)> {
             }
             Ok(t.to_string())
         };
-        let (name_a, name_b) = if schema.pairs { ("text_a", "text_b") } else { ("text", "") };
+        let (name_a, name_b) = if schema.pairs {
+            ("text_a", "text_b")
+        } else {
+            ("text", "")
+        };
         out.push(ClassificationExample {
             text_a: text_of(texts.0, name_a)?,
             text_b: texts.1.map(|b| text_of(b, name_b)).transpose()?,

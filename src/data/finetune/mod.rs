@@ -17,16 +17,18 @@ pub mod qa;
 pub mod tokens;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::batch::{FinetuneBatch, TaskLabels, IGNORE};
 use crate::error::{Error, Result};
 
-pub use classification::{ClassificationExample, ClassificationFeature, ClassificationSet};
-pub use qa::{QaExample, QaFeature, QaOptions, QaSet};
-pub use tokens::{TokenExample, TokenFeature, TokenSet};
+pub use classification::{
+    collate_classification, ClassificationExample, ClassificationFeature, ClassificationSet,
+};
+pub use qa::{collate_qa, featurize_qa, QaExample, QaFeature, QaOptions, QaSet};
+pub use tokens::{collate_tokens, TokenExample, TokenFeature, TokenSet};
 
 /// Label names ↔ ids (the id is the position in the list). Built from a training set sorted
 /// by name (as HF `run_glue.py` / `run_ner.py`), or given; saved beside a checkpoint so that
@@ -176,7 +178,12 @@ pub(crate) fn read_lines(path: &Path) -> Result<Vec<(u64, String)>> {
 }
 
 /// `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` with segment ids 0 / 1.
-pub(crate) fn with_specials(cls: u32, sep: u32, a: &[u32], b: Option<&[u32]>) -> (Vec<u32>, Vec<u32>) {
+pub(crate) fn with_specials(
+    cls: u32,
+    sep: u32,
+    a: &[u32],
+    b: Option<&[u32]>,
+) -> (Vec<u32>, Vec<u32>) {
     let n = a.len() + b.map_or(0, |b| b.len() + 1) + 2;
     let mut ids = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);
@@ -214,15 +221,17 @@ pub(crate) fn truncate_pair(a: &mut Vec<u32>, b: &mut Vec<u32>, budget: usize) -
     true
 }
 
-/// Pads `rows` of (input ids, segment ids) into row-major arrays.
+/// Pads `rows` of (input ids, segment ids) into a batch, without labels yet.
 pub(crate) fn pad_rows<'a>(
     rows: impl ExactSizeIterator<Item = (&'a [u32], &'a [u32])> + Clone,
     pad_id: u32,
     padding: Padding,
-) -> Result<(usize, usize, Vec<u32>, Vec<u32>, Vec<u32>)> {
+) -> Result<FinetuneBatch> {
     let batch = rows.len();
     if batch == 0 {
-        return Err(Error::Batch("cannot collate an empty list of features".into()));
+        return Err(Error::Batch(
+            "cannot collate an empty list of features".into(),
+        ));
     }
     let longest = rows.clone().map(|(ids, _)| ids.len()).max().unwrap_or(0);
     let seq = match padding {
@@ -252,27 +261,14 @@ pub(crate) fn pad_rows<'a>(
         mask.resize(mask.len() + i.len(), 1);
         mask.resize(mask.len() + seq - i.len(), 0);
     }
-    Ok((batch, seq, ids, types, mask))
-}
-
-/// Assembles a batch from padded arrays and labels.
-pub(crate) fn batch_of(
-    (batch, seq, input_ids, token_type_ids, attention_mask): (usize, usize, Vec<u32>, Vec<u32>, Vec<u32>),
-    labels: TaskLabels,
-) -> FinetuneBatch {
-    FinetuneBatch {
+    Ok(FinetuneBatch {
         batch,
         seq,
-        input_ids,
-        token_type_ids,
-        attention_mask,
-        labels,
-    }
-}
-
-/// A path for messages (the file as given).
-pub(crate) fn owned(path: &Path) -> PathBuf {
-    path.to_path_buf()
+        input_ids: ids,
+        token_type_ids: types,
+        attention_mask: mask,
+        labels: TaskLabels::None,
+    })
 }
 
 /// Pads per-position labels with [`IGNORE`] to `seq`.
@@ -309,7 +305,11 @@ mod tests {
                     let (mut a2, mut b2) = (a.clone(), b.clone());
                     truncate_pair(&mut a, &mut b, budget);
                     truncate_loop(&mut a2, &mut b2, budget);
-                    assert_eq!((a.len(), b.len()), (a2.len(), b2.len()), "{la} {lb} {budget}");
+                    assert_eq!(
+                        (a.len(), b.len()),
+                        (a2.len(), b2.len()),
+                        "{la} {lb} {budget}"
+                    );
                 }
             }
         }
@@ -335,12 +335,12 @@ mod tests {
     #[test]
     fn pads_to_longest_or_fixed() {
         let rows: [(&[u32], &[u32]); 2] = [(&[2, 5, 3], &[0, 0, 0]), (&[2, 3], &[0, 0])];
-        let (b, s, ids, _, mask) = pad_rows(rows.iter().copied(), 0, Padding::Longest).unwrap();
-        assert_eq!((b, s), (2, 3));
-        assert_eq!(ids, [2, 5, 3, 2, 3, 0]);
-        assert_eq!(mask, [1, 1, 1, 1, 1, 0]);
+        let b = pad_rows(rows.iter().copied(), 0, Padding::Longest).unwrap();
+        assert_eq!((b.batch, b.seq), (2, 3));
+        assert_eq!(b.input_ids, [2, 5, 3, 2, 3, 0]);
+        assert_eq!(b.attention_mask, [1, 1, 1, 1, 1, 0]);
         assert!(pad_rows(rows.iter().copied(), 0, Padding::Fixed(2)).is_err());
-        let (_, s, ..) = pad_rows(rows.iter().copied(), 0, Padding::Fixed(5)).unwrap();
-        assert_eq!(s, 5);
+        let b = pad_rows(rows.iter().copied(), 0, Padding::Fixed(5)).unwrap();
+        assert_eq!(b.seq, 5);
     }
 }

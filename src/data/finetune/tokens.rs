@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{batch_of, dataset_err, line_at, pad_labels, pad_rows, read_lines, LabelMap, Padding};
+use super::{dataset_err, line_at, pad_labels, pad_rows, read_lines, LabelMap, Padding};
 use crate::data::batch::{FinetuneBatch, TaskLabels, IGNORE};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -95,7 +95,11 @@ impl TokenSet {
             examples.push(cur);
         }
         if examples.is_empty() {
-            return Err(dataset_err(path, "end of file", "the file holds no sentences"));
+            return Err(dataset_err(
+                path,
+                "end of file",
+                "the file holds no sentences",
+            ));
         }
         Ok(TokenSet {
             path: path.to_path_buf(),
@@ -207,12 +211,16 @@ pub fn collate_tokens(
         .iter()
         .zip(&types)
         .map(|(f, t)| (f.input_ids.as_slice(), t.as_slice()));
-    let arrays = pad_rows(rows, pad_id, padding)?;
-    let seq = arrays.1;
+    let mut batch = pad_rows(rows, pad_id, padding)?;
+    let seq = batch.seq;
     let labels: Option<Vec<&[i64]>> = features.iter().map(|f| f.labels.as_deref()).collect();
     let labels = match labels {
         Some(rows) => {
-            if let Some(r) = rows.iter().zip(features).find(|(r, f)| r.len() != f.input_ids.len()) {
+            if let Some(r) = rows
+                .iter()
+                .zip(features)
+                .find(|(r, f)| r.len() != f.input_ids.len())
+            {
                 return Err(Error::Batch(format!(
                     "a feature has {} labels for {} tokens",
                     r.0.len(),
@@ -228,5 +236,6 @@ pub fn collate_tokens(
             ))
         }
     };
-    Ok(batch_of(arrays, labels))
+    batch.labels = labels;
+    Ok(batch)
 }

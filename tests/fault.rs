@@ -1,0 +1,288 @@
+//! Fault tolerance with real processes on 127.0.0.1: a killed worker, a stalled worker, a
+//! killed coordinator, an interrupted job resumed by hand over a corrupt checkpoint. Every
+//! wait is bounded; every job must finish with every instance of every epoch used once.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(240);
+
+fn final_loss(s: &serde_json::Value) -> f64 {
+    s["stages"][0]["loss"].as_f64().unwrap()
+}
+
+fn fingerprint(s: &serde_json::Value) -> String {
+    s["stages"][0]["param_fingerprints"][0]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn launch(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .arg("--no-progress")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The pid of the launched worker `local-{i}` of the job whose coordinator is at `url`.
+fn worker_pid(url: &str, i: usize) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "worker")
+            && args.iter().any(|a| a == url)
+            && args.iter().any(|a| *a == format!("local-{i}"))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn killed_worker_is_restarted_and_every_instance_is_used_once() {
+    let cluster = "max_restarts = 3\njoin_window_s = 3";
+    let stage = "epochs = 3";
+    let base = job_dir("kill-base", 2, 3, cluster, stage, 32);
+    assert!(wait_with_timeout(
+        &mut launch(&base, &["--set", "checkpoint.every_steps=5"]),
+        LONG
+    )
+    .success());
+    let uninterrupted = summary(&base);
+
+    let dir = job_dir("kill", 2, 3, cluster, stage, 32);
+    let mut child = launch(&dir, &["--set", "checkpoint.every_steps=5"]);
+    wait_for("the first checkpoint", LONG, || {
+        !checkpoints(&dir).is_empty()
+    });
+    let url = format!(
+        "http://{}",
+        std::fs::read_to_string(dir.join("state/coordinator.addr"))
+            .unwrap()
+            .trim()
+    );
+    let pid = worker_pid(&url, 1).expect("worker local-1 is running");
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let status = wait_with_timeout(&mut child, LONG);
+    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("starting it again"),
+        "the local agent restarts the worker:\n{log}"
+    );
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    assert!(s["generations"].as_u64().unwrap() >= 2, "{s:#}");
+    assert!(s["restarts"].as_u64().unwrap() >= 1, "{s:#}");
+    assert!(
+        s["history"][0]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("rank"),
+        "{s:#}"
+    );
+    assert_exactly_once(&s);
+    let (a, b) = (final_loss(&s), final_loss(&uninterrupted));
+    assert!(
+        (a - b).abs() <= 0.05 * b,
+        "final loss {a} vs uninterrupted {b}"
+    );
+    std::fs::remove_dir_all(base).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn stalled_worker_is_detected_named_and_the_job_recovers() {
+    let dir = job_dir(
+        "stall",
+        2,
+        3,
+        "heartbeat_timeout_s = 3\njoin_window_s = 1",
+        "epochs = 3",
+        32,
+    );
+    let log = dir.join("coordinator.log");
+    let token = "stall-token";
+    let (mut coord, url) = coordinator(&dir, "127.0.0.1:0", token, false, &log);
+    let mut workers: Vec<_> = (0..3)
+        .map(|i| {
+            worker(
+                &url,
+                token,
+                &format!("w{i}"),
+                &dir.join(format!("w{i}.log")),
+            )
+        })
+        .collect();
+    // Let training start, then freeze one worker (a stall, not a death).
+    wait_for("training to start", LONG, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("assigned ranks")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    signal(&workers[2], libc::SIGSTOP);
+    let status = wait_with_timeout(&mut coord, LONG);
+    signal(&workers[2], libc::SIGCONT);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("stalled") && text.contains("(worker w2)"),
+        "the log names the stalled rank:\n{text}"
+    );
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed");
+    assert!(s["generations"].as_u64().unwrap() >= 2);
+    assert_exactly_once(&s);
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn coordinator_restart_resumes_from_the_last_checkpoint() {
+    let dir = job_dir("coord", 2, 2, "", "epochs = 4", 48);
+    let toml =
+        std::fs::read_to_string(dir.join("job.toml")).unwrap() + "[checkpoint]\nevery_steps = 4\n";
+    std::fs::write(dir.join("job.toml"), toml).unwrap();
+    let log = dir.join("coordinator.log");
+    let token = "coord-token";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (mut coord, url) = coordinator(&dir, &listen, token, false, &log);
+    let mut workers: Vec<_> = (0..2)
+        .map(|i| {
+            worker(
+                &url,
+                token,
+                &format!("w{i}"),
+                &dir.join(format!("w{i}.log")),
+            )
+        })
+        .collect();
+    wait_for("a checkpoint", LONG, || !checkpoints(&dir).is_empty());
+    let _ = coord.kill();
+    let _ = coord.wait();
+    // Without --resume, a coordinator refuses a state_dir that holds a job.
+    let refused = Command::new(bin())
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("job.toml"))
+        .env("TANDEM_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    let (mut coord, _) = coordinator(&dir, &listen, token, true, &log);
+    let status = wait_with_timeout(&mut coord, LONG);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("resuming job"), "{text}");
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed");
+    assert!(
+        s["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["start_checkpoint"]
+                .as_str()
+                .unwrap()
+                .starts_with("stage0-step")),
+        "{s:#}"
+    );
+    assert_exactly_once(&s);
+    for w in &mut workers {
+        assert!(wait_with_timeout(w, Duration::from_secs(30)).success());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn interrupted_job_resumes_bit_identically_past_a_corrupt_checkpoint() {
+    let stage = "epochs = 6";
+    let base = job_dir("resume-base", 2, 2, "", stage, 48);
+    assert!(wait_with_timeout(
+        &mut launch(&base, &["--set", "checkpoint.every_steps=4"]),
+        LONG
+    )
+    .success());
+    let uninterrupted = summary(&base);
+
+    let dir = job_dir("resume", 2, 2, "", stage, 48);
+    let mut child = launch(&dir, &["--set", "checkpoint.every_steps=4"]);
+    wait_for("two checkpoints", LONG, || checkpoints(&dir).len() >= 2);
+    signal(&child, libc::SIGINT);
+    let status = wait_with_timeout(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(130), "interrupted launch exits 130");
+    assert!(!dir.join("state/summary.json").exists() || summary(&dir)["status"] != "completed");
+    // Corrupt the newest checkpoint: resume must fall back to the one before, with a warning.
+    let newest = checkpoints(&dir)
+        .into_iter()
+        .max_by_key(|n| n.clone())
+        .unwrap();
+    let f = dir
+        .join("state/checkpoints")
+        .join(&newest)
+        .join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&f, bytes).unwrap();
+
+    let mut resumed = Command::new(bin())
+        .args(["launch", "--no-progress", "--resume"])
+        .arg(dir.join("state"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("resume.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut resumed, LONG);
+    let log = std::fs::read_to_string(dir.join("resume.log")).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("unusable, falling back"), "{log}");
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed");
+    assert_exactly_once(&s);
+    assert_eq!(
+        fingerprint(&s),
+        fingerprint(&uninterrupted),
+        "resumed run must end bit-identical to the uninterrupted one"
+    );
+
+    // Resuming a finished job says so and does not retrain.
+    let again = Command::new(bin())
+        .args(["launch", "--no-progress", "--resume"])
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already finished"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    std::fs::remove_dir_all(base).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
