@@ -70,6 +70,10 @@ pub enum Command {
         /// Continue the job recorded in the config's state_dir (from its last good checkpoint).
         #[arg(long)]
         resume: bool,
+        /// Resume if the state_dir holds a job, start it otherwise (for pods that restart with
+        /// the same arguments).
+        #[arg(long, conflicts_with = "resume")]
+        resume_if_present: bool,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },

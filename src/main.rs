@@ -92,8 +92,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             addr_file,
             sets,
             resume,
+            resume_if_present,
         } => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
+            let resume = if resume_if_present {
+                tandem::coordinator::Resume::IfPresent
+            } else if resume {
+                tandem::coordinator::Resume::Required
+            } else {
+                tandem::coordinator::Resume::Never
+            };
             let token = tandem::coordinator::resolve_token(&cfg)?;
             let opts = tandem::coordinator::CoordinatorOptions {
                 listen,

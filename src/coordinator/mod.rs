@@ -35,8 +35,18 @@ pub struct CoordinatorOptions {
     /// Write the bound address here once listening (for `tandem launch` and tests).
     pub addr_file: Option<PathBuf>,
     pub token: String,
-    /// Continue the job recorded in `state_dir` (required when one is there).
-    pub resume: bool,
+    /// Whether to continue the job recorded in `state_dir`.
+    pub resume: Resume,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Refuse a state_dir that already holds a job.
+    Never,
+    /// Continue the job in state_dir; refuse an empty one.
+    Required,
+    /// Continue if there is a job, start one otherwise.
+    IfPresent,
 }
 
 /// Written to `state_dir/summary.json` when the job ends.
@@ -187,7 +197,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
     let record = match JobRecord::load(&cfg.job.state_dir)? {
-        Some(r) if !opts.resume => anyhow::bail!(
+        Some(r) if opts.resume == Resume::Never => anyhow::bail!(
             "state_dir {} already holds job {:?} ({}, generation {}); pass --resume to continue it, or choose another state_dir",
             cfg.job.state_dir.display(),
             r.job,
@@ -205,7 +215,7 @@ pub async fn run(
             r.restarts = 0;
             r
         }
-        None if opts.resume => anyhow::bail!("--resume: {} holds no job to resume", cfg.job.state_dir.display()),
+        None if opts.resume == Resume::Required => anyhow::bail!("--resume: {} holds no job to resume", cfg.job.state_dir.display()),
         None => JobRecord { job: cfg.job.name.clone(), status: "running".into(), ..Default::default() },
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
