@@ -115,6 +115,29 @@ pub enum Command {
         #[arg(long)]
         grads: bool,
     },
+    /// Batch inference with a fine-tuned head: one JSON line per input, in input order.
+    Predict {
+        /// Fine-tuned checkpoint directory (config.json with a task `architectures`,
+        /// model.safetensors, and tokenizer.json or vocab.txt), or a tandem state_dir.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// JSONL (`text`, `text_a`/`text_b`, or `question`/`context`), or a classification
+        /// TSV, CoNLL file or SQuAD JSON.
+        #[arg(long)]
+        input: PathBuf,
+        /// Write the JSONL here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Sequences (QA: context windows) per forward pass.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Longest sequence in tokens (capped at the model's max_position_embeddings).
+        #[arg(long, default_value_t = 128)]
+        max_seq_length: usize,
+        /// QA: tokens shared by consecutive windows of a long context (reduced to fit).
+        #[arg(long, default_value_t = 128)]
+        doc_stride: usize,
+    },
     /// Benchmarks that print one JSON line per measurement.
     #[command(subcommand)]
     Bench(BenchCommand),

@@ -215,6 +215,41 @@ pub struct StageConfig {
     /// Global-norm gradient clipping (0: off).
     #[serde(default = "d_clip")]
     pub max_grad_norm: f32,
+    /// Fine-tuning: training data (classification TSV/JSONL, CoNLL, SQuAD JSON).
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// Fine-tuning: dev data, evaluated at the end of every epoch across workers.
+    #[serde(default)]
+    pub dev: Option<PathBuf>,
+    /// Fine-tuning: where the encoder comes from: "previous" (the preceding stage's final
+    /// checkpoint; the default after a first stage) or a checkpoint directory (tandem or HF,
+    /// with config.json + model.safetensors; its tokenizer is used when it has one).
+    #[serde(default)]
+    pub init_from: Option<String>,
+    /// Fine-tuning: sequence length of the features.
+    #[serde(default = "d_ft_seq")]
+    pub max_seq_length: usize,
+    /// QA: overlap between context windows.
+    #[serde(default = "d_stride")]
+    pub doc_stride: usize,
+    /// QA: questions are cut to this many tokens.
+    #[serde(default = "d_query")]
+    pub max_query_length: usize,
+    /// Fine-tuning: dev metric that selects the best checkpoint (default: accuracy for
+    /// classification, f1 for token classification and QA).
+    #[serde(default)]
+    pub metric: Option<String>,
+}
+
+impl StageConfig {
+    /// The dev metric that picks the best checkpoint.
+    pub fn best_metric(&self) -> &str {
+        match (&self.metric, self.kind) {
+            (Some(m), _) => m,
+            (None, StageKind::SequenceClassification | StageKind::PairClassification) => "accuracy",
+            (None, _) => "f1",
+        }
+    }
 }
 
 fn d_seed() -> u64 {
@@ -279,6 +314,15 @@ fn d_wd() -> f32 {
 }
 fn d_clip() -> f32 {
     1.0
+}
+fn d_ft_seq() -> usize {
+    128
+}
+fn d_stride() -> usize {
+    128
+}
+fn d_query() -> usize {
+    64
 }
 
 /// Parses sizes such as `"512"`, `"256KiB"`, `"64MiB"`, `"1GiB"`, `"10MB"`.
@@ -415,14 +459,43 @@ impl JobConfig {
         }
         for (i, s) in self.stages.iter().enumerate() {
             let k = |f: &str| format!("stages[{i}].{f}");
-            if s.kind != StageKind::Pretrain {
-                return Err(invalid(
-                    &k("kind"),
-                    format!(
-                        "{:?}: fine-tuning stages are not implemented yet; only \"pretrain\" runs",
-                        s.kind
-                    ),
-                ));
+            if s.kind == StageKind::Pretrain {
+                if s.train.is_some() || s.dev.is_some() || s.init_from.is_some() {
+                    return Err(invalid(
+                        &k("train"),
+                        "pretrain stages read data.corpus; train/dev/init_from are for fine-tuning",
+                    ));
+                }
+            } else {
+                for (f, v) in [("train", &s.train), ("dev", &s.dev)] {
+                    if v.is_none() {
+                        return Err(invalid(
+                            &k(f),
+                            format!("a {:?} stage needs a {f} file", s.kind),
+                        ));
+                    }
+                }
+                if i == 0 && s.init_from.as_deref().unwrap_or("previous") == "previous" {
+                    return Err(invalid(
+                        &k("init_from"),
+                        "the first stage has no previous stage: name a checkpoint directory",
+                    ));
+                }
+                if !matches!(
+                    s.best_metric(),
+                    "accuracy" | "macro_f1" | "f1" | "precision" | "recall" | "exact_match"
+                ) {
+                    return Err(invalid(
+                        &k("metric"),
+                        format!(
+                            "{:?}: expected accuracy, macro_f1, f1, precision, recall or exact_match",
+                            s.best_metric()
+                        ),
+                    ));
+                }
+                if s.max_seq_length < 8 {
+                    return Err(invalid(&k("max_seq_length"), "must be at least 8"));
+                }
             }
             if s.epochs == 0 {
                 return Err(invalid(&k("epochs"), "must be at least 1"));

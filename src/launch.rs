@@ -287,6 +287,33 @@ pub async fn run(
     Ok(code)
 }
 
+fn dev_line(metrics: &serde_json::Value, baseline: Option<f64>) -> String {
+    let fin = &metrics["final"];
+    let mut parts: Vec<String> = fin
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| {
+                    !k.starts_with("has_") && !k.starts_with("no_") && *k != "examples"
+                })
+                .map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(b) = baseline {
+        parts.push(format!("(majority-class baseline accuracy {b:.3})"));
+    }
+    if let Some(best) = metrics.get("best") {
+        parts.push(format!(
+            "best {} {:.3} at epoch {}",
+            metrics["metric"].as_str().unwrap_or("?"),
+            best["score"].as_f64().unwrap_or(0.0),
+            best["epoch"]
+        ));
+    }
+    parts.join(", ")
+}
+
 pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
     let mut out = format!(
         "\njob {:?} {} in {:.1} s · {} worker(s) · {} generation(s) · corpus {} documents in {} shards\n",
@@ -296,6 +323,14 @@ pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
         out += &format!("reason: {}\n", s.reason);
     }
     for st in &s.stages {
+        if st.kind != "pretrain" {
+            out += &format!(
+                "stage {:?} ({}): {} steps, {} examples · train loss {:.3} · dev {} · replicas identical: {}\n",
+                st.name, st.kind, st.steps, st.examples, st.loss,
+                dev_line(&st.metrics, st.majority_baseline), st.replicas_identical
+            );
+            continue;
+        }
         out += &format!(
             "stage {:?} ({}): {} steps, {} examples, {} documents · loss {:.3} (MLM {:.3}, NSP {:.3}) · MLM accuracy {:.3} (chance ≈ 0) · NSP accuracy {:.3} (chance 0.5) · {:.1} samples/s · replicas identical: {}\n",
             st.name, st.kind, st.steps, st.examples, st.documents, st.loss, st.mlm_loss, st.nsp_loss, st.mlm_accuracy, st.nsp_accuracy, st.samples_per_s, st.replicas_identical

@@ -13,6 +13,7 @@
 //! - [`comm`]: collectives (the data plane): the trait and its backends.
 //! - [`data`]: batches and, later, corpora, shards, tokenizer and pre-training instances.
 //! - [`eval`]: `tandem eval-batch`, a checkpoint checked on one batch.
+//! - [`predict`]: `tandem predict`, batch inference with a fine-tuned head (JSONL out).
 //! - [`cli`]: the `tandem` command line (parsed by `main.rs`).
 //! - [`bench`]: the `tandem bench` measurements.
 //! - [`util`]: atomic writes, stable hashes, seeded RNGs, process tuning.
@@ -28,6 +29,7 @@ pub mod eval;
 pub mod launch;
 pub mod metrics;
 pub mod model;
+pub mod predict;
 pub mod proto;
 pub mod train;
 pub mod util;

@@ -150,6 +150,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = tandem::eval::eval_batch_files(&checkpoint, &batch, grads)?;
             println!("{}", serde_json::to_string(&r)?);
         }
+        Command::Predict {
+            checkpoint,
+            input,
+            output,
+            batch_size,
+            max_seq_length,
+            doc_stride,
+        } => {
+            tandem::predict::run(&tandem::predict::PredictOptions {
+                checkpoint,
+                input,
+                output,
+                batch_size,
+                max_seq_length,
+                doc_stride,
+            })?;
+        }
         Command::Tokenize {
             tokenizer,
             text,

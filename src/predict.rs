@@ -30,14 +30,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Map, Value};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
 
 use crate::data::batch::TaskLabels;
 use crate::data::finetune::qa::char_slice;
 use crate::data::finetune::{
     collate_classification, collate_qa, collate_tokens, dataset_err, featurize_qa, line_at,
-    read_lines, ClassificationExample, ClassificationSet, Padding, QaExample, QaFeature,
-    QaOptions, QaSet, TokenExample, TokenFeature, TokenSet,
+    read_lines, ClassificationExample, ClassificationSet, Padding, QaExample, QaFeature, QaOptions,
+    QaSet, TokenExample, TokenFeature, TokenSet,
 };
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -69,7 +70,9 @@ pub fn run(opts: &PredictOptions) -> Result<()> {
     match &opts.output {
         None => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            p.predict(&inputs, opts, &bar, |v| write_line(&mut out, &v, Path::new("stdout")))?;
+            p.predict(&inputs, opts, &bar, |v| {
+                write_line(&mut out, &v, Path::new("stdout"))
+            })?;
             out.flush().map_err(|e| Error::io("stdout", e))?;
         }
         Some(path) => {
@@ -90,8 +93,12 @@ pub fn run(opts: &PredictOptions) -> Result<()> {
     Ok(())
 }
 
-fn write_line(out: &mut impl Write, v: &Value, path: &Path) -> Result<()> {
-    writeln!(out, "{v}").map_err(|e| Error::io(path, e))
+fn write_line(out: &mut impl Write, p: &Prediction, path: &Path) -> Result<()> {
+    let line = serde_json::to_string(p).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })?;
+    writeln!(out, "{line}").map_err(|e| Error::io(path, e))
 }
 
 /// A bar on stderr when it is a terminal; hidden otherwise.
@@ -101,8 +108,10 @@ fn progress_bar(len: u64) -> ProgressBar {
     }
     let b = ProgressBar::new(len);
     b.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · ETA {eta}")
-            .expect("template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · ETA {eta}",
+        )
+        .expect("template"),
     );
     b
 }
@@ -150,6 +159,75 @@ impl Inputs {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One input's result; serialises as one JSON line (see the module comment).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Prediction {
+    Class(ClassPrediction),
+    Tokens(TokenPrediction),
+    Answer(AnswerPrediction),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClassPrediction {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    /// The most probable label.
+    pub label: String,
+    /// Softmax over the labels, in id order.
+    #[serde(serialize_with = "in_order")]
+    pub probabilities: Vec<(String, f32)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenPrediction {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    /// The text the spans refer to, when it was built from given words (CoNLL input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub entities: Vec<EntitySpan>,
+    pub tokens: Vec<WordLabel>,
+}
+
+/// An entity of a text: its type, text and character span `start..end`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EntitySpan {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+    pub start: usize,
+    pub end: usize,
+    /// Mean probability of the entity's word tags.
+    pub score: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WordLabel {
+    pub word: String,
+    /// `None` for a word cut off by `max_seq_length`.
+    pub label: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AnswerPrediction {
+    pub id: Value,
+    /// The answer, `context[start..end]` in characters; empty for no answer (at 0..0).
+    pub answer: String,
+    pub start: usize,
+    pub end: usize,
+    /// Start + end logit of the answer (`None` for no answer).
+    pub score: Option<f32>,
+    /// SQuAD v2.0 mode: null score minus the best span's score.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub null_score_diff: Option<f32>,
+}
+
+/// A list of pairs as a JSON object, keeping the list's order.
+fn in_order<S: Serializer>(v: &[(String, f32)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_map(v.iter().map(|(k, p)| (k, p)))
 }
 
 /// A loaded task model with its tokenizer and label names.
@@ -231,7 +309,9 @@ impl Predictor {
                     path.display()
                 )))
             }
-            TaskHead::TokenClassification { .. } if jsonl => Inputs::Tokens(read_token_texts(path)?),
+            TaskHead::TokenClassification { .. } if jsonl => {
+                Inputs::Tokens(read_token_texts(path)?)
+            }
             TaskHead::TokenClassification { .. } => {
                 let set = TokenSet::read(path)?;
                 let texts = set.examples.into_iter().map(|e| TokenInput {
@@ -283,7 +363,7 @@ impl Predictor {
         inputs: &Inputs,
         opts: &PredictOptions,
         bar: &ProgressBar,
-        mut emit: impl FnMut(Value) -> Result<()>,
+        mut emit: impl FnMut(Prediction) -> Result<()>,
     ) -> Result<()> {
         if opts.batch_size == 0 {
             return Err(Error::Data("--batch-size must be at least 1".into()));
@@ -325,7 +405,9 @@ impl Predictor {
     fn max_seq_length(&self, want: usize) -> usize {
         let limit = self.model.cfg.max_position_embeddings;
         if want > limit {
-            tracing::info!("max_seq_length {want} exceeds the model's {limit} positions: using {limit}");
+            tracing::info!(
+                "max_seq_length {want} exceeds the model's {limit} positions: using {limit}"
+            );
         }
         want.min(limit)
     }
@@ -334,7 +416,7 @@ impl Predictor {
         self.tokenizer.pad_id()
     }
 
-    fn classify(&self, xs: &[TextInput], max_len: usize) -> Result<Vec<Value>> {
+    fn classify(&self, xs: &[TextInput], max_len: usize) -> Result<Vec<Prediction>> {
         let set = ClassificationSet {
             path: PathBuf::new(),
             pairs: xs.iter().any(|x| x.text_b.is_some()),
@@ -356,19 +438,16 @@ impl Predictor {
             .zip(&logits)
             .map(|(x, row)| {
                 let p = softmax(row);
-                let best = argmax(&p);
-                let probs: Map<String, Value> = (self.labels.iter().zip(&p))
-                    .map(|(n, p)| (n.clone(), json!(p)))
-                    .collect();
-                with_id(
-                    &x.id,
-                    json!({"label": self.labels[best], "probabilities": ordered(probs, &self.labels)}),
-                )
+                Prediction::Class(ClassPrediction {
+                    id: x.id.clone(),
+                    label: self.labels[argmax(&p)].clone(),
+                    probabilities: self.labels.iter().cloned().zip(p).collect(),
+                })
             })
             .collect())
     }
 
-    fn tag(&self, xs: &[TokenInput], max_len: usize) -> Result<Vec<Value>> {
+    fn tag(&self, xs: &[TokenInput], max_len: usize) -> Result<Vec<Prediction>> {
         let mut spans = Vec::with_capacity(xs.len());
         let mut features = Vec::with_capacity(xs.len());
         for x in xs {
@@ -397,25 +476,29 @@ impl Predictor {
                 .map_while(|p| p.map(|(k, _)| self.labels[k].as_str()))
                 .collect();
             let scores: Vec<f32> = preds.iter().map_while(|p| p.map(|(_, s)| s)).collect();
-            let tokens: Vec<Value> = (spans.iter().zip(&preds))
-                .map(|(&(a, b), p)| {
-                    let label = p.map(|(k, _)| self.labels[k].as_str());
-                    json!({"word": char_slice(&x.text, a, b), "label": label})
+            let tokens = (spans.iter().zip(&preds))
+                .map(|(&(a, b), p)| WordLabel {
+                    word: char_slice(&x.text, a, b).to_string(),
+                    label: p.map(|(k, _)| self.labels[k].clone()),
                 })
                 .collect();
-            let ents = decode_entities(&x.text, spans, &tags, &scores);
-            let mut v = json!({"entities": ents, "tokens": tokens});
-            if x.words.is_some() {
-                v["text"] = Value::from(x.text.as_str());
-            }
-            out.push(with_id(&x.id, v));
+            out.push(Prediction::Tokens(TokenPrediction {
+                id: x.id.clone(),
+                text: x.words.is_some().then(|| x.text.clone()),
+                entities: decode_entities(&x.text, spans, &tags, &scores),
+                tokens,
+            }));
         }
         Ok(out)
     }
 
     /// A raw text: words and their character spans as the tokenizer's pre-tokenizer splits
     /// them, the sub-tokens of the first `max_len - 2` tokens.
-    fn featurize_text(&self, text: &str, max_len: usize) -> Result<(Vec<(usize, usize)>, TokenFeature)> {
+    fn featurize_text(
+        &self,
+        text: &str,
+        max_len: usize,
+    ) -> Result<(Vec<(usize, usize)>, TokenFeature)> {
         let tok = &self.tokenizer;
         let enc = tok
             .inner()
@@ -441,7 +524,11 @@ impl Predictor {
         }
         input_ids.push(tok.sep_id());
         word_ids.push(None);
-        let kept = word_ids.iter().flatten().max().map_or(0, |w| *w as usize + 1);
+        let kept = word_ids
+            .iter()
+            .flatten()
+            .max()
+            .map_or(0, |w| *w as usize + 1);
         let feature = TokenFeature {
             input_ids,
             labels: None,
@@ -452,7 +539,11 @@ impl Predictor {
     }
 
     /// Given words (CoNLL): featurised as in training, spans into the words joined by spaces.
-    fn featurize_words(&self, words: &[String], max_len: usize) -> Result<(Vec<(usize, usize)>, TokenFeature)> {
+    fn featurize_words(
+        &self,
+        words: &[String],
+        max_len: usize,
+    ) -> Result<(Vec<(usize, usize)>, TokenFeature)> {
         let set = TokenSet {
             path: PathBuf::new(),
             examples: vec![TokenExample {
@@ -480,7 +571,7 @@ impl Predictor {
         v2: bool,
         batch_size: usize,
         bar: &ProgressBar,
-    ) -> Result<Vec<Value>> {
+    ) -> Result<Vec<Prediction>> {
         let features = featurize_qa(examples, &self.tokenizer, qa)?;
         bar.set_length(features.len() as u64);
         let (mut starts, mut ends) = (Vec::new(), Vec::new());
@@ -500,14 +591,14 @@ impl Predictor {
         let spans = answer_spans(examples, &features, &starts, &ends, &pp)?;
         Ok((examples.iter().zip(ids).zip(spans))
             .map(|((e, id), (start, end, score, diff))| {
-                let mut v = json!({
-                    "id": id, "answer": e.context_chars(start, end), "start": start, "end": end,
-                    "score": score,
-                });
-                if let Some(d) = diff {
-                    v["null_score_diff"] = json!(d);
-                }
-                v
+                Prediction::Answer(AnswerPrediction {
+                    id: id.clone(),
+                    answer: e.context_chars(start, end).to_string(),
+                    start,
+                    end,
+                    score,
+                    null_score_diff: diff,
+                })
             })
             .collect())
     }
@@ -525,15 +616,24 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
 /// [`crate::metrics::entities`]): type, text, character span `start..end` (from the first
 /// word's start to the last word's end) and the mean of the words' probabilities. `spans[i]`
 /// is word `i`'s character span; `tags` and `scores` may cover a prefix of the words.
-pub fn decode_entities(text: &str, spans: &[(usize, usize)], tags: &[&str], scores: &[f32]) -> Vec<Value> {
+pub fn decode_entities<S: AsRef<str>>(
+    text: &str,
+    spans: &[(usize, usize)],
+    tags: &[S],
+    scores: &[f32],
+) -> Vec<EntitySpan> {
     entities(tags)
         .into_iter()
         .map(|e| {
             let (start, end) = (spans[e.start].0, spans[e.end].1);
             let s = &scores[e.start..=e.end];
-            let score = s.iter().sum::<f32>() / s.len() as f32;
-            json!({"type": e.kind, "text": char_slice(text, start, end), "start": start,
-                   "end": end, "score": score})
+            EntitySpan {
+                kind: e.kind,
+                text: char_slice(text, start, end).to_string(),
+                start,
+                end,
+                score: s.iter().sum::<f32>() / s.len() as f32,
+            }
         })
         .collect()
 }
@@ -591,7 +691,7 @@ fn answer_spans(
 
 /// The QA windows for `max_len`: questions cut to at most half the room (64 at most), and a
 /// `doc_stride` too large for the window halved to fit.
-fn qa_options(max_len: usize, doc_stride: usize) -> Result<QaOptions> {
+pub fn qa_options(max_len: usize, doc_stride: usize) -> Result<QaOptions> {
     if max_len < 6 {
         return Err(Error::Data(format!(
             "max_seq_length {max_len} is too short for question answering (at least 6)"
@@ -600,7 +700,10 @@ fn qa_options(max_len: usize, doc_stride: usize) -> Result<QaOptions> {
     let max_query_length = ((max_len - 3) / 2).min(64);
     let window = max_len - max_query_length - 3;
     let doc_stride = if doc_stride >= window {
-        tracing::info!("doc_stride {doc_stride} does not fit windows of {window} context tokens: using {}", window / 2);
+        tracing::info!(
+            "doc_stride {doc_stride} does not fit windows of {window} context tokens: using {}",
+            window / 2
+        );
         window / 2
     } else {
         doc_stride
@@ -614,25 +717,213 @@ fn qa_options(max_len: usize, doc_stride: usize) -> Result<QaOptions> {
     Ok(o)
 }
 
-/// `probs` with its keys in `order` (serde_json's map sorts by key; JSON keeps any order).
-fn ordered(probs: Map<String, Value>, order: &[String]) -> Value {
-    let body: Vec<String> = order
-        .iter()
-        .filter_map(|k| probs.get(k).map(|v| format!("{}:{v}", Value::from(k.as_str()))))
-        .collect();
-    serde_json::from_str(&format!("{{{}}}", body.join(","))).unwrap_or(Value::Object(probs))
+/// The model directory of `checkpoint`: itself, or a state_dir's exported `final/`.
+fn model_dir(checkpoint: &Path) -> Result<PathBuf> {
+    let err = |msg: &str| Error::Checkpoint {
+        path: checkpoint.into(),
+        msg: msg.into(),
+    };
+    if checkpoint.join(CONFIG_FILE).is_file() {
+        return Ok(checkpoint.into());
+    }
+    let exported = checkpoint.join("final");
+    if exported.join(CONFIG_FILE).is_file() {
+        return Ok(exported);
+    }
+    if !checkpoint.is_dir() {
+        return Err(err("no such directory"));
+    }
+    Err(err(
+        "no config.json: expected a checkpoint directory (config.json, model.safetensors) or a \
+         tandem state_dir with an exported final/",
+    ))
 }
 
-fn with_id(id: &Option<Value>, v: Value) -> Value {
-    match id {
-        Some(id) => {
-            let mut m = Map::new();
-            m.insert("id".into(), id.clone());
-            if let Value::Object(o) = v {
-                m.extend(o);
-            }
-            Value::Object(m)
-        }
-        None => v,
+/// Refuses a configuration that is not one of the three task heads, before loading weights.
+fn check_task_head(dir: &Path, cfg: &BertConfig) -> Result<()> {
+    let heads = [
+        TaskHead::SequenceClassification { num_labels: 2 },
+        TaskHead::TokenClassification { num_labels: 2 },
+        TaskHead::QuestionAnswering,
+    ]
+    .map(|h| h.architecture());
+    let arch = (cfg.extra.get("architectures"))
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str);
+    let found = match arch {
+        Some(a) if heads.contains(&a) => return Ok(()),
+        Some(a) => format!("architectures = [{a:?}]"),
+        None => "config.json has no `architectures`, so it".into(),
+    };
+    Err(Error::Checkpoint {
+        path: dir.into(),
+        msg: format!(
+            "{found} is not a fine-tuned head (expected {}): fine-tune a task on it first",
+            heads.join(", ")
+        ),
+    })
+}
+
+/// Where the tokenizer of `dir` is: beside it, or a state_dir's `tokenizer/` for a
+/// checkpoint in `state_dir/checkpoints/NAME`.
+fn tokenizer_dir(dir: &Path) -> Result<PathBuf> {
+    let has = |d: &Path| d.join("tokenizer.json").is_file() || d.join("vocab.txt").is_file();
+    let state_dir = dir.parent().and_then(Path::parent);
+    let job = state_dir.map(|s| s.join("tokenizer"));
+    if has(dir) {
+        return Ok(dir.into());
     }
+    match job {
+        Some(j) if has(&j) => Ok(j),
+        _ => Err(Error::Checkpoint {
+            path: dir.into(),
+            msg: "no tokenizer.json or vocab.txt beside the model: save the fine-tuning \
+                  tokenizer into this directory"
+                .into(),
+        }),
+    }
+}
+
+/// Whether a `.json` file is one SQuAD document (an object with `data`) rather than JSONL.
+fn is_squad(path: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    Ok(serde_json::from_str::<Value>(text).is_ok_and(|v| v.get("data").is_some()))
+}
+
+/// The objects of a JSONL file with their line numbers; blank lines are skipped.
+fn read_records(path: &Path) -> Result<Vec<(u64, serde_json::Map<String, Value>)>> {
+    let mut out = Vec::new();
+    for (n, line) in read_lines(path)? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| dataset_err(path, &line_at(n), format!("invalid JSON: {e}")))?;
+        let Value::Object(obj) = v else {
+            return Err(dataset_err(path, &line_at(n), "expected a JSON object"));
+        };
+        out.push((n, obj));
+    }
+    Ok(out)
+}
+
+/// A string field of a record: `None` when absent or null; empty or not a string fails.
+fn text_field(
+    path: &Path,
+    line: u64,
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>> {
+    let err = |msg: String| dataset_err(path, &line_at(line), msg);
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(err(format!("empty `{key}`"))),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(err(format!("`{key}` must be a string, found {other}"))),
+    }
+}
+
+/// A pair model given single texts, or the reverse, fails at the record's line.
+fn check_pairs(path: &Path, line: u64, want: bool, found: bool) -> Result<()> {
+    let msg = match (want, found) {
+        (true, false) => {
+            "the model classifies sentence pairs: expected `text_a` and `text_b`, \
+                          found `text` only"
+        }
+        (false, true) => {
+            "the model classifies single texts: expected `text`, found `text_a` \
+                          and `text_b`"
+        }
+        _ => return Ok(()),
+    };
+    Err(dataset_err(path, &line_at(line), msg))
+}
+
+/// Classification records: `text`, or `text_a` and `text_b`, the same in every record
+/// (and as the model's `text_pairs`, when it says).
+fn read_texts(path: &Path, want_pairs: Option<bool>) -> Result<Vec<TextInput>> {
+    let mut first: Option<(bool, u64)> = None;
+    let mut out = Vec::new();
+    for (n, obj) in read_records(path)? {
+        let field = |k: &str| text_field(path, n, &obj, k);
+        let (text_a, text_b) = match (field("text")?, field("text_a")?, field("text_b")?) {
+            (Some(t), None, None) => (t.trim().to_string(), None),
+            (None, Some(a), Some(b)) => (a.trim().to_string(), Some(b.trim().to_string())),
+            _ => {
+                let want = match want_pairs {
+                    Some(true) => "strings `text_a` and `text_b` (the model classifies pairs)",
+                    Some(false) => "a string `text` (the model classifies single texts)",
+                    None => "a string `text`, or strings `text_a` and `text_b`",
+                };
+                return Err(dataset_err(path, &line_at(n), format!("expected {want}")));
+            }
+        };
+        let pairs = text_b.is_some();
+        match (want_pairs, first) {
+            (Some(want), _) => check_pairs(path, n, want, pairs)?,
+            (None, Some((p, line))) if p != pairs => {
+                let (has, other) = if pairs {
+                    ("`text_a` and `text_b`", "`text`")
+                } else {
+                    ("`text`", "`text_a` and `text_b`")
+                };
+                return Err(dataset_err(
+                    path,
+                    &line_at(n),
+                    format!(
+                        "has {has} but line {line} has {other}: every record needs the same fields"
+                    ),
+                ));
+            }
+            (None, None) => first = Some((pairs, n)),
+            _ => {}
+        }
+        out.push(TextInput {
+            id: obj.get("id").cloned(),
+            text_a,
+            text_b,
+        });
+    }
+    Ok(out)
+}
+
+/// Token-classification records: a string `text` each.
+fn read_token_texts(path: &Path) -> Result<Vec<TokenInput>> {
+    let mut out = Vec::new();
+    for (n, obj) in read_records(path)? {
+        let text = text_field(path, n, &obj, "text")?
+            .ok_or_else(|| dataset_err(path, &line_at(n), "expected a string `text`"))?;
+        out.push(TokenInput {
+            id: obj.get("id").cloned(),
+            text,
+            words: None,
+        });
+    }
+    Ok(out)
+}
+
+/// QA records: strings `question` and `context`; the printed id is `id`, else the line.
+fn read_questions(path: &Path) -> Result<(Vec<QaExample>, Vec<Value>)> {
+    let (mut examples, mut ids) = (Vec::new(), Vec::new());
+    for (n, obj) in read_records(path)? {
+        let field = |k: &str| text_field(path, n, &obj, k);
+        let (Some(question), Some(context)) = (field("question")?, field("context")?) else {
+            return Err(dataset_err(
+                path,
+                &line_at(n),
+                "expected strings `question` and `context`",
+            ));
+        };
+        ids.push(obj.get("id").cloned().unwrap_or(Value::from(n)));
+        examples.push(QaExample {
+            id: format!("line {n}"),
+            question,
+            context,
+            answers: vec![],
+            is_impossible: false,
+        });
+    }
+    Ok((examples, ids))
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub use service::{auth_interceptor, checkpoint_chunks};
-use state::{Event, JobState, Phase, Prepared, Shared};
+use state::{Event, JobState, Phase, Prepared, Shared, StageInputs};
 
 use crate::config::JobConfig;
 use crate::data::corpus::{resolve_inputs, CorpusOptions, ErrorPolicy};
@@ -92,6 +92,12 @@ pub struct StageSummary {
     /// Per epoch: instances planned, consumed and consumed more than once (committed steps
     /// only, across every generation and restart).
     pub epochs_ledger: Vec<crate::train::checkpoint::EpochLedger>,
+    /// Fine-tuning: dev metrics of the final and best epochs (from rank 0's final report).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub metrics: serde_json::Value,
+    /// Classification: dev accuracy of always predicting the most frequent label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub majority_baseline: Option<f64>,
 }
 
 fn corpus_options(cfg: &JobConfig) -> CorpusOptions {
@@ -181,13 +187,105 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
         model_cfg.max_position_embeddings
     );
     model_cfg.validate()?;
+    let stages = cfg
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| stage_inputs(cfg, i, s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Prepared {
         index_json: serde_json::to_string(&index)?,
         index,
         tokenizer_json: tokenizer.to_json()?,
         model_cfg_json: serde_json::to_string(&model_cfg)?,
         model_cfg,
+        stages,
     })
+}
+
+/// Reads a fine-tuning stage's datasets and `init_from` checkpoint (imported into the
+/// checkpoint store, so workers fetch it over gRPC like any checkpoint).
+fn stage_inputs(
+    cfg: &JobConfig,
+    i: usize,
+    s: &crate::config::StageConfig,
+) -> anyhow::Result<StageInputs> {
+    use crate::config::StageKind;
+    if s.kind == StageKind::Pretrain {
+        return Ok(StageInputs::default());
+    }
+    let mut out = StageInputs::default();
+    for (role, path) in [("train", &s.train), ("dev", &s.dev)] {
+        let path = path.as_ref().expect("validated");
+        let data = std::fs::read(path)
+            .with_context(|| format!("stages[{i}].{role}: reading {}", path.display()))?;
+        anyhow::ensure!(data.len() < proto::MAX_MESSAGE_BYTES / 2, "stages[{i}].{role}: {} is too large to ship in an assignment ({} bytes; the limit is {})", path.display(), data.len(), proto::MAX_MESSAGE_BYTES / 2);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| role.into());
+        out.files.push(proto::DataFile {
+            role: role.into(),
+            name,
+            data,
+        });
+    }
+    // Check the datasets here, so a bad file fails the job before any worker starts.
+    let (train, dev) = (s.train.as_ref().unwrap(), s.dev.as_ref().unwrap());
+    match s.kind {
+        StageKind::SequenceClassification | StageKind::PairClassification => {
+            let t = crate::data::finetune::ClassificationSet::read(train)?;
+            let d = crate::data::finetune::ClassificationSet::read(dev)?;
+            let labels = t.label_map()?;
+            let ids = d.label_ids(&labels)?;
+            let mut counts = vec![0usize; labels.len()];
+            ids.iter().for_each(|i| counts[*i as usize] += 1);
+            out.majority_baseline =
+                Some(*counts.iter().max().unwrap_or(&0) as f64 / ids.len().max(1) as f64);
+        }
+        StageKind::TokenClassification => {
+            let t = crate::data::finetune::TokenSet::read(train)?;
+            crate::data::finetune::TokenSet::read(dev)?.label_ids(&t.label_map()?)?;
+        }
+        StageKind::QuestionAnswering => {
+            crate::data::finetune::QaSet::read(train)?;
+            crate::data::finetune::QaSet::read(dev)?;
+        }
+        StageKind::Pretrain => unreachable!(),
+    }
+    if let Some(dir) = s.init_from.as_deref().filter(|d| *d != "previous") {
+        let dir = std::path::Path::new(dir);
+        let mut files = vec![];
+        for f in [
+            crate::model::hf::WEIGHTS_FILE,
+            crate::model::hf::CONFIG_FILE,
+        ] {
+            let p = dir.join(f);
+            files.push((
+                f.to_string(),
+                std::fs::read(&p)
+                    .with_context(|| format!("stages[{i}].init_from: reading {}", p.display()))?,
+            ));
+        }
+        let mcfg = BertConfig::load(&dir.join(crate::model::hf::CONFIG_FILE))?;
+        out.model_cfg_json = Some(serde_json::to_string(&mcfg)?);
+        if dir.join("tokenizer.json").exists() || dir.join("vocab.txt").exists() {
+            let tok = Tokenizer::load(dir)?;
+            anyhow::ensure!(
+                tok.vocab_size() <= mcfg.vocab_size,
+                "stages[{i}].init_from: the tokenizer has {} tokens, the model {}",
+                tok.vocab_size(),
+                mcfg.vocab_size
+            );
+            out.tokenizer_json = Some(tok.to_json()?);
+        }
+        let name = format!("stage{i}-init");
+        let store =
+            CheckpointStore::new(cfg.job.state_dir.join("checkpoints"), cfg.checkpoint.keep)?;
+        store.commit(&name, &files)?;
+        out.imported = Some(name);
+    }
+    Ok(out)
 }
 
 /// Runs the job to its end. The returned summary is also written to `state_dir/summary.json`.
@@ -237,7 +335,7 @@ pub async fn run(
             generation: record.generation,
             next_member: 0,
             members: BTreeMap::new(),
-            stage_index: 0,
+            stage_index: record.stage_index,
             last: None,
             message: "waiting for workers".into(),
         }),
@@ -482,6 +580,12 @@ impl Driver {
             .collect();
         let world = ids.len() as u32;
         let stage_index = st.stage_index;
+        let inputs = shared.prepared.stages[stage_index as usize].clone();
+        let encoder_checkpoint = match (stage_index, &inputs.imported) {
+            (_, Some(name)) => name.clone(),
+            (0, None) => String::new(),
+            (i, None) => format!("stage{}-final", i - 1),
+        };
         for (rank, id) in ids.iter().enumerate() {
             let m = st.members.get_mut(id).expect("member listed");
             m.rank = Some(rank as u32);
@@ -495,9 +599,17 @@ impl Driver {
                 job_config_json: shared.cfg_json.clone(),
                 stage_index,
                 shard_index_json: shared.prepared.index_json.clone(),
-                tokenizer_json: shared.prepared.tokenizer_json.clone(),
-                model_config_json: shared.prepared.model_cfg_json.clone(),
+                tokenizer_json: inputs
+                    .tokenizer_json
+                    .clone()
+                    .unwrap_or_else(|| shared.prepared.tokenizer_json.clone()),
+                model_config_json: inputs
+                    .model_cfg_json
+                    .clone()
+                    .unwrap_or_else(|| shared.prepared.model_cfg_json.clone()),
                 init_checkpoint: start_checkpoint.clone(),
+                encoder_checkpoint: encoder_checkpoint.clone(),
+                stage_files: inputs.files.clone(),
             };
             let _ = m.tx.try_send(Ok(proto::Directive {
                 kind: Some(Kind::Assignment(a)),
@@ -618,12 +730,21 @@ async fn drive(
                             format!("replicas diverged: parameter fingerprints {fps:?}"),
                         ));
                     }
-                    let next = shared.state.lock().unwrap().stage_index + 1;
+                    let current = shared.state.lock().unwrap().stage_index;
+                    finish_stage(&shared, current)?;
+                    let next = current + 1;
                     if next as usize >= cfg.stages.len() {
                         export_final(&shared)?;
                         return Ok(d.end("completed", String::new()));
                     }
-                    anyhow::bail!("multi-stage jobs are not implemented yet");
+                    // The next stage starts at once with the same workers.
+                    shared.state.lock().unwrap().stage_index = next;
+                    d.record.stage_index = next;
+                    if let Some(h) = d.record.history.last_mut() {
+                        h.outcome = format!("stage {current} completed");
+                    }
+                    tracing::info!(stage = next, name = %cfg.stages[next as usize].name, "starting the next stage");
+                    d.assign()?;
                 }
                 None
             }
@@ -711,11 +832,15 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
         })
         .unwrap_or_default();
     let docs = shared.prepared.index.total_documents();
-    let documents = ledger
-        .iter()
-        .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
-        .count() as u64
-        * docs;
+    let documents = if stage.kind != crate::config::StageKind::Pretrain {
+        0
+    } else {
+        ledger
+            .iter()
+            .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
+            .count() as u64
+            * docs
+    };
     StageSummary {
         name: stage.name.clone(),
         kind: format!("{:?}", stage.kind).to_lowercase(),
@@ -732,6 +857,8 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
         replicas_identical: fps.windows(2).all(|w| w[0] == w[1]),
         param_fingerprints: fps,
         epochs_ledger: ledger,
+        metrics: serde_json::from_str(&r0.metrics_json).unwrap_or_default(),
+        majority_baseline: shared.prepared.stages[st.stage_index as usize].majority_baseline,
     }
 }
 
@@ -739,8 +866,14 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
 /// directory (config.json, model.safetensors, tokenizer.json, vocab.txt).
 fn export_final(shared: &Shared) -> anyhow::Result<()> {
     let dst = shared.cfg.job.state_dir.join("final");
-    let Some((name, files)) = shared.store.latest_good() else {
-        anyhow::bail!("no checkpoint was stored: nothing to export");
+    let last = shared.cfg.stages.len() - 1;
+    let best = format!("stage{last}-best");
+    let (name, files) = match shared.store.read(&best) {
+        Ok(files) => (best, files),
+        Err(_) => shared
+            .store
+            .latest_good()
+            .ok_or_else(|| anyhow::anyhow!("no checkpoint was stored: nothing to export"))?,
     };
     std::fs::create_dir_all(&dst)?;
     for (f, bytes) in &files {
@@ -748,9 +881,24 @@ fn export_final(shared: &Shared) -> anyhow::Result<()> {
             crate::util::write_atomic(&dst.join(f), bytes)?;
         }
     }
-    let tok = Tokenizer::from_json(&shared.prepared.tokenizer_json)?;
+    let stage_tok = shared.prepared.stages[last].tokenizer_json.as_ref();
+    let tok = Tokenizer::from_json(stage_tok.unwrap_or(&shared.prepared.tokenizer_json))?;
     tok.save(&dst)?;
     tracing::info!(checkpoint = %name, "final model exported to {}", dst.display());
+    Ok(())
+}
+
+/// Pins the stage's final checkpoint as `stage{i}-final` (never pruned): the next stage
+/// starts from it.
+fn finish_stage(shared: &Shared, stage: u32) -> anyhow::Result<()> {
+    let (name, files) = shared
+        .store
+        .latest_good()
+        .ok_or_else(|| anyhow::anyhow!("stage {stage} finished without a checkpoint"))?;
+    shared
+        .store
+        .commit(&format!("stage{stage}-final"), &files)?;
+    tracing::info!(stage, from = %name, "stage finished; final checkpoint pinned");
     Ok(())
 }
 

@@ -38,6 +38,22 @@ pub struct Prepared {
     pub tokenizer_json: String,
     pub model_cfg: BertConfig,
     pub model_cfg_json: String,
+    /// Per stage: what its assignments carry beyond the job's defaults.
+    pub stages: Vec<StageInputs>,
+}
+
+/// A stage's inputs, read once by the coordinator.
+#[derive(Default, Clone)]
+pub struct StageInputs {
+    /// Dataset files (fine-tuning).
+    pub files: Vec<proto::DataFile>,
+    /// Tokenizer and model config of the stage (those of `init_from` when it has them).
+    pub tokenizer_json: Option<String>,
+    pub model_cfg_json: Option<String>,
+    /// The `init_from` directory, imported into the checkpoint store under this name.
+    pub imported: Option<String>,
+    /// Accuracy of always predicting the dev set's most frequent label (classification).
+    pub majority_baseline: Option<f64>,
 }
 
 /// A connected worker.

@@ -9,9 +9,11 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::optim::AdamW;
 use super::step::Trainer;
 use crate::error::{Error, Result};
 use crate::model::hf;
+use crate::model::ParamStore;
 use crate::util;
 
 /// A checkpoint's files: (file name, bytes).
@@ -124,37 +126,47 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The files of a checkpoint of `trainer`, as (file name, bytes).
-pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Files> {
     let m = &trainer.model;
-    let model = hf::safetensors_bytes(&m.store.tensors())?;
-    let mut cfg_path_bytes = Vec::new();
-    {
-        let mut cfg = m.cfg.clone();
-        cfg.extra.insert("model_type".into(), "bert".into());
-        cfg.extra.insert(
-            "architectures".into(),
-            serde_json::Value::from(vec![crate::model::pretrain::ARCHITECTURE]),
-        );
-        cfg_path_bytes.extend(serde_json::to_vec_pretty(&cfg).expect("config serialises"));
-    }
+    let mut cfg = m.cfg.clone();
+    cfg.extra.insert("model_type".into(), "bert".into());
+    cfg.extra.insert(
+        "architectures".into(),
+        serde_json::Value::from(vec![crate::model::pretrain::ARCHITECTURE]),
+    );
+    let cfg_bytes = serde_json::to_vec_pretty(&cfg).expect("config serialises");
+    store_files(&m.store, cfg_bytes, &trainer.opt, state)
+}
+
+/// The files of a checkpoint of any model: weights (HF names), its `config.json`, the
+/// optimiser's moments and the trainer state.
+pub fn store_files(
+    store: &ParamStore,
+    config_json: Vec<u8>,
+    adam: &AdamW,
+    state: &TrainerState,
+) -> Result<Files> {
     let mut opt = BTreeMap::new();
-    for (i, spec) in m.store.specs().iter().enumerate() {
-        let r = m.store.range(i);
+    for (i, spec) in store.specs().iter().enumerate() {
+        let r = store.range(i);
         let shape = spec.shape.as_slice();
         opt.insert(
             format!("{}.exp_avg", spec.name),
-            Tensor::from_slice(&trainer.opt.m[r.clone()], shape, &Device::Cpu)?,
+            Tensor::from_slice(&adam.m[r.clone()], shape, &Device::Cpu)?,
         );
         opt.insert(
             format!("{}.exp_avg_sq", spec.name),
-            Tensor::from_slice(&trainer.opt.v[r], shape, &Device::Cpu)?,
+            Tensor::from_slice(&adam.v[r], shape, &Device::Cpu)?,
         );
     }
     let mut st = serde_json::to_value(state).expect("state serialises");
-    st["optimizer_t"] = trainer.opt.t.into();
+    st["optimizer_t"] = adam.t.into();
     Ok(vec![
-        (hf::WEIGHTS_FILE.into(), model),
-        (hf::CONFIG_FILE.into(), cfg_path_bytes),
+        (
+            hf::WEIGHTS_FILE.into(),
+            hf::safetensors_bytes(&store.tensors())?,
+        ),
+        (hf::CONFIG_FILE.into(), config_json),
         (OPTIMIZER_FILE.into(), hf::safetensors_bytes(&opt)?),
         (
             STATE_FILE.into(),
@@ -165,6 +177,21 @@ pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Vec<(
 
 /// Restores weights, optimiser moments and step counters from checkpoint files.
 pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Result<TrainerState> {
+    let init_std = trainer.model.cfg.initializer_range;
+    let state = restore_store(&trainer.model.store, &mut trainer.opt, init_std, files)?;
+    trainer.step = state.step;
+    trainer.reload_params()?;
+    trainer.options.schedule.total_steps = state.total_steps.max(1);
+    Ok(state)
+}
+
+/// Loads a checkpoint's weights into `store` and its moments into `adam`.
+pub fn restore_store(
+    store: &ParamStore,
+    adam: &mut AdamW,
+    init_std: f32,
+    files: &HashMap<String, Vec<u8>>,
+) -> Result<TrainerState> {
     let get = |f: &str| {
         files.get(f).ok_or_else(|| Error::Checkpoint {
             path: f.into(),
@@ -172,14 +199,7 @@ pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Resul
         })
     };
     let tensors = hf::tensors_from_bytes(get(hf::WEIGHTS_FILE)?, hf::WEIGHTS_FILE)?;
-    let m = &trainer.model;
-    let report = hf::load_weights(
-        &m.store,
-        tensors,
-        Path::new(hf::WEIGHTS_FILE),
-        m.cfg.initializer_range,
-        0,
-    )?;
+    let report = hf::load_weights(store, tensors, Path::new(hf::WEIGHTS_FILE), init_std, 0)?;
     if !report.initialised.is_empty() {
         return Err(Error::Checkpoint {
             path: hf::WEIGHTS_FILE.into(),
@@ -187,16 +207,16 @@ pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Resul
         });
     }
     let opt = hf::tensors_from_bytes(get(OPTIMIZER_FILE)?, OPTIMIZER_FILE)?;
-    let mut m_flat = vec![0f32; m.store.numel()];
-    let mut v_flat = vec![0f32; m.store.numel()];
-    for (i, spec) in m.store.specs().iter().enumerate() {
+    let mut m_flat = vec![0f32; store.numel()];
+    let mut v_flat = vec![0f32; store.numel()];
+    for (i, spec) in store.specs().iter().enumerate() {
         for (suffix, dst) in [("exp_avg", &mut m_flat), ("exp_avg_sq", &mut v_flat)] {
             let key = format!("{}.{suffix}", spec.name);
             let t = opt.get(&key).ok_or_else(|| Error::Checkpoint {
                 path: OPTIMIZER_FILE.into(),
                 msg: format!("missing `{key}`"),
             })?;
-            dst[m.store.range(i)].copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+            dst[store.range(i)].copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
         }
     }
     let st: serde_json::Value =
@@ -208,12 +228,9 @@ pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Resul
         path: STATE_FILE.into(),
         source,
     })?;
-    trainer.opt.m = m_flat;
-    trainer.opt.v = v_flat;
-    trainer.opt.t = st["optimizer_t"].as_u64().unwrap_or(state.step);
-    trainer.step = state.step;
-    trainer.reload_params()?;
-    trainer.options.schedule.total_steps = state.total_steps.max(1);
+    adam.m = m_flat;
+    adam.v = v_flat;
+    adam.t = st["optimizer_t"].as_u64().unwrap_or(state.step);
     Ok(state)
 }
 
@@ -318,8 +335,12 @@ impl CheckpointStore {
         v
     }
 
+    /// Removes the oldest checkpoints beyond `keep`; pinned ones (`*-final`, `*-best`,
+    /// `*-init`) are kept and not counted.
     fn prune(&self) -> Result<()> {
-        let all = self.list();
+        let pinned =
+            |n: &String| n.ends_with("-final") || n.ends_with("-best") || n.ends_with("-init");
+        let all: Vec<String> = self.list().into_iter().filter(|n| !pinned(n)).collect();
         if all.len() > self.keep {
             for old in &all[..all.len() - self.keep] {
                 let p = self.root.join(old);

@@ -3,6 +3,7 @@
 
 mod client;
 mod feed;
+mod finetune;
 mod train;
 
 use std::future::Future;

@@ -38,7 +38,7 @@ pub struct Ctx {
     pub progress: Arc<Mutex<proto::ProgressReport>>,
 }
 
-fn set_phase(ctx: &Ctx, phase: &str) {
+pub(super) fn set_phase(ctx: &Ctx, phase: &str) {
     ctx.progress.lock().unwrap().phase = phase.into();
 }
 
@@ -48,8 +48,57 @@ fn quota(global: usize, world: usize, rank: usize) -> usize {
     global / world + usize::from(rank < global % world)
 }
 
+/// Connects this rank to the generation's ring and registers its abort handle.
+pub(super) fn connect_ring(
+    a: &proto::Assignment,
+    ctx: &Ctx,
+    cfg: &JobConfig,
+) -> anyhow::Result<Ring> {
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let peers: Vec<SocketAddr> = a
+        .peers
+        .iter()
+        .map(|p| {
+            p.to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.next())
+                .with_context(|| format!("cannot resolve peer address {p:?}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let ring = Ring::connect(
+        RingConfig {
+            rank,
+            world_size: world,
+            peers,
+            token: ctx.token.clone(),
+            generation: a.generation,
+            timeout: Duration::from_secs_f64(cfg.cluster.collective_timeout_s),
+            chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
+        },
+        ctx.listener.try_clone()?,
+    )?;
+    *ctx.ring_abort.lock().unwrap() = Some(ring.abort_handle());
+    tracing::info!(rank, world, generation = a.generation, "ring connected");
+    Ok(ring)
+}
+
 pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let cfg = JobConfig::from_json(&a.job_config_json)?;
+    if cfg
+        .stages
+        .get(a.stage_index as usize)
+        .is_some_and(|s| s.kind != crate::config::StageKind::Pretrain)
+    {
+        *ctx.progress.lock().unwrap() = proto::ProgressReport {
+            job_id: cfg.job.name.clone(),
+            generation: a.generation,
+            rank: a.rank,
+            stage_index: a.stage_index,
+            phase: "starting".into(),
+            ..Default::default()
+        };
+        return super::finetune::run_finetune(a, ctx, cfg);
+    }
     let stage = cfg
         .stages
         .get(a.stage_index as usize)
@@ -72,30 +121,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         ..Default::default()
     };
 
-    let peers: Vec<SocketAddr> = a
-        .peers
-        .iter()
-        .map(|p| {
-            p.to_socket_addrs()
-                .ok()
-                .and_then(|mut it| it.next())
-                .with_context(|| format!("cannot resolve peer address {p:?}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let mut ring = Ring::connect(
-        RingConfig {
-            rank,
-            world_size: world,
-            peers,
-            token: ctx.token.clone(),
-            generation: a.generation,
-            timeout: Duration::from_secs_f64(cfg.cluster.collective_timeout_s),
-            chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
-        },
-        ctx.listener.try_clone()?,
-    )?;
-    *ctx.ring_abort.lock().unwrap() = Some(ring.abort_handle());
-    tracing::info!(rank, world, generation = a.generation, "ring connected");
+    let mut ring = connect_ring(&a, &ctx, &cfg)?;
 
     set_phase(&ctx, "initialising model");
     let model = PretrainModel::new(&model_cfg, seed, &Device::Cpu)?;
