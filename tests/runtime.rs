@@ -124,3 +124,30 @@ fn coordinator_and_three_workers_started_by_hand() {
     check_completed(&summary(&dir), 3);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn every_bundled_config_is_valid() {
+    let mut n = 0;
+    for e in std::fs::read_dir(common::repo().join("configs"))
+        .unwrap()
+        .flatten()
+    {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let out = Command::new(bin())
+                .args(["config", "check"])
+                .arg(&p)
+                .current_dir(common::repo())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "found only {n} configs");
+}
