@@ -11,7 +11,10 @@
 //!   encoder and heads, HuggingFace checkpoint I/O.
 //! - [`train`]: AdamW over flat buffers, learning-rate schedules, the exact data-parallel step.
 //! - [`comm`]: collectives (the data plane): the trait and its backends.
-//! - [`data`]: batches and, later, corpora, shards, tokenizer and pre-training instances.
+//! - [`data`]: corpora, shards, WordPiece, pre-training instances, fine-tuning datasets,
+//!   batches.
+//! - [`metrics`]: dev metrics as counts that ranks all-reduce (accuracy, macro-F1, seqeval
+//!   entity F1, SQuAD EM/F1) and QA post-processing.
 //! - [`eval`]: `tandem eval-batch`, a checkpoint checked on one batch.
 //! - [`predict`]: `tandem predict`, batch inference with a fine-tuned head (JSONL out).
 //! - [`cli`]: the `tandem` command line (parsed by `main.rs`).

@@ -1,4 +1,5 @@
-//! Data: batches (and, to come, corpora, shards, tokenizer and pre-training instances).
+//! Data: corpora, shards, WordPiece, pre-training instances, fine-tuning datasets, batches
+//! (see README.md in this folder).
 
 pub mod batch;
 pub mod corpus;
