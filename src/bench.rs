@@ -31,6 +31,8 @@ pub struct StepBench {
     pub mlm_decoder: &'static str,
     pub peak_rss_mib: f64,
     pub params: usize,
+    /// Median time of each part of the step (ms).
+    pub phases: crate::train::step::PhaseTimes,
 }
 
 /// Forward FLOPs of HF `BertForPreTraining` for one batch (multiply-add = 2 FLOPs).
@@ -110,14 +112,28 @@ pub fn bench_step(
     let mut trainer = Trainer::new(model, options)?;
     let mut comm = Local;
     let mut times = Vec::with_capacity(steps);
+    let mut phases = vec![];
     for s in 0..warmup + steps {
         let b = synthetic_batch(&cfg, batch, seq, s as u64);
         let t0 = Instant::now();
         trainer.train_step(std::slice::from_ref(&b), &mut comm)?;
         if s >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+            phases.push(trainer.phases);
         }
     }
+    let med = |f: fn(&crate::train::step::PhaseTimes) -> f64| {
+        let mut v: Vec<f64> = phases.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let phases = crate::train::step::PhaseTimes {
+        forward_ms: med(|p| p.forward_ms),
+        backward_ms: med(|p| p.backward_ms),
+        pack_ms: med(|p| p.pack_ms),
+        allreduce_ms: med(|p| p.allreduce_ms),
+        optimizer_ms: med(|p| p.optimizer_ms),
+    };
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
     let flops = 3.0 * pretraining_forward_flops(&cfg, batch, seq);
@@ -135,6 +151,7 @@ pub fn bench_step(
         mlm_decoder: "masked positions only",
         peak_rss_mib: util::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
         params,
+        phases,
     })
 }
 

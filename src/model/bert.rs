@@ -142,7 +142,7 @@ impl LayerNorm {
 }
 
 /// Inverted dropout with a seeded mask (candle's own dropout cannot be seeded on CPU).
-fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor> {
+pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor> {
     let Some(rng) = rng.as_deref_mut() else {
         return Ok(x.clone());
     };

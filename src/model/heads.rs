@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use rand::RngCore;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::bert::{encoder_specs, linear_specs, BertModel, DropoutRng, Inputs, Linear};
+use super::bert::{dropout, encoder_specs, linear_specs, BertModel, DropoutRng, Inputs, Linear};
 use super::hf::{self, LoadReport};
 use super::{ops, BertConfig, ParamSpec, ParamStore};
 use crate::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
@@ -568,28 +568,6 @@ fn keep(drop: bool, name: &str, dropped: &mut Vec<String>) -> bool {
 fn argmax_hits(logits: &Tensor, labels: &[u32]) -> Result<usize> {
     let pred = logits.argmax(1)?.to_vec1::<u32>()?;
     Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count())
-}
-
-/// Inverted dropout with a seeded mask; the same scheme as the encoder's.
-fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor> {
-    let Some(rng) = rng.as_deref_mut() else {
-        return Ok(x.clone());
-    };
-    if p == 0.0 {
-        return Ok(x.clone());
-    }
-    let keep = 1.0 / (1.0 - p);
-    let threshold = (p as f64 * 4294967296.0) as u64;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if (rng.next_u32() as u64) < threshold {
-                0.0
-            } else {
-                keep
-            }
-        })
-        .collect();
-    Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
 }
 
 #[cfg(test)]

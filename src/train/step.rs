@@ -63,6 +63,23 @@ pub struct Trainer {
     grad: Vec<f32>,
     /// Optimiser steps taken.
     pub step: u64,
+    /// Where the last step's time went.
+    pub phases: PhaseTimes,
+}
+
+/// Wall time of the parts of one step, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct PhaseTimes {
+    /// Forward passes (all micro-batches).
+    pub forward_ms: f64,
+    /// Backward passes.
+    pub backward_ms: f64,
+    /// Copying gradients into the flat buffer.
+    pub pack_ms: f64,
+    /// All-reduce of the gradient buckets and the statistics.
+    pub allreduce_ms: f64,
+    /// Clipping, AdamW and writing the weights back.
+    pub optimizer_ms: f64,
 }
 
 /// Sums of one forward pass, as plain numbers.
@@ -84,15 +101,34 @@ pub fn forward_backward(
     dropout: Option<&mut rand_chacha::ChaCha8Rng>,
     grad: &mut [f32],
 ) -> Result<LossSums> {
+    forward_backward_timed(m, batch, weights, dropout, grad, &mut PhaseTimes::default())
+}
+
+/// [`forward_backward`], adding the time of each part to `times`.
+pub fn forward_backward_timed(
+    m: &PretrainModel,
+    batch: &PretrainBatch,
+    weights: (f64, f64),
+    dropout: Option<&mut rand_chacha::ChaCha8Rng>,
+    grad: &mut [f32],
+    times: &mut PhaseTimes,
+) -> Result<LossSums> {
     let mut rng = dropout;
+    let t0 = std::time::Instant::now();
     let out = m.model.forward(batch, &mut rng)?;
     // Weights as tensors, not `x * w`: candle prunes an affine op whose factor is 0 from the
     // backward pass, which would leave the MLM head without a gradient on a step with no
     // masked token (and break the buckets' layout).
     let w = |x: f64| Tensor::new(x as f32, out.mlm_sum.device());
     let loss = (out.mlm_sum.mul(&w(weights.0)?)? + out.nsp_sum.mul(&w(weights.1)?)?)?;
+    let t1 = std::time::Instant::now();
     let grads = loss.backward()?;
+    let t2 = std::time::Instant::now();
     m.store.accumulate_grads(&grads, grad)?;
+    let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+    times.forward_ms += ms(t0, t1);
+    times.backward_ms += ms(t1, t2);
+    times.pack_ms += ms(t2, std::time::Instant::now());
     Ok(LossSums {
         mlm_sum: scalar(&out.mlm_sum)?,
         mlm_count: out.mlm_count as u64,
@@ -127,6 +163,7 @@ impl Trainer {
             params,
             grad: vec![0.0; n],
             step: 0,
+            phases: PhaseTimes::default(),
         })
     }
 
@@ -164,15 +201,24 @@ impl Trainer {
 
         self.grad.iter_mut().for_each(|g| *g = 0.0);
         let mut local = LossSums::default();
+        let mut times = PhaseTimes::default();
         for (i, b) in micro.iter().enumerate() {
             let mut rng = util::rng(&[self.options.seed, self.step, rank, i as u64]);
             let dropout = self.options.dropout.then_some(&mut rng);
-            let s = forward_backward(&self.model, b, weights, dropout, &mut self.grad)?;
+            let s = forward_backward_timed(
+                &self.model,
+                b,
+                weights,
+                dropout,
+                &mut self.grad,
+                &mut times,
+            )?;
             local.mlm_sum += s.mlm_sum;
             local.nsp_sum += s.nsp_sum;
             local.mlm_correct += s.mlm_correct;
             local.nsp_correct += s.nsp_correct;
         }
+        let t_reduce = std::time::Instant::now();
         for bucket in self.grad.chunks_mut(self.options.bucket_elems.max(1)) {
             comm.all_reduce_sum(bucket)?;
         }
@@ -183,6 +229,8 @@ impl Trainer {
             local.nsp_correct as f32,
         ];
         comm.all_reduce_sum(&mut sums)?;
+        let t_opt = std::time::Instant::now();
+        times.allreduce_ms = (t_opt - t_reduce).as_secs_f64() * 1e3;
 
         let grad_norm = clip_global_norm(&mut self.grad, self.options.max_grad_norm);
         if !grad_norm.is_finite() {
@@ -195,6 +243,8 @@ impl Trainer {
         self.opt.step(&mut self.params, &self.grad, lr);
         self.model.store.set_from_flat(&self.params)?;
         self.step += 1;
+        times.optimizer_ms = t_opt.elapsed().as_secs_f64() * 1e3;
+        self.phases = times;
 
         let mlm_loss = sums[0] as f64 * weights.0;
         let nsp_loss = sums[1] as f64 * weights.1;
