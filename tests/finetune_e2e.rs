@@ -198,3 +198,131 @@ fn question_answering_finds_the_answer_span() {
         "{m:#}"
     );
 }
+
+/// A job whose only stage fine-tunes an HF `BertForPreTraining` directory (transformers'
+/// own files plus a WordPiece vocab.txt), then `tandem predict` on the exported model.
+#[test]
+fn fine_tunes_an_hf_checkpoint_directory_and_predicts() {
+    let dir = std::env::temp_dir().join(format!("tandem-ft-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let hf = dir.join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(repo().join("tests/fixtures/bert_tiny").join(f), hf.join(f)).unwrap();
+    }
+    // 96 tokens, the checkpoint's vocab_size.
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    vocab.extend(WORDS.iter().map(|s| s.to_string()));
+    vocab.extend(["good", "bad", "movie", "."].iter().map(|s| s.to_string()));
+    vocab.extend(('a'..='z').map(|c| c.to_string()));
+    vocab.extend(('a'..='z').map(|c| format!("##{c}")));
+    while vocab.len() < 96 {
+        vocab.push(format!("[unused{}]", vocab.len()));
+    }
+    write(&hf.join("vocab.txt"), &(vocab.join("\n") + "\n"));
+    let mk = |n: usize, off: usize| -> String {
+        (0..n)
+            .map(|i| {
+                let (w, l) = if (i + off) % 2 == 0 {
+                    ("good", "pos")
+                } else {
+                    ("bad", "neg")
+                };
+                format!(
+                    "{{\"text\": \"{} {w} movie . {}\", \"label\": \"{l}\"}}\n",
+                    filler(i / 2, 3),
+                    filler(i / 2 + 1, 2)
+                )
+            })
+            .collect()
+    };
+    write(&dir.join("train.jsonl"), &mk(96, 0));
+    write(&dir.join("dev.jsonl"), &mk(40, 1));
+    write(
+        &dir.join("job.toml"),
+        &format!(
+            r#"
+[job]
+name = "ft-hf"
+state_dir = "{state}"
+[cluster]
+min_workers = 2
+max_workers = 2
+[model]
+preset = "tiny"
+[data]
+corpus = ["{corpus}"]
+vocab_size = 500
+[[stages]]
+name = "sentiment"
+kind = "sequence_classification"
+init_from = "{hf}"
+train = "{train}"
+dev = "{dev}"
+max_seq_length = 32
+epochs = 12
+batch_size = 8
+lr = 2e-3
+"#,
+            state = dir.join("state").display(),
+            corpus = repo().join("configs/data/corpus").display(),
+            hf = hf.display(),
+            train = dir.join("train.jsonl").display(),
+            dev = dir.join("dev.jsonl").display(),
+        ),
+    );
+    let mut child = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .arg("--no-progress")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(300));
+    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("stage0-init"),
+        "the HF directory is imported as the encoder:\n{log}"
+    );
+    let s = summary(&dir);
+    assert!(
+        s["stages"][0]["metrics"]["final"]["accuracy"]
+            .as_f64()
+            .unwrap()
+            > 0.9,
+        "{s:#}"
+    );
+
+    // The exported model predicts with label names from its config.
+    let dev: Vec<String> = mk(40, 1).lines().take(6).map(String::from).collect();
+    write(&dir.join("in.jsonl"), &(dev.join("\n") + "\n"));
+    let out = Command::new(bin())
+        .args(["predict", "--checkpoint"])
+        .arg(dir.join("state/final"))
+        .arg("--input")
+        .arg(dir.join("in.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), dev.len());
+    for (p, d) in lines.iter().zip(&dev) {
+        let want: serde_json::Value = serde_json::from_str(d).unwrap();
+        assert_eq!(p["label"], want["label"], "{p} for {d}");
+    }
+    if std::env::var_os("KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
