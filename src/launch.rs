@@ -287,31 +287,25 @@ pub async fn run(
     Ok(code)
 }
 
+/// "dev accuracy 0.583 (best epoch 5, exported; last epoch 0.533) · majority-class baseline 0.500"
 fn dev_line(metrics: &serde_json::Value, baseline: Option<f64>) -> String {
-    let fin = &metrics["final"];
-    let mut parts: Vec<String> = fin
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .filter(|(k, _)| {
-                    !k.starts_with("has_") && !k.starts_with("no_") && *k != "examples"
-                })
-                .map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0)))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(b) = baseline {
-        parts.push(format!("(majority-class baseline accuracy {b:.3})"));
-    }
-    if let Some(best) = metrics.get("best") {
-        parts.push(format!(
-            "best {} {:.3} at epoch {}",
-            metrics["metric"].as_str().unwrap_or("?"),
+    let metric = metrics["metric"].as_str().unwrap_or("score");
+    let last = metrics["final"][metric].as_f64();
+    let mut out = match (metrics.get("best"), last) {
+        (Some(best), last) => format!(
+            "{metric} {:.3} (best epoch {}, exported; last epoch {})",
             best["score"].as_f64().unwrap_or(0.0),
-            best["epoch"]
-        ));
+            best["epoch"],
+            last.map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "?".into())
+        ),
+        (None, Some(v)) => format!("{metric} {v:.3}"),
+        (None, None) => "no metrics".into(),
+    };
+    if let Some(b) = baseline {
+        out += &format!(" · majority-class baseline accuracy {b:.3}");
     }
-    parts.join(", ")
+    out
 }
 
 pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
