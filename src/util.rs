@@ -85,7 +85,10 @@ pub fn tune_allocator() {
 pub fn set_threads(threads: usize) {
     let t = threads.max(1).to_string();
     std::env::set_var("RAYON_NUM_THREADS", &t);
-    std::env::set_var("CANDLE_NUM_THREADS", &t);
+    // candle's element-wise pool; an explicit CANDLE_NUM_THREADS wins (for experiments).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", &t);
+    }
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build_global();

@@ -178,7 +178,13 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
 /// Sends the latest progress every second: the coordinator's liveness signal, decoupled from
 /// step time, so the training thread never waits on an RPC for progress.
 async fn heartbeat_loop(mut client: Client, progress: Arc<Mutex<proto::ProgressReport>>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // TANDEM_HEARTBEAT_S changes the interval (used to measure the coordinator's overhead).
+    let every = std::env::var("TANDEM_HEARTBEAT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(1.0);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(every));
     loop {
         tick.tick().await;
         let p = progress.lock().unwrap().clone();
