@@ -157,17 +157,16 @@ fn check_hf_fixture(dir: &str, head: TaskHead) {
         .map(|v| v.as_f64().unwrap().powi(2))
         .sum::<f64>()
         .sqrt();
-    let pad = m.cfg.pad_token_id * m.cfg.hidden_size..(m.cfg.pad_token_id + 1) * m.cfg.hidden_size;
     let mut worst = 0f64;
     for (i, spec) in m.store.specs().iter().enumerate() {
-        let mut g = grad[m.store.range(i)].to_vec();
-        if spec.name == "bert.embeddings.word_embeddings.weight" {
-            // nn.Embedding(padding_idx) gives the padding row no gradient; tandem's encoder
-            // does. It only matters when the loss sees padded positions (QA's softmax over
-            // every position), so the row is left out of the comparison.
-            g[pad.clone()].iter_mut().for_each(|v| *v = 0.0);
-        }
-        let g = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        // Includes the padding row of the word embeddings: like nn.Embedding(padding_idx),
+        // tandem's lookup gives it no gradient, which QA's softmax over every position tests.
+        let g = grad[m.store.range(i)]
+            .to_vec()
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let w = want[&spec.name].as_f64().unwrap();
         // The key bias's gradient is zero in exact arithmetic (rounding noise on both sides).
         // So is QA's output bias (the softmax runs over positions).

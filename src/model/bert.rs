@@ -167,6 +167,8 @@ pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor
 pub struct Inputs {
     pub batch: usize,
     pub seq: usize,
+    /// The token ids on the host (to find padding tokens).
+    ids_host: Vec<u32>,
     input_ids: Tensor,
     token_type_ids: Tensor,
     position_ids: Tensor,
@@ -201,6 +203,7 @@ impl Inputs {
             )));
         }
         let positions: Vec<u32> = (0..n).map(|i| (i % seq) as u32).collect();
+
         let bias: Vec<f32> = attention_mask
             .iter()
             .map(|&m| if m == 0 { MASKED } else { 0.0 })
@@ -208,6 +211,7 @@ impl Inputs {
         Ok(Inputs {
             batch,
             seq,
+            ids_host: input_ids.to_vec(),
             input_ids: Tensor::from_slice(input_ids, n, device)?,
             token_type_ids: Tensor::from_slice(token_type_ids, n, device)?,
             position_ids: Tensor::from_vec(positions, n, device)?,
@@ -290,8 +294,7 @@ impl BertModel {
         let cfg = &self.cfg;
         let p_hidden = cfg.hidden_dropout_prob;
         let e = self
-            .word
-            .index_select(&x.input_ids, 0)?
+            .word_lookup(x)?
             .add(&self.pos.index_select(&x.position_ids, 0)?)?
             .add(&self.types.index_select(&x.token_type_ids, 0)?)?;
         let mut h = dropout(&self.emb_ln.forward(&e)?, p_hidden, rng)?;
@@ -320,6 +323,25 @@ impl BertModel {
             h = layer.out_ln.forward(&(f + a)?)?;
         }
         Ok(h)
+    }
+
+    /// Word embeddings of the inputs. As PyTorch's `nn.Embedding(padding_idx=…)`, the lookup
+    /// of the padding token passes no gradient to its row (the row still gets the tied
+    /// decoder's gradient, as in HF); the forward value is unchanged.
+    fn word_lookup(&self, x: &Inputs) -> Result<Tensor> {
+        let pad = self.cfg.pad_token_id as u32;
+        let e = self.word.index_select(&x.input_ids, 0)?;
+        if !x.ids_host.contains(&pad) {
+            return Ok(e);
+        }
+        let keep: Vec<f32> = x
+            .ids_host
+            .iter()
+            .map(|id| if *id == pad { 0.0 } else { 1.0 })
+            .collect();
+        let keep = Tensor::from_vec(keep, (x.ids_host.len(), 1), e.device())?;
+        let frozen = self.word.detach().index_select(&x.input_ids, 0)?;
+        Ok((e.broadcast_mul(&keep)? + frozen.broadcast_mul(&keep.affine(-1.0, 1.0)?)?)?)
     }
 
     /// `tanh(W h[CLS] + b)`, `[batch, hidden]`.
