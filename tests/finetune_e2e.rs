@@ -13,6 +13,22 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Runs `dir/job.toml` with `tandem launch`, asserts success; returns the log.
+fn launch_ok(dir: &Path) -> String {
+    let mut child = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .arg("--no-progress")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(300));
+    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
+    assert!(status.success(), "{log}");
+    log
+}
+
 /// Runs `job_dir` + a fine-tuning stage; returns the summary.
 fn run_stage(
     name: &str,
@@ -33,17 +49,7 @@ fn run_stage(
             dir.join(dev).display()
         );
     write(&dir.join("job.toml"), &toml);
-    let mut child = Command::new(bin())
-        .arg("launch")
-        .arg(dir.join("job.toml"))
-        .arg("--no-progress")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let status = wait_with_timeout(&mut child, Duration::from_secs(300));
-    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
-    assert!(status.success(), "{log}");
+    launch_ok(&dir);
     let s = summary(&dir);
     assert_eq!(s["status"], "completed", "{s:#}");
     let st = &s["stages"][1];
@@ -274,17 +280,7 @@ lr = 2e-3
             dev = dir.join("dev.jsonl").display(),
         ),
     );
-    let mut child = Command::new(bin())
-        .arg("launch")
-        .arg(dir.join("job.toml"))
-        .arg("--no-progress")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let status = wait_with_timeout(&mut child, Duration::from_secs(300));
-    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
-    assert!(status.success(), "{log}");
+    let log = launch_ok(&dir);
     assert!(
         log.contains("stage0-init"),
         "the HF directory is imported as the encoder:\n{log}"

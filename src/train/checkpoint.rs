@@ -46,6 +46,25 @@ pub struct TrainerState {
     pub stage_done: bool,
 }
 
+impl TrainerState {
+    /// The state of a stage that starts now with `world_size` ranks.
+    pub fn start(stage_index: u32, stage_name: &str, world_size: u32, generation: u64) -> Self {
+        TrainerState {
+            stage_index,
+            stage_name: stage_name.into(),
+            step: 0,
+            total_steps: 0,
+            initial_world_size: world_size,
+            world_size,
+            generation,
+            cursor: DataCursor::default(),
+            ledger: vec![],
+            planned: vec![],
+            stage_done: false,
+        }
+    }
+}
+
 /// The data position of a stage. An epoch's instances are split into `partitions` streams
 /// (the plan for the world size at the epoch's start); each is consumed in order, so a
 /// count per partition is an exact cursor, whatever world size resumes it.

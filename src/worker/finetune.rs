@@ -332,19 +332,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             },
             &model.store,
         );
-        let state = TrainerState {
-            stage_index: a.stage_index,
-            stage_name: stage.name.clone(),
-            step: 0,
-            total_steps: 0,
-            initial_world_size: world as u32,
-            world_size: world as u32,
-            generation: a.generation,
-            cursor: DataCursor::default(),
-            ledger: vec![],
-            planned: vec![],
-            stage_done: false,
-        };
+        let state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
         (model, adam, state)
     };
     let mut params = model.store.to_flat()?;

@@ -142,19 +142,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         dropout: true,
     };
     let mut trainer = Trainer::new(model, options)?;
-    let mut state = TrainerState {
-        stage_index: a.stage_index,
-        stage_name: stage.name.clone(),
-        step: 0,
-        total_steps: 0,
-        initial_world_size: world as u32,
-        world_size: world as u32,
-        generation: a.generation,
-        cursor: DataCursor::default(),
-        ledger: vec![],
-        planned: vec![],
-        stage_done: false,
-    };
+    let mut state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
     if a.init_checkpoint.is_empty() {
         // Identical starting weights on every rank, whatever happened before.
         trainer.broadcast_params(&mut ring, 0)?;
