@@ -219,7 +219,6 @@ fn stage_inputs(
         let path = path.as_ref().expect("validated");
         let data = std::fs::read(path)
             .with_context(|| format!("stages[{i}].{role}: reading {}", path.display()))?;
-        anyhow::ensure!(data.len() < proto::MAX_MESSAGE_BYTES / 2, "stages[{i}].{role}: {} is too large to ship in an assignment ({} bytes; the limit is {})", path.display(), data.len(), proto::MAX_MESSAGE_BYTES / 2);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -227,6 +226,8 @@ fn stage_inputs(
         out.files.push(proto::DataFile {
             role: role.into(),
             name,
+            sha256: crate::train::checkpoint::sha256_hex(&data),
+            size: data.len() as u64,
             data,
         });
     }
@@ -609,7 +610,15 @@ impl Driver {
                     .unwrap_or_else(|| shared.prepared.model_cfg_json.clone()),
                 init_checkpoint: start_checkpoint.clone(),
                 encoder_checkpoint: encoder_checkpoint.clone(),
-                stage_files: inputs.files.clone(),
+                // Descriptions only: workers fetch the bytes with FetchStageFile.
+                stage_files: inputs
+                    .files
+                    .iter()
+                    .map(|f| proto::DataFile {
+                        data: vec![],
+                        ..f.clone()
+                    })
+                    .collect(),
             };
             let _ = m.tx.try_send(Ok(proto::Directive {
                 kind: Some(Kind::Assignment(a)),

@@ -172,24 +172,36 @@ impl Coordinator for Service {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| Status::not_found(format!("shard {}: {e}", r.shard_id)))?;
-        let sha = sha256_hex(&bytes);
-        let n = bytes.len().div_ceil(proto::CHUNK_BYTES).max(1);
-        let chunks: Vec<Result<proto::ShardChunk, Status>> = (0..n)
-            .map(|i| {
-                let lo = i * proto::CHUNK_BYTES;
-                let hi = (lo + proto::CHUNK_BYTES).min(bytes.len());
-                Ok(proto::ShardChunk {
-                    data: bytes[lo..hi].to_vec(),
-                    sha256: if i + 1 == n {
-                        sha.clone()
-                    } else {
-                        String::new()
-                    },
-                    last: i + 1 == n,
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        Ok(Response::new(Box::pin(tokio_stream::iter(byte_chunks(
+            &bytes,
+        )))))
+    }
+
+    type FetchStageFileStream = BoxStream<proto::ShardChunk>;
+
+    async fn fetch_stage_file(
+        &self,
+        req: Request<proto::FetchStageFileRequest>,
+    ) -> Result<Response<Self::FetchStageFileStream>, Status> {
+        let r = req.into_inner();
+        self.check_job(&r.job_id)?;
+        self.check_generation(r.generation)?;
+        let stage = self
+            .shared
+            .prepared
+            .stages
+            .get(r.stage_index as usize)
+            .ok_or_else(|| Status::not_found(format!("stage {} does not exist", r.stage_index)))?;
+        let f = stage
+            .files
+            .iter()
+            .find(|f| f.role == r.role)
+            .ok_or_else(|| {
+                Status::not_found(format!("stage {} has no {:?} file", r.stage_index, r.role))
+            })?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(byte_chunks(
+            &f.data,
+        )))))
     }
 
     async fn put_checkpoint(
@@ -274,6 +286,27 @@ impl Coordinator for Service {
     ) -> Result<Response<proto::StatusResponse>, Status> {
         Ok(Response::new(self.shared.status()))
     }
+}
+
+/// Splits bytes into stream chunks; the last one carries the SHA-256 of the whole.
+fn byte_chunks(bytes: &[u8]) -> Vec<Result<proto::ShardChunk, Status>> {
+    let sha = sha256_hex(bytes);
+    let n = bytes.len().div_ceil(proto::CHUNK_BYTES).max(1);
+    (0..n)
+        .map(|i| {
+            let lo = i * proto::CHUNK_BYTES;
+            let hi = (lo + proto::CHUNK_BYTES).min(bytes.len());
+            Ok(proto::ShardChunk {
+                data: bytes[lo..hi].to_vec(),
+                sha256: if i + 1 == n {
+                    sha.clone()
+                } else {
+                    String::new()
+                },
+                last: i + 1 == n,
+            })
+        })
+        .collect()
 }
 
 /// Splits checkpoint files into stream chunks (used in both directions).

@@ -67,7 +67,7 @@ pub async fn fetch_shard(
     generation: u64,
     shard_id: u32,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut s = client
+    let s = client
         .fetch_shard(proto::FetchShardRequest {
             job_id: job_id.into(),
             generation,
@@ -76,19 +76,48 @@ pub async fn fetch_shard(
         .await
         .with_context(|| format!("fetching shard {shard_id}"))?
         .into_inner();
+    collect_chunks(s, &format!("shard {shard_id}")).await
+}
+
+/// Downloads a fine-tuning stage's `role` file (train or dev) and checks its SHA-256.
+pub async fn fetch_stage_file(
+    client: &mut Client,
+    job_id: &str,
+    generation: u64,
+    stage_index: u32,
+    role: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let s = client
+        .fetch_stage_file(proto::FetchStageFileRequest {
+            job_id: job_id.into(),
+            generation,
+            stage_index,
+            role: role.into(),
+        })
+        .await
+        .with_context(|| format!("fetching the {role} file of stage {stage_index}"))?
+        .into_inner();
+    collect_chunks(s, &format!("the {role} file of stage {stage_index}")).await
+}
+
+/// Gathers a chunked byte stream and checks the SHA-256 its last chunk carries.
+async fn collect_chunks(
+    mut s: tonic::Streaming<proto::ShardChunk>,
+    what: &str,
+) -> anyhow::Result<Vec<u8>> {
     let mut bytes = vec![];
     let mut sha = None;
     while let Some(c) = s.next().await {
-        let c = c.with_context(|| format!("fetching shard {shard_id}"))?;
+        let c = c.with_context(|| format!("fetching {what}"))?;
         bytes.extend_from_slice(&c.data);
         if c.last {
             sha = Some(c.sha256);
         }
     }
-    let sha = sha.with_context(|| format!("shard {shard_id}: the stream ended early"))?;
+    let sha = sha.with_context(|| format!("{what}: the stream ended early"))?;
     anyhow::ensure!(
         sha256_hex(&bytes) == sha,
-        "shard {shard_id} arrived corrupted (SHA-256 mismatch)"
+        "{what} arrived corrupted (SHA-256 mismatch)"
     );
     Ok(bytes)
 }

@@ -53,6 +53,7 @@ impl TaskData {
     fn load(
         kind: StageKind,
         files: &[proto::DataFile],
+        fetch: impl Fn(&str) -> anyhow::Result<Vec<u8>>,
         tok: &Tokenizer,
         cfg: &crate::config::StageConfig,
         dir: &std::path::Path,
@@ -62,8 +63,14 @@ impl TaskData {
                 .iter()
                 .find(|f| f.role == role)
                 .with_context(|| format!("the assignment carries no {role} file"))?;
+            let data = fetch(role)?;
+            anyhow::ensure!(
+                crate::train::checkpoint::sha256_hex(&data) == f.sha256,
+                "the {role} file {} differs from the one the coordinator announced",
+                f.name
+            );
             let p = dir.join(format!("{role}-{}", f.name));
-            std::fs::write(&p, &f.data)?;
+            std::fs::write(&p, &data)?;
             Ok(p)
         };
         let (train, dev) = (path("train")?, path("dev")?);
@@ -265,7 +272,24 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     ));
     std::fs::create_dir_all(&scratch)?;
     set_phase(&ctx, "preparing data");
-    let data = TaskData::load(stage.kind, &a.stage_files, &tokenizer, &stage, &scratch)?;
+    let fetch = |role: &str| {
+        let mut c = ctx.client.clone();
+        ctx.rt.block_on(client::fetch_stage_file(
+            &mut c,
+            &job_id,
+            a.generation,
+            a.stage_index,
+            role,
+        ))
+    };
+    let data = TaskData::load(
+        stage.kind,
+        &a.stage_files,
+        fetch,
+        &tokenizer,
+        &stage,
+        &scratch,
+    )?;
     let _ = std::fs::remove_dir_all(&scratch);
     let head = data.head();
     let labels = data.label_names();
