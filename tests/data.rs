@@ -509,3 +509,21 @@ fn fake_index(sizes: &[u64]) -> ShardIndex {
     });
     serde_json::from_value(json).unwrap()
 }
+
+/// The same corpus and settings give the same vocabulary, run after run (HF's own trainer
+/// does not: it breaks ties in hash-map order), and Korean text is covered.
+#[test]
+fn tokenizer_training_is_deterministic() {
+    let corpus = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/data/corpus");
+    let train = || {
+        tandem::data::tokenizer::train_wordpiece(&[corpus.clone()], 3000, true, None, 2).unwrap()
+    };
+    let (a, b) = (train(), train());
+    assert_eq!(a.vocab_size(), b.vocab_size());
+    for id in 0..a.vocab_size() as u32 {
+        assert_eq!(a.id_to_token(id), b.id_to_token(id), "token {id}");
+    }
+    let (ids, tokens) = a.encode_with_specials("나는 오늘 라면을 먹었다.").unwrap();
+    assert!(!ids.contains(&a.unk_id()), "{tokens:?}");
+    assert_eq!((ids[0], ids[ids.len() - 1]), (a.cls_id(), a.sep_id()));
+}

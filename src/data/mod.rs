@@ -7,3 +7,4 @@ pub mod finetune;
 pub mod instances;
 pub mod shard;
 pub mod tokenizer;
+pub mod vocab;

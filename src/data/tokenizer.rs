@@ -10,15 +10,17 @@
 //! pieces are still known tokens, but `strip_accents = Some(false)` keeps whole syllables.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, NormalizerWrapper, TokenizerImpl};
+use tokenizers::{
+    AddedToken, Normalizer, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizedString,
+    PreTokenizer, TokenizerImpl,
+};
 
 use crate::data::corpus::{resolve_inputs, CorpusOptions, Document, DocumentReader};
 use crate::error::{Error, Result};
@@ -153,35 +155,40 @@ pub fn train_wordpiece(
         .build()
         .map_err(|e| tok_err(&origin, e))?;
     let mut tk = bert_pipeline(model, lowercase, strip_accents, &origin)?;
-    let mut trainer = WordPieceTrainer::builder()
-        .vocab_size(vocab_size)
-        .min_frequency(min_frequency)
-        .show_progress(false)
-        .special_tokens(
-            SPECIAL_TOKENS
-                .iter()
-                .map(|t| AddedToken::from(*t, true))
-                .collect(),
-        )
-        .continuing_subword_prefix("##".into())
-        .build();
-    // Stream sentences (the trainer counts words); the first corpus error stops the stream.
-    let failed: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
-    let slot = failed.clone();
-    let sentences = DocumentReader::new(paths, CorpusOptions::default())
-        .map_while(move |d| match d {
-            Ok(doc) => Some(doc),
-            Err(e) => {
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                None
+    // Count words as the pipeline sees them (BERT normaliser + pre-tokeniser), then learn the
+    // vocabulary deterministically (crate::data::vocab; HF's trainer breaks ties in hash-map
+    // order, so its vocabularies differ from run to run).
+    let mut words: std::collections::BTreeMap<String, u64> = Default::default();
+    {
+        let normalizer = tk.get_normalizer().expect("set by bert_pipeline");
+        let pre = tk.get_pre_tokenizer().expect("set by bert_pipeline");
+        for doc in DocumentReader::new(paths, CorpusOptions::default()) {
+            for sentence in doc? {
+                let mut p = PreTokenizedString::from(sentence.as_str());
+                p.normalize(|n| normalizer.normalize(n))
+                    .and_then(|_| pre.pre_tokenize(&mut p))
+                    .map_err(|e| tok_err(&origin, e))?;
+                for (w, _, _) in p.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                    if !w.is_empty() {
+                        *words.entry(w.to_string()).or_default() += 1;
+                    }
+                }
             }
-        })
-        .flatten();
-    tk.train(&mut trainer, sentences)
-        .map_err(|e| tok_err(&origin, e))?;
-    if let Some(e) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(e);
+        }
     }
+    let vocab = crate::data::vocab::learn(&words, vocab_size, min_frequency, &SPECIAL_TOKENS, "##");
+    let map: ahash::AHashMap<String, u32> = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    let model = WordPiece::builder()
+        .vocab(map)
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| tok_err(&origin, e))?;
+    tk.with_model(model);
     let t = finish_pipeline(tk, &origin)?;
     if t.specials != Specials::TRAINED {
         return Err(tok_err(

@@ -220,9 +220,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One WordPiece vocabulary for every test job: HF `tokenizers`' trainer breaks ties in
-/// hash-map order, so two trainings on the same corpus can differ, and runs that must be
-/// comparable have to share a vocabulary.
+/// One WordPiece vocabulary for every test job (trained once per test binary, to save time).
 fn shared_tokenizer() -> String {
     static TOK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = TOK.get_or_init(|| {
