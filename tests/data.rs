@@ -516,7 +516,8 @@ fn fake_index(sizes: &[u64]) -> ShardIndex {
 fn tokenizer_training_is_deterministic() {
     let corpus = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/data/corpus");
     let train = || {
-        tandem::data::tokenizer::train_wordpiece(&[corpus.clone()], 3000, true, None, 2).unwrap()
+        tandem::data::tokenizer::train_wordpiece(std::slice::from_ref(&corpus), 3000, true, None, 2)
+            .unwrap()
     };
     let (a, b) = (train(), train());
     assert_eq!(a.vocab_size(), b.vocab_size());
