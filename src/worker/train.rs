@@ -340,7 +340,15 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 micro.push(collate(&inst, None, pad_id)?);
             }
             set_phase(&ctx, "training");
-            let stats = trainer.train_step(&micro, &mut ring)?;
+            // Collectives of the step name themselves in the progress phase, so a stall is
+            // reported as e.g. "all-reduce 3 of step 41 (6553600 floats)".
+            let mut traced = Traced {
+                inner: &mut ring,
+                ctx: &ctx,
+                step: trainer.step + 1,
+                calls: 0,
+            };
+            let stats = trainer.train_step(&micro, &mut traced)?;
             examples += stats.examples;
             if trainer.step == 2 {
                 since = (Instant::now(), examples);
@@ -430,6 +438,44 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         "stage finished"
     );
     Ok(())
+}
+
+/// A collective that records which call of the step is in flight in the progress phase.
+struct Traced<'a> {
+    inner: &'a mut Ring,
+    ctx: &'a Ctx,
+    step: u64,
+    calls: usize,
+}
+
+impl Collective for Traced<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::Result<()> {
+        self.calls += 1;
+        set_phase(
+            self.ctx,
+            &format!(
+                "all-reduce {} of step {} ({} floats)",
+                self.calls,
+                self.step,
+                buf.len()
+            ),
+        );
+        let r = self.inner.all_reduce_sum(buf);
+        set_phase(self.ctx, "training");
+        r
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> crate::Result<()> {
+        self.inner.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> crate::Result<()> {
+        self.inner.barrier()
+    }
 }
 
 fn fill_report(
