@@ -124,6 +124,19 @@ pub async fn run(
 ) -> anyhow::Result<i32> {
     let cfg = effective_config(&opts)?;
     let state_dir = cfg.job.state_dir.clone();
+    if !opts.resume {
+        if let Some(r) = crate::coordinator::JobRecord::load(&state_dir)? {
+            anyhow::bail!(
+                "{} already holds job {:?} ({}). To continue it (or see its summary): tandem launch --resume {}; \
+                 for a fresh run: --state-dir NEW_DIR, or remove {}",
+                state_dir.display(),
+                r.job,
+                r.status,
+                state_dir.display(),
+                state_dir.display()
+            );
+        }
+    }
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let job_file = state_dir.join("job.toml");

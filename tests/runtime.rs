@@ -57,6 +57,23 @@ fn launch_runs_a_two_worker_job_to_completion() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.join("state/final/model.safetensors").exists());
+    // Launching again into the same state dir explains the choices instead of clobbering it.
+    let again = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("already holds job") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(
+        dir.join("state/summary.json").exists(),
+        "the finished job's summary is kept"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
