@@ -12,7 +12,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use super::client;
-use super::train::{connect_ring, set_phase, Ctx};
+use super::train::{connect_ring, report_done, set_phase, Ctx};
 
 use crate::comm::Collective;
 use crate::config::{JobConfig, StageKind};
@@ -540,25 +540,12 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     }
     let fingerprint = model.store.fingerprint()?;
     let mut done = ctx.progress.lock().unwrap().clone();
-    done.done = true;
-    done.param_fingerprint = fingerprint;
-    done.phase = "done".into();
     let mut m = serde_json::json!({ "final": last_metrics, "metric": metric });
     if let Some((score, e)) = best {
         m["best"] = serde_json::json!({ "score": score, "epoch": e });
     }
     done.metrics_json = m.to_string();
-    let mut c = ctx.client.clone();
-    ctx.rt
-        .block_on(c.report_progress(done))
-        .context("reporting the end of the stage")?;
-    ctx.progress.lock().unwrap().done = true;
-    tracing::info!(
-        rank,
-        steps = state.step,
-        fingerprint = format!("{fingerprint:016x}"),
-        "stage finished"
-    );
+    report_done(&ctx, done, fingerprint, state.step)?;
     let _ = ring.barrier();
     Ok(())
 }

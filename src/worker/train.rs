@@ -423,9 +423,20 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         examples,
         since,
     );
+    report_done(&ctx, done, fingerprint, trainer.step)
+}
+
+/// Sends the stage's final report (the coordinator waits for one from every rank).
+pub(super) fn report_done(
+    ctx: &Ctx,
+    mut done: proto::ProgressReport,
+    fingerprint: u64,
+    steps: u64,
+) -> anyhow::Result<()> {
     done.done = true;
     done.param_fingerprint = fingerprint;
     done.phase = "done".into();
+    let rank = done.rank;
     let mut c = ctx.client.clone();
     ctx.rt
         .block_on(c.report_progress(done))
@@ -433,7 +444,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     ctx.progress.lock().unwrap().done = true;
     tracing::info!(
         rank,
-        steps = trainer.step,
+        steps,
         fingerprint = format!("{fingerprint:016x}"),
         "stage finished"
     );
