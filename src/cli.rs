@@ -33,8 +33,8 @@ pub enum Command {
         /// Number of worker processes (sets cluster.min_workers and max_workers).
         #[arg(long)]
         workers: Option<usize>,
-        /// Corpus files, directories or globs (replaces data.corpus; a vocabulary is then
-        /// trained on it unless the config names a tokenizer).
+        /// Corpus files, directories or globs (replaces data.corpus; a WordPiece vocabulary is
+        /// then trained on it and kept in the state dir).
         #[arg(long, num_args = 1..)]
         corpus: Vec<String>,
         /// Stop every stage after this many optimiser steps.
