@@ -1,0 +1,537 @@
+//! The coordinator's state machine: rendezvous, generations, failures and restarts, stage
+//! transitions, and the job's durable record (`state_dir/job_state.json`).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::state::{Event, Phase, Shared};
+use super::{StageSummary, Summary};
+use crate::data::tokenizer::Tokenizer;
+use crate::proto::{self, directive::Kind};
+
+/// The job's durable state (`state_dir/job_state.json`): what a restarted coordinator needs
+/// to resume the job.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct JobRecord {
+    pub job: String,
+    /// "running", "completed", "failed" or "interrupted".
+    pub status: String,
+    pub stage_index: u32,
+    pub generation: u64,
+    /// Generations that failed and were restarted (since the last manual resume).
+    pub restarts: u32,
+    /// One line per generation: world size, outcome.
+    pub history: Vec<GenerationRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub world_size: u32,
+    /// The checkpoint it started from ("" = from scratch).
+    pub start_checkpoint: String,
+    /// "completed", or why it ended.
+    pub outcome: String,
+}
+
+pub const JOB_RECORD: &str = "job_state.json";
+
+impl JobRecord {
+    pub fn load(state_dir: &std::path::Path) -> anyhow::Result<Option<JobRecord>> {
+        let p = state_dir.join(JOB_RECORD);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    fn save(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
+        crate::util::write_atomic(
+            &state_dir.join(JOB_RECORD),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+}
+
+/// Per-generation bookkeeping of the driver.
+struct Generation {
+    world: u32,
+    done: BTreeMap<u32, proto::ProgressReport>,
+}
+
+/// What the driver decided after a generation failed.
+enum AfterFailure {
+    Restart,
+    Fail(Summary),
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    record: JobRecord,
+    gen: Option<Generation>,
+    stages: Vec<StageSummary>,
+    quorum_since: Option<Instant>,
+    join_deadline: Instant,
+}
+
+impl Driver {
+    fn state_dir(&self) -> &std::path::Path {
+        &self.shared.cfg.job.state_dir
+    }
+
+    fn persist(&self) {
+        if let Err(e) = self.record.save(self.state_dir()) {
+            tracing::error!("cannot persist the job state: {e:#}");
+        }
+    }
+
+    fn summary(&self, status: &str, reason: String) -> Summary {
+        Summary {
+            job: self.shared.job_id.clone(),
+            status: status.into(),
+            reason,
+            generations: self.record.generation,
+            restarts: self.record.restarts,
+            history: self.record.history.clone(),
+            world_size: self.gen.as_ref().map(|g| g.world).unwrap_or(0),
+            wall_s: self.shared.started.elapsed().as_secs_f64(),
+            corpus_documents: self.shared.prepared.index.total_documents(),
+            shards: self.shared.prepared.index.shards.len(),
+            stages: self.stages.clone(),
+            final_checkpoint: Some(self.state_dir().join("final")).filter(|p| p.exists()),
+        }
+    }
+
+    fn end(&mut self, status: &str, reason: String) -> Summary {
+        self.record.status = status.into();
+        if let Some(h) = self.record.history.last_mut() {
+            if h.outcome.is_empty() {
+                h.outcome = if reason.is_empty() {
+                    status.to_string()
+                } else {
+                    reason.clone()
+                };
+            }
+        }
+        self.persist();
+        set_phase(
+            &self.shared,
+            if status == "completed" {
+                Phase::Finished
+            } else {
+                Phase::Failed
+            },
+            status,
+        );
+        self.shared.broadcast(Kind::Stop(proto::Stop {
+            reason: if reason.is_empty() {
+                format!("job {status}")
+            } else {
+                reason.clone()
+            },
+        }));
+        self.summary(status, reason)
+    }
+
+    /// A generation ended badly: abort it everywhere, evict the culprit (if any), and either
+    /// go back to rendezvous for a new generation or fail the job after `max_restarts`.
+    fn on_failure(&mut self, reason: String, culprit: Option<u64>) -> AfterFailure {
+        let generation = self.shared.state.lock().unwrap().generation;
+        tracing::error!(generation, "generation failed: {reason}");
+        if let Some(id) = culprit {
+            // Dropping its directive sender ends its stream: a stalled worker that wakes up
+            // finds itself out and rejoins.
+            self.shared.state.lock().unwrap().members.remove(&id);
+        }
+        self.shared.broadcast(Kind::Abort(proto::Abort {
+            generation,
+            reason: reason.clone(),
+        }));
+        if let Some(h) = self.record.history.last_mut() {
+            h.outcome = reason.clone();
+        }
+        let max = self.shared.cfg.cluster.max_restarts;
+        if self.record.restarts >= max {
+            let r = format!("{reason}; giving up after max_restarts = {max} restarts");
+            return AfterFailure::Fail(self.end("failed", r));
+        }
+        self.record.restarts += 1;
+        self.persist();
+        {
+            let mut st = self.shared.state.lock().unwrap();
+            st.phase = Phase::Rendezvous;
+            st.message = format!("restart {}/{max}: {reason}", self.record.restarts);
+            for m in st.members.values_mut() {
+                m.rank = None;
+            }
+        }
+        self.gen = None;
+        self.quorum_since = None;
+        self.join_deadline =
+            Instant::now() + Duration::from_secs_f64(self.shared.cfg.cluster.join_timeout_s);
+        tracing::warn!(
+            restart = self.record.restarts,
+            max,
+            "waiting for workers to (re)join for a new generation"
+        );
+        AfterFailure::Restart
+    }
+
+    /// Starts a generation: ranks in join order, peers, the checkpoint to resume from.
+    fn assign(&mut self) -> anyhow::Result<()> {
+        let start_checkpoint = self.resume_point();
+        let shared = &self.shared;
+        let mut st = shared.state.lock().unwrap();
+        st.generation = st.generation.max(self.record.generation) + 1;
+        let generation = st.generation;
+        let ids: Vec<u64> = st
+            .members
+            .keys()
+            .copied()
+            .take(shared.cfg.cluster.max_workers)
+            .collect();
+        let peers: Vec<String> = ids
+            .iter()
+            .map(|id| st.members[id].ring_addr.clone())
+            .collect();
+        let world = ids.len() as u32;
+        let stage_index = st.stage_index;
+        let inputs = shared.prepared.stages[stage_index as usize].clone();
+        let encoder_checkpoint = match (stage_index, &inputs.imported) {
+            (_, Some(name)) => name.clone(),
+            (0, None) => String::new(),
+            (i, None) => format!("stage{}-final", i - 1),
+        };
+        for (rank, id) in ids.iter().enumerate() {
+            let m = st.members.get_mut(id).expect("member listed");
+            m.rank = Some(rank as u32);
+            m.last_seen = Instant::now();
+            m.phase = "assigned".into();
+            let a = proto::Assignment {
+                generation,
+                rank: rank as u32,
+                world_size: world,
+                peers: peers.clone(),
+                job_config_json: shared.cfg_json.clone(),
+                stage_index,
+                shard_index_json: shared.prepared.index_json.clone(),
+                tokenizer_json: inputs
+                    .tokenizer_json
+                    .clone()
+                    .unwrap_or_else(|| shared.prepared.tokenizer_json.clone()),
+                model_config_json: inputs
+                    .model_cfg_json
+                    .clone()
+                    .unwrap_or_else(|| shared.prepared.model_cfg_json.clone()),
+                init_checkpoint: start_checkpoint.clone(),
+                encoder_checkpoint: encoder_checkpoint.clone(),
+                // Descriptions only: workers fetch the bytes with FetchStageFile.
+                stage_files: inputs
+                    .files
+                    .iter()
+                    .map(|f| proto::DataFile {
+                        data: vec![],
+                        ..f.clone()
+                    })
+                    .collect(),
+            };
+            let _ = m.tx.try_send(Ok(proto::Directive {
+                kind: Some(Kind::Assignment(a)),
+            }));
+        }
+        st.phase = Phase::Running;
+        st.message = format!("generation {generation}: {world} workers");
+        drop(st);
+        tracing::info!(generation, world, ?peers, checkpoint = %start_checkpoint, "assigned ranks");
+        self.record.generation = generation;
+        self.record.status = "running".into();
+        self.record.history.push(GenerationRecord {
+            generation,
+            world_size: world,
+            start_checkpoint,
+            outcome: String::new(),
+        });
+        self.persist();
+        self.gen = Some(Generation {
+            world,
+            done: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// The newest verified checkpoint of the current stage ("" = none: start from scratch).
+    fn resume_point(&self) -> String {
+        let stage = self.shared.state.lock().unwrap().stage_index;
+        match self.shared.store.latest_good() {
+            Some((name, files)) => {
+                let state = files
+                    .iter()
+                    .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE);
+                let st: Option<crate::train::checkpoint::TrainerState> =
+                    state.and_then(|(_, b)| serde_json::from_slice(b).ok());
+                match st {
+                    Some(s) if s.stage_index == stage => name,
+                    _ => String::new(),
+                }
+            }
+            None => String::new(),
+        }
+    }
+}
+
+pub(super) async fn drive(
+    shared: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    shutdown: impl Future<Output = ()>,
+    record: JobRecord,
+) -> anyhow::Result<Summary> {
+    let cfg = shared.cfg.clone();
+    let c = &cfg.cluster;
+    let heartbeat = Duration::from_secs_f64(c.heartbeat_timeout_s);
+    let mut d = Driver {
+        shared: shared.clone(),
+        record,
+        gen: None,
+        stages: vec![],
+        quorum_since: None,
+        join_deadline: Instant::now() + Duration::from_secs_f64(c.join_timeout_s),
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let ev = tokio::select! {
+            _ = &mut shutdown => {
+                tracing::warn!("shutdown requested: telling workers to stop; the last checkpoint is kept");
+                return Ok(d.end("interrupted", "interrupted by signal".into()));
+            }
+            ev = events.recv() => ev,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+        };
+        let phase = shared.state.lock().unwrap().phase;
+        let failure: Option<(String, Option<u64>)> = match (phase, ev) {
+            (_, Some(Event::Checkpoint(name))) => {
+                tracing::debug!(%name, "checkpoint event");
+                None
+            }
+            (Phase::Rendezvous, Some(Event::Left(id))) => {
+                shared.state.lock().unwrap().members.remove(&id);
+                None
+            }
+            (Phase::Running, Some(Event::Left(id))) => {
+                let m = shared.state.lock().unwrap().members.remove(&id);
+                m.filter(|m| m.rank.is_some()).map(|m| {
+                    (
+                        format!(
+                            "rank {} (worker {}) disconnected at step {} while {}",
+                            m.rank.unwrap(),
+                            m.worker_id,
+                            m.step,
+                            m.phase
+                        ),
+                        None,
+                    )
+                })
+            }
+            (Phase::Running, Some(Event::Failed { rank, error })) => {
+                Some((format!("rank {rank} failed: {error}"), None))
+            }
+            (Phase::Running, Some(Event::Done(r))) => {
+                let g = d.gen.as_mut().expect("running has a generation");
+                tracing::info!(
+                    rank = r.rank,
+                    step = r.step,
+                    fingerprint = format!("{:016x}", r.param_fingerprint),
+                    "rank finished the stage"
+                );
+                g.done.insert(r.rank, *r);
+                if g.done.len() as u32 == g.world {
+                    let s = stage_summary(&shared, g);
+                    let identical = s.replicas_identical;
+                    let fps = s.param_fingerprints.clone();
+                    d.stages.push(s);
+                    if !identical {
+                        return Ok(d.end(
+                            "failed",
+                            format!("replicas diverged: parameter fingerprints {fps:?}"),
+                        ));
+                    }
+                    let current = shared.state.lock().unwrap().stage_index;
+                    finish_stage(&shared, current)?;
+                    let next = current + 1;
+                    if next as usize >= cfg.stages.len() {
+                        export_final(&shared)?;
+                        return Ok(d.end("completed", String::new()));
+                    }
+                    // The next stage starts at once with the same workers.
+                    shared.state.lock().unwrap().stage_index = next;
+                    d.record.stage_index = next;
+                    if let Some(h) = d.record.history.last_mut() {
+                        h.outcome = format!("stage {current} completed");
+                    }
+                    tracing::info!(stage = next, name = %cfg.stages[next as usize].name, "starting the next stage");
+                    d.assign()?;
+                }
+                None
+            }
+            _ => None,
+        };
+        let failure = failure.or_else(|| {
+            if phase != Phase::Running {
+                return None;
+            }
+            let st = shared.state.lock().unwrap();
+            st.members.iter().find(|(_, m)| m.rank.is_some() && m.last_seen.elapsed() > heartbeat).map(|(id, m)| {
+                (
+                    format!(
+                        "rank {} (worker {}) stalled: silent for {:.0} s (heartbeat_timeout_s = {}) at step {} while {}",
+                        m.rank.unwrap(),
+                        m.worker_id,
+                        m.last_seen.elapsed().as_secs_f64(),
+                        c.heartbeat_timeout_s,
+                        m.step,
+                        m.phase
+                    ),
+                    Some(*id),
+                )
+            })
+        });
+        if let Some((reason, culprit)) = failure {
+            if let AfterFailure::Fail(summary) = d.on_failure(reason, culprit) {
+                return Ok(summary);
+            }
+            continue;
+        }
+        if phase == Phase::Rendezvous {
+            let n = shared.state.lock().unwrap().members.len();
+            if n >= c.min_workers {
+                let since = *d.quorum_since.get_or_insert_with(Instant::now);
+                if n >= c.max_workers || since.elapsed() >= Duration::from_secs_f64(c.join_window_s)
+                {
+                    d.assign()?;
+                }
+            } else {
+                d.quorum_since = None;
+                if Instant::now() > d.join_deadline {
+                    let reason = format!(
+                        "only {n} of min_workers = {} joined within join_timeout_s = {}",
+                        c.min_workers, c.join_timeout_s
+                    );
+                    return Ok(d.end("failed", reason));
+                }
+            }
+        }
+    }
+}
+
+fn set_phase(shared: &Shared, phase: Phase, message: &str) {
+    let mut st = shared.state.lock().unwrap();
+    st.phase = phase;
+    st.message = message.into();
+}
+
+fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
+    let st = shared.state.lock().unwrap();
+    let stage = &shared.cfg.stages[st.stage_index as usize];
+    // Rank 0's final report carries the global metrics averaged over the last steps.
+    let r0 = &g.done[&0];
+    let fps: Vec<String> = g
+        .done
+        .values()
+        .map(|r| format!("{:016x}", r.param_fingerprint))
+        .collect();
+    // The ledger comes from the stage's final checkpoint (written by rank 0 before it
+    // reported done): every committed range of every generation.
+    let ledger = shared
+        .store
+        .latest_good()
+        .and_then(|(_, files)| {
+            files
+                .into_iter()
+                .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE)
+        })
+        .and_then(|(_, b)| {
+            serde_json::from_slice::<crate::train::checkpoint::TrainerState>(&b).ok()
+        })
+        .map(|s| {
+            crate::train::checkpoint::epoch_ledgers(&s.ledger, &s.planned.iter().copied().collect())
+        })
+        .unwrap_or_default();
+    let docs = shared.prepared.index.total_documents();
+    let documents = if stage.kind != crate::config::StageKind::Pretrain {
+        0
+    } else {
+        ledger
+            .iter()
+            .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
+            .count() as u64
+            * docs
+    };
+    StageSummary {
+        name: stage.name.clone(),
+        kind: format!("{:?}", stage.kind).to_lowercase(),
+        steps: r0.step,
+        epochs: stage.epochs,
+        examples: r0.examples,
+        documents,
+        loss: r0.loss,
+        mlm_loss: r0.mlm_loss,
+        nsp_loss: r0.nsp_loss,
+        mlm_accuracy: r0.mlm_accuracy,
+        nsp_accuracy: r0.nsp_accuracy,
+        samples_per_s: r0.samples_per_s,
+        replicas_identical: fps.windows(2).all(|w| w[0] == w[1]),
+        param_fingerprints: fps,
+        epochs_ledger: ledger,
+        metrics: serde_json::from_str(&r0.metrics_json).unwrap_or_default(),
+        majority_baseline: shared.prepared.stages[st.stage_index as usize].majority_baseline,
+    }
+}
+
+/// Copies the newest checkpoint's model and the tokenizer to `state_dir/final` as an HF
+/// directory (config.json, model.safetensors, tokenizer.json, vocab.txt).
+fn export_final(shared: &Shared) -> anyhow::Result<()> {
+    let dst = shared.cfg.job.state_dir.join("final");
+    let last = shared.cfg.stages.len() - 1;
+    let best = format!("stage{last}-best");
+    let (name, files) = match shared.store.read(&best) {
+        Ok(files) => (best, files),
+        Err(_) => shared
+            .store
+            .latest_good()
+            .ok_or_else(|| anyhow::anyhow!("no checkpoint was stored: nothing to export"))?,
+    };
+    std::fs::create_dir_all(&dst)?;
+    for (f, bytes) in &files {
+        if f == crate::model::hf::WEIGHTS_FILE || f == crate::model::hf::CONFIG_FILE {
+            crate::util::write_atomic(&dst.join(f), bytes)?;
+        }
+    }
+    let stage_tok = shared.prepared.stages[last].tokenizer_json.as_ref();
+    let tok = Tokenizer::from_json(stage_tok.unwrap_or(&shared.prepared.tokenizer_json))?;
+    tok.save(&dst)?;
+    tracing::info!(checkpoint = %name, "final model exported to {}", dst.display());
+    Ok(())
+}
+
+/// Pins the stage's final checkpoint as `stage{i}-final` (never pruned): the next stage
+/// starts from it.
+fn finish_stage(shared: &Shared, stage: u32) -> anyhow::Result<()> {
+    let (name, files) = shared
+        .store
+        .latest_good()
+        .ok_or_else(|| anyhow::anyhow!("stage {stage} finished without a checkpoint"))?;
+    shared
+        .store
+        .commit(&format!("stage{stage}-final"), &files)?;
+    tracing::info!(stage, from = %name, "stage finished; final checkpoint pinned");
+    Ok(())
+}
