@@ -354,7 +354,15 @@ pub(super) async fn drive(
                 );
                 g.done.insert(r.rank, *r);
                 if g.done.len() as u32 == g.world {
-                    let s = stage_summary(&shared, g);
+                    // Rank 0 uploaded the stage's final checkpoint before reporting done.
+                    let current = shared.state.lock().unwrap().stage_index;
+                    let final_files = shared
+                        .store
+                        .read(&format!("stage{current}-final"))
+                        .with_context(|| {
+                            format!("stage {current} finished without a usable final checkpoint")
+                        })?;
+                    let s = stage_summary(&shared, g, &final_files);
                     let identical = s.replicas_identical;
                     let fps = s.param_fingerprints.clone();
                     d.stages.push(s);
@@ -364,11 +372,9 @@ pub(super) async fn drive(
                             format!("replicas diverged: parameter fingerprints {fps:?}"),
                         ));
                     }
-                    let current = shared.state.lock().unwrap().stage_index;
-                    finish_stage(&shared, current)?;
                     let next = current + 1;
                     if next as usize >= cfg.stages.len() {
-                        export_final(&shared)?;
+                        export_final(&shared, final_files)?;
                         return Ok(d.end("completed", String::new()));
                     }
                     // The next stage starts at once with the same workers.
@@ -438,7 +444,11 @@ fn set_phase(shared: &Shared, phase: Phase, message: &str) {
     st.message = message.into();
 }
 
-fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
+fn stage_summary(
+    shared: &Shared,
+    g: &Generation,
+    final_files: &[(String, Vec<u8>)],
+) -> StageSummary {
     let st = shared.state.lock().unwrap();
     let stage = &shared.cfg.stages[st.stage_index as usize];
     // Rank 0's final report carries the global metrics averaged over the last steps.
@@ -450,17 +460,10 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
         .collect();
     // The ledger comes from the stage's final checkpoint (written by rank 0 before it
     // reported done): every committed range of every generation.
-    let ledger = shared
-        .store
-        .latest_good()
-        .and_then(|(_, files)| {
-            files
-                .into_iter()
-                .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE)
-        })
-        .and_then(|(_, b)| {
-            serde_json::from_slice::<crate::train::checkpoint::TrainerState>(&b).ok()
-        })
+    let ledger = final_files
+        .iter()
+        .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE)
+        .and_then(|(_, b)| serde_json::from_slice::<crate::train::checkpoint::TrainerState>(b).ok())
         .map(|s| {
             crate::train::checkpoint::epoch_ledgers(&s.ledger, &s.planned.iter().copied().collect())
         })
@@ -496,18 +499,16 @@ fn stage_summary(shared: &Shared, g: &Generation) -> StageSummary {
     }
 }
 
-/// Copies the newest checkpoint's model and the tokenizer to `state_dir/final` as an HF
-/// directory (config.json, model.safetensors, tokenizer.json, vocab.txt).
-fn export_final(shared: &Shared) -> anyhow::Result<()> {
+/// Copies the last stage's best checkpoint (fine-tuning) or its final one, and the tokenizer,
+/// to `state_dir/final` as an HF directory (config.json, model.safetensors, tokenizer.json,
+/// vocab.txt).
+fn export_final(shared: &Shared, final_files: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
     let dst = shared.cfg.job.state_dir.join("final");
     let last = shared.cfg.stages.len() - 1;
     let best = format!("stage{last}-best");
     let (name, files) = match shared.store.read(&best) {
         Ok(files) => (best, files),
-        Err(_) => shared
-            .store
-            .latest_good()
-            .ok_or_else(|| anyhow::anyhow!("no checkpoint was stored: nothing to export"))?,
+        Err(_) => (format!("stage{last}-final"), final_files),
     };
     std::fs::create_dir_all(&dst)?;
     for (f, bytes) in &files {
@@ -519,19 +520,5 @@ fn export_final(shared: &Shared) -> anyhow::Result<()> {
     let tok = Tokenizer::from_json(stage_tok.unwrap_or(&shared.prepared.tokenizer_json))?;
     tok.save(&dst)?;
     tracing::info!(checkpoint = %name, "final model exported to {}", dst.display());
-    Ok(())
-}
-
-/// Pins the stage's final checkpoint as `stage{i}-final` (never pruned): the next stage
-/// starts from it.
-fn finish_stage(shared: &Shared, stage: u32) -> anyhow::Result<()> {
-    let (name, files) = shared
-        .store
-        .latest_good()
-        .ok_or_else(|| anyhow::anyhow!("stage {stage} finished without a checkpoint"))?;
-    shared
-        .store
-        .commit(&format!("stage{stage}-final"), &files)?;
-    tracing::info!(stage, from = %name, "stage finished; final checkpoint pinned");
     Ok(())
 }

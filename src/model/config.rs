@@ -190,6 +190,11 @@ impl BertConfig {
 
     /// Writes `config.json` with `model_type` and `architectures` set, as transformers expects.
     pub fn save(&self, path: &Path, architecture: &str) -> Result<()> {
+        crate::util::write_atomic(path, &self.to_hf_json(architecture))
+    }
+
+    /// The `config.json` bytes, with `model_type` and `architectures` set.
+    pub fn to_hf_json(&self, architecture: &str) -> Vec<u8> {
         let mut cfg = self.clone();
         cfg.extra
             .insert("model_type".into(), serde_json::Value::from("bert"));
@@ -197,8 +202,7 @@ impl BertConfig {
             "architectures".into(),
             serde_json::Value::from(vec![architecture.to_string()]),
         );
-        let text = serde_json::to_string_pretty(&cfg).expect("config serialises");
-        crate::util::write_atomic(path, text.as_bytes())
+        serde_json::to_vec_pretty(&cfg).expect("config serialises")
     }
 }
 

@@ -337,6 +337,13 @@ impl TaskModel {
     /// `config.json` (with `id2label`, `label2id`, `num_labels` for the classification heads)
     /// and `model.safetensors`. `id2label` empty keeps [`Self::labels`].
     pub fn save(&self, dir: &Path, id2label: &[String]) -> Result<()> {
+        let cfg = self.hf_config(id2label)?;
+        hf::save_checkpoint(dir, &cfg, &self.store, self.head.architecture())
+    }
+
+    /// The config this model is saved with: the encoder's plus `id2label`, `label2id` and
+    /// `num_labels` (empty `id2label` keeps [`Self::labels`]).
+    pub fn hf_config(&self, id2label: &[String]) -> Result<BertConfig> {
         let mut cfg = self.cfg.clone();
         for k in ["id2label", "label2id", "num_labels"] {
             cfg.extra.remove(k);
@@ -372,7 +379,7 @@ impl TaskModel {
             cfg.extra.insert("label2id".into(), Value::Object(label2id));
             cfg.extra.insert("num_labels".into(), Value::from(n));
         }
-        hf::save_checkpoint(dir, &cfg, &self.store, self.head.architecture())
+        Ok(cfg)
     }
 
     /// Logits in evaluation mode (no dropout); see [`TaskOutput::logits`].

@@ -46,6 +46,16 @@ pub struct TrainerState {
     pub stage_done: bool,
 }
 
+/// Name of a stage's checkpoint: `stageN-final` once the stage is done (pinned, the next stage
+/// starts from it), else `stageN-stepNNNNNN`.
+pub fn checkpoint_name(state: &TrainerState) -> String {
+    if state.stage_done {
+        format!("stage{}-final", state.stage_index)
+    } else {
+        format!("stage{}-step{:06}", state.stage_index, state.step)
+    }
+}
+
 impl TrainerState {
     /// The state of a stage that starts now with `world_size` ranks.
     pub fn start(stage_index: u32, stage_name: &str, world_size: u32, generation: u64) -> Self {
@@ -147,13 +157,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The files of a checkpoint of `trainer`, as (file name, bytes).
 pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Files> {
     let m = &trainer.model;
-    let mut cfg = m.cfg.clone();
-    cfg.extra.insert("model_type".into(), "bert".into());
-    cfg.extra.insert(
-        "architectures".into(),
-        serde_json::Value::from(vec![crate::model::pretrain::ARCHITECTURE]),
-    );
-    let cfg_bytes = serde_json::to_vec_pretty(&cfg).expect("config serialises");
+    let cfg_bytes = m.cfg.to_hf_json(crate::model::pretrain::ARCHITECTURE);
     store_files(&m.store, cfg_bytes, &trainer.opt, state)
 }
 

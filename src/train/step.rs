@@ -139,6 +139,41 @@ pub fn forward_backward_timed(
     })
 }
 
+/// Sums the flat gradient over all ranks, in buckets of `bucket_elems` floats.
+pub fn all_reduce_buckets(
+    comm: &mut dyn Collective,
+    grad: &mut [f32],
+    bucket_elems: usize,
+) -> Result<()> {
+    for bucket in grad.chunks_mut(bucket_elems.max(1)) {
+        comm.all_reduce_sum(bucket)?;
+    }
+    Ok(())
+}
+
+/// The update every model shares after the all-reduce: refuse a non-finite gradient, clip by
+/// global norm, AdamW at `lr`, write the weights back into `store`. Returns the norm before
+/// clipping.
+pub fn apply_update(
+    grad: &mut [f32],
+    params: &mut [f32],
+    opt: &mut AdamW,
+    store: &crate::model::ParamStore,
+    max_grad_norm: f32,
+    lr: f32,
+    step: u64,
+) -> Result<f32> {
+    let norm = clip_global_norm(grad, max_grad_norm);
+    if !norm.is_finite() {
+        return Err(Error::Train(format!(
+            "non-finite gradient norm ({norm}) at step {step}; the step was not applied"
+        )));
+    }
+    opt.step(params, grad, lr);
+    store.set_from_flat(params)?;
+    Ok(norm)
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_scalar::<f32>()? as f64)
 }
@@ -219,9 +254,7 @@ impl Trainer {
             local.nsp_correct += s.nsp_correct;
         }
         let t_reduce = std::time::Instant::now();
-        for bucket in self.grad.chunks_mut(self.options.bucket_elems.max(1)) {
-            comm.all_reduce_sum(bucket)?;
-        }
+        all_reduce_buckets(comm, &mut self.grad, self.options.bucket_elems)?;
         let mut sums = [
             local.mlm_sum as f32,
             local.nsp_sum as f32,
@@ -232,16 +265,16 @@ impl Trainer {
         let t_opt = std::time::Instant::now();
         times.allreduce_ms = (t_opt - t_reduce).as_secs_f64() * 1e3;
 
-        let grad_norm = clip_global_norm(&mut self.grad, self.options.max_grad_norm);
-        if !grad_norm.is_finite() {
-            return Err(Error::Train(format!(
-                "non-finite gradient norm ({grad_norm}) at step {}; the step was not applied",
-                self.step
-            )));
-        }
         let lr = self.options.schedule.lr(self.step);
-        self.opt.step(&mut self.params, &self.grad, lr);
-        self.model.store.set_from_flat(&self.params)?;
+        let grad_norm = apply_update(
+            &mut self.grad,
+            &mut self.params,
+            &mut self.opt,
+            &self.model.store,
+            self.options.max_grad_norm,
+            lr,
+            self.step,
+        )?;
         self.step += 1;
         times.optimizer_ms = t_opt.elapsed().as_secs_f64() * 1e3;
         self.phases = times;

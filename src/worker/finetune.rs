@@ -25,8 +25,11 @@ use crate::data::tokenizer::Tokenizer;
 use crate::metrics::{postprocess_qa, MetricCounts, MetricKind, QaPostprocess};
 use crate::model::{hf, BertConfig, TaskHead, TaskModel};
 use crate::proto;
-use crate::train::checkpoint::{restore_store, store_files, DataCursor, LedgerRange, TrainerState};
-use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+use crate::train::checkpoint::{
+    checkpoint_name, restore_store, store_files, DataCursor, LedgerRange, TrainerState,
+};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::step::{all_reduce_buckets, apply_update};
 use crate::train::Schedule;
 use crate::util;
 
@@ -245,15 +248,9 @@ fn labelled(b: &FinetuneBatch) -> usize {
 }
 
 fn task_config_json(model: &TaskModel, labels: &[String]) -> anyhow::Result<Vec<u8>> {
-    let dir = std::env::temp_dir().join(format!(
-        "tandem-cfg-{}-{:x}",
-        std::process::id(),
-        util::fnv1a(format!("{:?}", std::thread::current().id()).as_bytes())
-    ));
-    model.save(&dir, labels)?;
-    let bytes = std::fs::read(dir.join(hf::CONFIG_FILE))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(bytes)
+    Ok(model
+        .hf_config(labels)?
+        .to_hf_json(model.head.architecture()))
 }
 
 pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::Result<()> {
@@ -431,18 +428,18 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
                 sums[0] += out.loss_sum.to_scalar::<f32>()?;
                 sums[1] += out.correct as f32;
             }
-            for chunk in grad.chunks_mut(bucket.max(1)) {
-                ring.all_reduce_sum(chunk)?;
-            }
+            all_reduce_buckets(&mut ring, &mut grad, bucket)?;
             ring.all_reduce_sum(&mut sums)?;
-            let norm = clip_global_norm(&mut grad, stage.max_grad_norm);
-            anyhow::ensure!(
-                norm.is_finite(),
-                "non-finite gradient norm at step {}",
-                state.step
-            );
-            adam.step(&mut params, &grad, schedule.lr(state.step));
-            model.store.set_from_flat(&params)?;
+            let lr = schedule.lr(state.step);
+            apply_update(
+                &mut grad,
+                &mut params,
+                &mut adam,
+                &model.store,
+                stage.max_grad_norm,
+                lr,
+                state.step,
+            )?;
             state.step += 1;
             examples += sums[2] as u64;
             loss_window.push(sums[0] * w);
@@ -502,20 +499,18 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             )?;
             let mut c = ctx.client.clone();
             set_phase(&ctx, "checkpoint");
-            if improved {
-                ctx.rt.block_on(client::put_checkpoint(
-                    &mut c,
-                    &job_id,
-                    a.generation,
-                    &format!("stage{}-best", a.stage_index),
-                    &files,
-                ))?;
-            }
+            // An improved epoch's checkpoint is stored once, as the stage's best; it is also
+            // a resume point like any other (the newest checkpoint of the stage wins).
+            let name = if improved {
+                format!("stage{}-best", a.stage_index)
+            } else {
+                checkpoint_name(&state)
+            };
             ctx.rt.block_on(client::put_checkpoint(
                 &mut c,
                 &job_id,
                 a.generation,
-                &format!("stage{}-step{:06}", a.stage_index, state.step),
+                &name,
                 &files,
             ))?;
         }
@@ -534,7 +529,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             &mut c,
             &job_id,
             a.generation,
-            &format!("stage{}-step{:06}", a.stage_index, state.step),
+            &checkpoint_name(&state),
             &files,
         ))?;
     }

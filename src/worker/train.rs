@@ -21,7 +21,9 @@ use crate::data::shard::{plan_epoch, ShardIndex};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{BertConfig, PretrainModel};
 use crate::proto;
-use crate::train::checkpoint::{checkpoint_files, restore, DataCursor, LedgerRange, TrainerState};
+use crate::train::checkpoint::{
+    checkpoint_files, checkpoint_name, restore, DataCursor, LedgerRange, TrainerState,
+};
 use crate::train::{AdamWConfig, Schedule, StepOptions, StepStats, Trainer};
 
 /// What the training thread shares with the async side.
@@ -380,7 +382,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 finished_early = true;
                 break;
             }
-            if ckpt_due && rank == 0 {
+            if ckpt_due && rank == 0 && trainer.step < state.total_steps {
                 set_phase(&ctx, "checkpoint");
                 upload(&ctx, &trainer, &state, &job_id, a.generation)?;
             }
@@ -522,7 +524,7 @@ fn upload(
     generation: u64,
 ) -> anyhow::Result<()> {
     let files = checkpoint_files(trainer, state)?;
-    let name = format!("stage{}-step{:06}", state.stage_index, trainer.step);
+    let name = checkpoint_name(state);
     let mut c = ctx.client.clone();
     ctx.rt.block_on(client::put_checkpoint(
         &mut c, job_id, generation, &name, &files,
