@@ -69,21 +69,43 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     let result = 'session: loop {
         // (Re)join. The first attempt waits up to connect_timeout for the coordinator to
         // come up; later ones too (a restarted coordinator on the same address).
+        // (Re)join until connect_timeout: a coordinator that is starting (listening, but not yet
+        // serving) or restarting answers Unavailable for a while; a refusal (wrong token,
+        // protocol version, ended job) is final.
         let joined = async {
-            let mut client = connect(&opts.coordinator, &opts.token, opts.connect_timeout).await?;
-            let stream = client
-                .join(proto::JoinRequest {
-                    protocol_version: proto::PROTOCOL_VERSION,
-                    job_id: String::new(),
-                    worker_id: opts.worker_id.clone(),
-                    ring_addr: ring_addr.clone(),
-                    threads: opts.threads as u32,
-                    device: opts.device.clone(),
-                })
-                .await
-                .context("joining the job")?
-                .into_inner();
-            anyhow::Ok((client, stream))
+            let start = std::time::Instant::now();
+            let mut wait = Duration::from_millis(200);
+            loop {
+                let left = opts.connect_timeout.saturating_sub(start.elapsed());
+                let mut client = connect(&opts.coordinator, &opts.token, left).await?;
+                let r = client
+                    .join(proto::JoinRequest {
+                        protocol_version: proto::PROTOCOL_VERSION,
+                        job_id: String::new(),
+                        worker_id: opts.worker_id.clone(),
+                        ring_addr: ring_addr.clone(),
+                        threads: opts.threads as u32,
+                        device: opts.device.clone(),
+                    })
+                    .await;
+                match r {
+                    Ok(stream) => return anyhow::Ok((client, stream.into_inner())),
+                    Err(st)
+                        if matches!(
+                            st.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::Cancelled
+                                | tonic::Code::DeadlineExceeded
+                        ) && start.elapsed() + wait < opts.connect_timeout =>
+                    {
+                        tracing::debug!("join not possible yet ({st}); retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(st) => return Err(anyhow::Error::new(st).context("joining the job")),
+                }
+            }
         };
         let (mut client, mut directives) = tokio::select! {
             _ = &mut shutdown => break Ok(()),
