@@ -11,8 +11,11 @@ use candle_core::{Device, Tensor};
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 
+use super::attention::{attention, Heads};
+use super::linear::{linear, Act};
 use super::ops::{self, zero_in_graph};
 use super::params::{Init, ParamSpec, ParamStore};
+use super::residual::add_layer_norm;
 use crate::data::batch::{PretrainBatch, IGNORE};
 use crate::error::{Error, Result};
 use crate::model::BertConfig;
@@ -111,12 +114,22 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.w.t()?)?.broadcast_add(&self.b)?)
+        Ok(linear(x, &self.w, &self.b, Act::Identity)?)
     }
 
     /// `gelu(x Wᵀ + b)`, bias and activation fused.
     fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::bias_gelu(&x.matmul(&self.w.t()?)?, &self.b)?)
+        Ok(linear(x, &self.w, &self.b, Act::Gelu)?)
+    }
+
+    /// One projection computing several side by side: weights and biases concatenated.
+    fn packed(parts: &[&Linear]) -> Result<Linear> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+        let bs: Vec<&Tensor> = parts.iter().map(|l| &l.b).collect();
+        Ok(Linear {
+            w: Tensor::cat(&ws, 0)?,
+            b: Tensor::cat(&bs, 0)?,
+        })
     }
 }
 
@@ -139,28 +152,50 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::layer_norm(x, &self.g, &self.b, self.eps)?)
     }
+
+    /// `LayerNorm(dropout(y) + residual)`, in one pass.
+    fn forward_residual(
+        &self,
+        y: &Tensor,
+        residual: &Tensor,
+        p: f32,
+        rng: &mut DropoutRng,
+    ) -> Result<Tensor> {
+        let keep = dropout_mask(y.elem_count(), p, rng);
+        Ok(add_layer_norm(
+            y, residual, &self.g, &self.b, self.eps, keep,
+        )?)
+    }
+}
+
+/// Seeded inverted-dropout multipliers for `n` values: each 0 with probability `p`, else
+/// `1/(1-p)`. `None` in evaluation mode or when `p` is 0 (no randomness is drawn then).
+pub(crate) fn dropout_mask(n: usize, p: f32, rng: &mut DropoutRng) -> Option<Vec<f32>> {
+    let rng = rng.as_deref_mut()?;
+    if p == 0.0 {
+        return None;
+    }
+    let keep = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * 4294967296.0) as u64;
+    Some(
+        (0..n)
+            .map(|_| {
+                if (rng.next_u32() as u64) < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect(),
+    )
 }
 
 /// Inverted dropout with a seeded mask (candle's own dropout cannot be seeded on CPU).
 pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor> {
-    let Some(rng) = rng.as_deref_mut() else {
-        return Ok(x.clone());
-    };
-    if p == 0.0 {
-        return Ok(x.clone());
+    match dropout_mask(x.elem_count(), p, rng) {
+        None => Ok(x.clone()),
+        Some(mask) => Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?),
     }
-    let keep = 1.0 / (1.0 - p);
-    let threshold = (p as f64 * 4294967296.0) as u64;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if (rng.next_u32() as u64) < threshold {
-                0.0
-            } else {
-                keep
-            }
-        })
-        .collect();
-    Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
 }
 
 /// A batch moved to the device: ids, segment ids, positions and the attention bias.
@@ -300,27 +335,25 @@ impl BertModel {
         let mut h = dropout(&self.emb_ln.forward(&e)?, p_hidden, rng)?;
         let (b, t, nh, dh) = (x.batch, x.seq, cfg.num_attention_heads, cfg.head_dim());
         let scale = 1.0 / (dh as f64).sqrt();
+        let shape = Heads {
+            batch: b,
+            seq: t,
+            heads: nh,
+            head_dim: dh,
+        };
         for layer in &self.layers {
-            // [b·t, hidden] → [b, heads, t, head_dim]
-            let heads = |l: &Linear| -> Result<Tensor> {
-                Ok(l.forward(&h)?
-                    .reshape((b, t, nh, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let (q, k, v) = (heads(&layer.q)?, heads(&layer.k)?, heads(&layer.v)?);
-            let scores = q.matmul(&k.t()?)?;
-            let probs = ops::masked_softmax(&scores, &x.attention_bias, scale)?;
-            let probs = dropout(&probs, cfg.attention_probs_dropout_prob, rng)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b * t, nh * dh))?;
-            let a = dropout(&layer.attn_out.forward(&ctx)?, p_hidden, rng)?;
-            let a = layer.attn_ln.forward(&(a + &h)?)?;
+            // Q, K and V in one gemm: [b·t, 3·hidden].
+            let qkv = Linear::packed(&[&layer.q, &layer.k, &layer.v])?.forward(&h)?;
+            let keep = dropout_mask(b * nh * t * t, cfg.attention_probs_dropout_prob, rng);
+            let ctx = attention(&qkv, &x.attention_bias, shape, scale, keep)?;
+            let a = layer.attn_ln.forward_residual(
+                &layer.attn_out.forward(&ctx)?,
+                &h,
+                p_hidden,
+                rng,
+            )?;
             let f = layer.out.forward(&layer.inter.forward_gelu(&a)?)?;
-            let f = dropout(&f, p_hidden, rng)?;
-            h = layer.out_ln.forward(&(f + a)?)?;
+            h = layer.out_ln.forward_residual(&f, &a, p_hidden, rng)?;
         }
         Ok(h)
     }
@@ -398,8 +431,12 @@ impl BertForPreTraining {
         let t = self
             .transform_ln
             .forward(&self.transform.forward_gelu(rows)?)?;
-        Ok(t.matmul(&self.bert.word_embeddings().t()?)?
-            .broadcast_add(&self.decoder_bias)?)
+        Ok(linear(
+            &t,
+            self.bert.word_embeddings(),
+            &self.decoder_bias,
+            Act::Identity,
+        )?)
     }
 
     /// MLM logits at every position, `[batch, seq, vocab]` (HF's `prediction_logits`), and

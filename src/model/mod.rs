@@ -1,12 +1,17 @@
 //! The BERT model: configuration, fused kernels, parameters, encoder and heads, HF I/O.
 
+pub mod attention;
 pub mod bert;
 pub mod config;
+pub mod gemm;
 pub mod heads;
 pub mod hf;
+pub mod linear;
 pub mod ops;
 pub mod params;
 pub mod pretrain;
+pub mod residual;
+pub mod vmath;
 
 pub use bert::{BertForPreTraining, BertModel, PretrainOutput};
 pub use config::{BertConfig, Preset};

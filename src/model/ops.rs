@@ -14,15 +14,14 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-type CResult<T> = candle_core::Result<T>;
+use super::vmath;
 
-const SQRT_2_OVER_PI_INV: f32 = 0.398_942_3; // 1/sqrt(2π)
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+type CResult<T> = candle_core::Result<T>;
 
 /// Rows of at least this many elements in total are split across rayon's threads.
 const PAR_MIN: usize = 1 << 14;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: expected a contiguous input")
     };
@@ -30,7 +29,7 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor (copying only if it is strided).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     match &*st {
@@ -39,7 +38,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
     }
 }
 
-fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if out.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
         out.par_chunks_mut(width)
             .enumerate()
@@ -49,7 +48,7 @@ fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     }
 }
 
-fn is_cpu(t: &Tensor) -> bool {
+pub(crate) fn is_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
@@ -198,12 +197,7 @@ impl CustomOp2 for MaskedSoftmax {
                 pr[j] = sr[j] * self.scale + b[j];
                 max = max.max(pr[j]);
             }
-            let mut sum = 0f32;
-            for v in pr.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / vmath::exp_shifted_sum(pr, max);
             pr.iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(p), l1.shape().clone()))
@@ -253,10 +247,8 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> CResult<Ten
 
 // ------------------------------------------------------------ GELU(x + b)
 
-fn gelu_and_grad(z: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + libm::erff(z * FRAC_1_SQRT_2));
-    let pdf = SQRT_2_OVER_PI_INV * (-0.5 * z * z).exp();
-    (z * cdf, cdf + z * pdf)
+pub(crate) fn gelu_and_grad(z: f32) -> (f32, f32) {
+    vmath::gelu_and_grad(z)
 }
 
 /// `gelu(x + bias)` with the exact (erf) GELU, bias broadcast over rows.
@@ -336,10 +328,12 @@ struct CrossEntropySum {
     labels: Vec<u32>,
 }
 
-fn log_softmax_row(r: &[f32]) -> (f32, f32) {
+/// `(max, ln Σ e^(r - max))` of a row; `scratch` is overwritten.
+fn log_softmax_row(r: &[f32], scratch: &mut Vec<f32>) -> (f32, f32) {
     let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = r.iter().map(|v| (v - max).exp()).sum();
-    (max, sum.ln())
+    scratch.clear();
+    scratch.extend_from_slice(r);
+    (max, vmath::exp_shifted_sum(scratch, max).ln())
 }
 
 impl CustomOp1 for CrossEntropySum {
@@ -357,9 +351,10 @@ impl CustomOp1 for CrossEntropySum {
             )
         }
         let mut total = 0f64;
+        let mut scratch = Vec::with_capacity(v);
         for (i, &lab) in self.labels.iter().enumerate() {
             let r = &x[i * v..(i + 1) * v];
-            let (max, lse) = log_softmax_row(r);
+            let (max, lse) = log_softmax_row(r, &mut scratch);
             total += (max + lse - r[lab as usize]) as f64;
         }
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
@@ -372,10 +367,12 @@ impl CustomOp1 for CrossEntropySum {
             let mut dx = vec![0f32; x.len()];
             for_rows(&mut dx, v, |i, dr| {
                 let r = &x[i * v..(i + 1) * v];
-                let (max, lse) = log_softmax_row(r);
-                for j in 0..v {
-                    dr[j] = g * (r[j] - max - lse).exp();
-                }
+                let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                dr.copy_from_slice(r);
+                let lse = vmath::exp_shifted_sum(dr, max).ln();
+                // dr = e^(r - max) now; the softmax is that / e^lse.
+                let scale = g * (-lse).exp();
+                dr.iter_mut().for_each(|d| *d *= scale);
                 dr[self.labels[i] as usize] -= g;
             });
             dx
@@ -414,11 +411,11 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &[u32]) -> CResult<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed
             .wrapping_mul(6364136223846793005)
@@ -447,7 +444,7 @@ mod tests {
 
     /// Compares a fused op against its composed reference on outputs and all gradients,
     /// with a random upstream gradient `w` (loss = sum(out * w)).
-    fn check(
+    pub(crate) fn check(
         inputs: &[Tensor],
         fused: impl Fn(&[Tensor]) -> CResult<Tensor>,
         composed: impl Fn(&[Tensor]) -> CResult<Tensor>,
