@@ -131,6 +131,7 @@ pub fn bench_step(
         forward_ms: med(|p| p.forward_ms),
         backward_ms: med(|p| p.backward_ms),
         pack_ms: med(|p| p.pack_ms),
+        sync_ms: med(|p| p.sync_ms),
         allreduce_ms: med(|p| p.allreduce_ms),
         optimizer_ms: med(|p| p.optimizer_ms),
     };
@@ -262,6 +263,75 @@ pub struct ScalingBench {
     pub samples_per_s_n: f64,
     /// samples_per_s_n / (N · samples_per_s_1)
     pub efficiency: f64,
+    /// The machine's own ceiling, without tandem's runtime: `tandem bench step` (same preset,
+    /// batch and sequence, 1 thread) alone, and N of them at once, independent of each other
+    /// (no coordinator, no all-reduce): their summed samples/s.
+    pub bare_samples_per_s_1: f64,
+    pub bare_samples_per_s_n: f64,
+    /// bare_samples_per_s_n / (N · bare_samples_per_s_1): what N processes that never talk get
+    /// from this machine (shared caches, memory bandwidth, cores).
+    pub machine_efficiency: f64,
+    /// efficiency / machine_efficiency: the part of the scaling loss due to the runtime.
+    pub runtime_efficiency: f64,
+}
+
+/// `tandem bench step` in `n` concurrent processes of 1 thread each: their samples/s, summed.
+fn bare_steps(preset: &str, n: usize, batch: usize, seq: usize, steps: u64) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let children = (0..n)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["bench", "step", "--preset", preset, "--threads", "1"])
+                .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
+                .args(["--steps", &steps.to_string(), "--warmup", "2"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut total = 0.0;
+    for child in children {
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "bench step failed ({})", out.status);
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        total += line["samples_per_s"]
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("bench step printed no samples_per_s"))?;
+    }
+    Ok(total)
+}
+
+/// Writes the bundled corpus again with every `group` consecutive documents merged into one,
+/// `copies` times over. Its documents (~80 tokens) are shorter than a 128-token instance, so
+/// instances and their masked-token counts vary in length, and with them the work of each
+/// rank's step; merged, every instance is full length, as in real pre-training text (and the
+/// reference figures). The copies make an epoch longer than the run: at an epoch's end the
+/// ranks' shares differ by up to a batch (a rank may even step with an empty batch), which on
+/// a 77 KB corpus would happen every few steps and measure the corpus, not the runtime.
+fn long_documents(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    group: usize,
+    copies: usize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    let mut files: Vec<_> = std::fs::read_dir(from)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        let docs: Vec<&str> = text
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        let merged: Vec<String> = docs.chunks(group).map(|g| g.join("\n")).collect();
+        let name = f.file_name().expect("a file in a directory");
+        let text = merged.join("\n\n") + "\n\n";
+        std::fs::write(to.join(name), text.repeat(copies))?;
+    }
+    Ok(())
 }
 
 /// Runs the same short job through `tandem launch` with 1 and with `workers` workers.
@@ -275,11 +345,13 @@ pub async fn scaling(
     let dir = std::env::temp_dir().join(format!("tandem-bench-scaling-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let corpus = std::path::Path::new("configs/data/corpus");
+    let bundled = std::path::Path::new("configs/data/corpus");
     anyhow::ensure!(
-        corpus.exists(),
+        bundled.exists(),
         "run from the repository root (needs configs/data/corpus)"
     );
+    let corpus = dir.join("corpus");
+    long_documents(bundled, &corpus, 10, 8)?;
     let preset_name = serde_json::to_value(preset)?
         .as_str()
         .unwrap_or("tiny")
@@ -291,7 +363,7 @@ pub async fn scaling(
             "[job]\nname = \"scaling\"\nstate_dir = {state:?}\n[cluster]\nmin_workers = {n}\nmax_workers = {n}\n\
              [model]\npreset = \"{preset_name}\"\nmax_position_embeddings = {seq}\n\
              [data]\ncorpus = [{corpus:?}]\nshard_size = \"4KiB\"\nvocab_size = 8192\n\
-             [data.instances]\nmax_seq_length = {seq}\n\
+             [data.instances]\nmax_seq_length = {seq}\npad_to_max_length = true\n\
              [[stages]]\nname = \"pretrain\"\nkind = \"pretrain\"\nepochs = 1000\nbatch_size = {batch}\nlr = 1e-4\nmax_steps = {steps}\n",
             state = state.display().to_string(),
             corpus = corpus.display().to_string(),
@@ -317,6 +389,10 @@ pub async fn scaling(
         rates.push(s.stages[0].samples_per_s as f64);
     }
     let _ = std::fs::remove_dir_all(&dir);
+    let bare_1 = bare_steps(&preset_name, 1, batch, seq, steps)?;
+    let bare_n = bare_steps(&preset_name, workers, batch, seq, steps)?;
+    let efficiency = rates[1] / (workers as f64 * rates[0]);
+    let machine_efficiency = bare_n / (workers as f64 * bare_1);
     Ok(ScalingBench {
         preset,
         workers,
@@ -325,6 +401,10 @@ pub async fn scaling(
         steps,
         samples_per_s_1: rates[0],
         samples_per_s_n: rates[1],
-        efficiency: rates[1] / (workers as f64 * rates[0]),
+        efficiency,
+        bare_samples_per_s_1: bare_1,
+        bare_samples_per_s_n: bare_n,
+        machine_efficiency,
+        runtime_efficiency: efficiency / machine_efficiency,
     })
 }

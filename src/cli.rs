@@ -250,7 +250,8 @@ pub enum BenchCommand {
         ports: Vec<u16>,
     },
     /// The same short pre-training through the real runtime with N workers and with 1 worker
-    /// (1 thread each): samples/s and scaling efficiency.
+    /// (1 thread each): samples/s and scaling efficiency; then `bench step` alone and N
+    /// independent copies at once, for the machine's own ceiling (`machine_efficiency`).
     Scaling {
         #[arg(long, value_enum, default_value = "tiny")]
         preset: Preset,

@@ -39,6 +39,10 @@ pub struct InstanceOptions {
     pub max_predictions_per_seq: usize,
     /// Mask whole words: `##` pieces are chosen together with the piece before them.
     pub whole_word_mask: bool,
+    /// Pad every training batch to `max_seq_length` (static shapes, equal work on every rank)
+    /// instead of to its longest instance (less work on short text, but ranks whose batches
+    /// happen to be longer make the others wait at each all-reduce).
+    pub pad_to_max_length: bool,
 }
 
 impl Default for InstanceOptions {
@@ -49,6 +53,7 @@ impl Default for InstanceOptions {
             masked_lm_prob: 0.15,
             max_predictions_per_seq: 20,
             whole_word_mask: false,
+            pad_to_max_length: false,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_raw, SendPtr, View};
+use super::gemm::{self, matmul, matmul_raw, SendPtr, View};
 use super::ops::{contiguous_f32, is_cpu, masked_softmax, with_f32};
 use super::vmath;
 
@@ -105,47 +105,52 @@ impl CustomOp1 for Attention {
         let mut out = vec![0f32; sh.batch * t * hid];
         let mut probs = vec![0f32; sh.batch * nh * t * t];
         let out_ptr = SendPtr(out.as_mut_ptr());
-        probs
-            .par_chunks_mut(t * t)
-            .enumerate()
-            .for_each(|(task, p)| {
-                let (b, h) = (task / nh, task % nh);
-                matmul(
-                    p,
+        let forward_task = |(task, p): (usize, &mut [f32])| {
+            let (b, h) = (task / nh, task % nh);
+            matmul(
+                p,
+                View::dense(t, t),
+                qkv,
+                sh.packed(b, h, 0),
+                qkv,
+                sh.packed(b, h, 1).t(),
+                false,
+                false,
+            );
+            let bias = &self.bias[b * t..(b + 1) * t];
+            for row in p.chunks_mut(t) {
+                let mut max = f32::NEG_INFINITY;
+                for (v, bj) in row.iter_mut().zip(bias) {
+                    *v = *v * self.scale + bj;
+                    max = max.max(*v);
+                }
+                let inv = 1.0 / vmath::exp_shifted_sum(row, max);
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+            let mut buf = Vec::new();
+            let pd = dropped(p, self.keep_of(task), &mut buf);
+            // SAFETY: each task writes only its own (sequence, head) block of `out`.
+            unsafe {
+                matmul_raw(
+                    out_ptr.get(),
+                    sh.merged(b, h),
+                    pd,
                     View::dense(t, t),
                     qkv,
-                    sh.packed(b, h, 0),
-                    qkv,
-                    sh.packed(b, h, 1).t(),
+                    sh.packed(b, h, 2),
                     false,
                     false,
-                );
-                let bias = &self.bias[b * t..(b + 1) * t];
-                for row in p.chunks_mut(t) {
-                    let mut max = f32::NEG_INFINITY;
-                    for (v, bj) in row.iter_mut().zip(bias) {
-                        *v = *v * self.scale + bj;
-                        max = max.max(*v);
-                    }
-                    let inv = 1.0 / vmath::exp_shifted_sum(row, max);
-                    row.iter_mut().for_each(|v| *v *= inv);
-                }
-                let mut buf = Vec::new();
-                let pd = dropped(p, self.keep_of(task), &mut buf);
-                // SAFETY: each task writes only its own (sequence, head) block of `out`.
-                unsafe {
-                    matmul_raw(
-                        out_ptr.get(),
-                        sh.merged(b, h),
-                        pd,
-                        View::dense(t, t),
-                        qkv,
-                        sh.packed(b, h, 2),
-                        false,
-                        false,
-                    )
-                };
-            });
+                )
+            };
+        };
+        if gemm::parallel() {
+            probs
+                .par_chunks_mut(t * t)
+                .enumerate()
+                .for_each(forward_task);
+        } else {
+            probs.chunks_mut(t * t).enumerate().for_each(forward_task);
+        }
         let _ = self.probs.set(probs);
         Ok((CpuStorage::F32(out), Shape::from((sh.batch * t, hid))))
     }
@@ -160,7 +165,7 @@ impl CustomOp1 for Attention {
             with_f32(dctx, |dctx| {
                 let mut dqkv = vec![0f32; qkv.len()];
                 let ptr = SendPtr(dqkv.as_mut_ptr());
-                (0..sh.batch * nh).into_par_iter().for_each(|task| {
+                let backward_task = |task: usize| {
                     let (b, h) = (task / nh, task % nh);
                     let p = &probs[task * t * t..(task + 1) * t * t];
                     let keep = self.keep_of(task);
@@ -231,7 +236,14 @@ impl CustomOp1 for Attention {
                             false,
                         );
                     }
-                });
+                };
+                // One thread: stay on the caller (a hop to rayon's single worker costs more
+                // than it brings).
+                if gemm::parallel() {
+                    (0..sh.batch * nh).into_par_iter().for_each(backward_task);
+                } else {
+                    (0..sh.batch * nh).for_each(backward_task);
+                }
                 dqkv
             })
         })??;

@@ -76,7 +76,11 @@ pub struct PhaseTimes {
     pub backward_ms: f64,
     /// Copying gradients into the flat buffer.
     pub pack_ms: f64,
-    /// All-reduce of the gradient buckets and the statistics.
+    /// The step's first collective (the label counts, a few floats): in effect a barrier, so
+    /// its time is the wait for the slowest rank to finish the previous step.
+    pub sync_ms: f64,
+    /// All-reduce of the gradient buckets and the statistics (including any wait there for a
+    /// rank that was slower in forward and backward).
     pub allreduce_ms: f64,
     /// Clipping, AdamW and writing the weights back.
     pub optimizer_ms: f64,
@@ -231,7 +235,9 @@ impl Trainer {
             micro.iter().map(|b| b.mlm_count()).sum::<usize>() as f32,
             micro.iter().map(|b| b.nsp_count()).sum::<usize>() as f32,
         ];
+        let t_counts = std::time::Instant::now();
         comm.all_reduce_sum(&mut counts)?;
+        let sync_ms = t_counts.elapsed().as_secs_f64() * 1e3;
         let weights = (inv(counts[0] as f64), inv(counts[1] as f64));
 
         self.grad.iter_mut().for_each(|g| *g = 0.0);
@@ -263,6 +269,7 @@ impl Trainer {
         ];
         comm.all_reduce_sum(&mut sums)?;
         let t_opt = std::time::Instant::now();
+        times.sync_ms = sync_ms;
         times.allreduce_ms = (t_opt - t_reduce).as_secs_f64() * 1e3;
 
         let lr = self.options.schedule.lr(self.step);

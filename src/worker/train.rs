@@ -191,7 +191,15 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let mut examples = 0u64;
     // Throughput is measured from the end of the second step on (start-up excluded).
     let mut since = (Instant::now(), 0u64);
+    let mut time_split = TimeSplit::default();
+    // Throughput counts training time only: not the final checkpoint upload after the last step.
+    let mut last_step_end = Instant::now();
     let pad_id = tokenizer.pad_id();
+    let pad_to = cfg
+        .data
+        .instances
+        .pad_to_max_length
+        .then_some(cfg.data.instances.max_seq_length);
     let mut epoch = state.cursor.epoch;
     let mut finished_early = false;
     while epoch < stage.epochs && !finished_early {
@@ -321,6 +329,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             if ctx.abort.load(Ordering::SeqCst) {
                 anyhow::bail!("aborted by the coordinator");
             }
+            let t_data = Instant::now();
             let mut micro = vec![];
             let mut inst = vec![];
             let mut taken = 0;
@@ -331,7 +340,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                         taken += 1;
                         inst.push(i);
                         if inst.len() == stage.batch_size {
-                            micro.push(collate(&std::mem::take(&mut inst), None, pad_id)?);
+                            micro.push(collate(&std::mem::take(&mut inst), pad_to, pad_id)?);
                         }
                     }
                     Ok(FeedMsg::Error(e)) => anyhow::bail!("data for epoch {epoch}: {e}"),
@@ -339,7 +348,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 }
             }
             if !inst.is_empty() {
-                micro.push(collate(&inst, None, pad_id)?);
+                micro.push(collate(&inst, pad_to, pad_id)?);
             }
             set_phase(&ctx, "training");
             // Collectives of the step name themselves in the progress phase, so a stall is
@@ -350,7 +359,12 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 step: trainer.step + 1,
                 calls: 0,
             };
+            let data_ms = t_data.elapsed().as_secs_f64() * 1e3;
             let stats = trainer.train_step(&micro, &mut traced)?;
+            last_step_end = Instant::now();
+            if trainer.step > 2 {
+                time_split.add(data_ms, &trainer.phases);
+            }
             examples += stats.examples;
             if trainer.step == 2 {
                 since = (Instant::now(), examples);
@@ -368,7 +382,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                     trainer.step,
                     state.total_steps,
                     examples,
-                    since,
+                    rate(examples, since, last_step_end),
                 );
             }
             let at_max = stage.max_steps.is_some_and(|m| trainer.step >= m);
@@ -409,6 +423,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         }
     }
     set_phase(&ctx, "finishing");
+    time_split.log(rank);
     state.step = trainer.step;
     state.stage_done = true;
     let fingerprint = trainer.model.store.fingerprint()?;
@@ -423,7 +438,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         trainer.step,
         state.total_steps,
         examples,
-        since,
+        rate(examples, since, last_step_end),
     );
     report_done(&ctx, done, fingerprint, trainer.step)
 }
@@ -491,6 +506,12 @@ impl Collective for Traced<'_> {
     }
 }
 
+/// Examples per second from `since` (an instant and the example count then) to `until`.
+fn rate(examples: u64, since: (Instant, u64), until: Instant) -> f32 {
+    (examples.saturating_sub(since.1) as f64
+        / until.duration_since(since.0).as_secs_f64().max(1e-9)) as f32
+}
+
 fn fill_report(
     p: &mut proto::ProgressReport,
     window: &VecDeque<StepStats>,
@@ -498,7 +519,7 @@ fn fill_report(
     step: u64,
     total_steps: u64,
     examples: u64,
-    since: (Instant, u64),
+    samples_per_s: f32,
 ) {
     let n = window.len().max(1) as f32;
     let mean = |f: fn(&StepStats) -> f32| window.iter().map(f).sum::<f32>() / n;
@@ -512,8 +533,7 @@ fn fill_report(
     p.nsp_accuracy = mean(|s| s.nsp_accuracy);
     p.lr = window.back().map(|s| s.lr).unwrap_or(0.0);
     p.examples = examples;
-    p.samples_per_s = (examples.saturating_sub(since.1) as f64
-        / since.0.elapsed().as_secs_f64().max(1e-9)) as f32;
+    p.samples_per_s = samples_per_s;
 }
 
 fn upload(
@@ -529,4 +549,46 @@ fn upload(
     ctx.rt.block_on(client::put_checkpoint(
         &mut c, job_id, generation, &name, &files,
     ))
+}
+
+/// Where this rank's steps spent their time (steps after the second), for the end-of-stage log.
+#[derive(Default)]
+struct TimeSplit {
+    steps: u64,
+    data_ms: f64,
+    phases: crate::train::step::PhaseTimes,
+}
+
+impl TimeSplit {
+    fn add(&mut self, data_ms: f64, p: &crate::train::step::PhaseTimes) {
+        self.steps += 1;
+        self.data_ms += data_ms;
+        self.phases.forward_ms += p.forward_ms;
+        self.phases.backward_ms += p.backward_ms;
+        self.phases.pack_ms += p.pack_ms;
+        self.phases.sync_ms += p.sync_ms;
+        self.phases.allreduce_ms += p.allreduce_ms;
+        self.phases.optimizer_ms += p.optimizer_ms;
+    }
+
+    /// Logs the mean milliseconds per step of each part: waiting for data, waiting for the
+    /// other ranks at the step's start, forward, backward, all-reduce and the optimiser.
+    fn log(&self, rank: usize) {
+        if self.steps == 0 {
+            return;
+        }
+        let n = self.steps as f64;
+        let p = &self.phases;
+        tracing::info!(
+            rank,
+            steps = self.steps,
+            data_ms = format!("{:.1}", self.data_ms / n),
+            forward_ms = format!("{:.1}", p.forward_ms / n),
+            backward_ms = format!("{:.1}", p.backward_ms / n),
+            sync_ms = format!("{:.1}", p.sync_ms / n),
+            allreduce_ms = format!("{:.1}", p.allreduce_ms / n),
+            optimizer_ms = format!("{:.1}", (p.pack_ms + p.optimizer_ms) / n),
+            "mean time per step"
+        );
+    }
 }
