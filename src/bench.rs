@@ -16,6 +16,8 @@ use crate::util;
 #[derive(Debug, Serialize)]
 pub struct StepBench {
     pub preset: Preset,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
@@ -88,13 +90,14 @@ pub fn synthetic_batch(cfg: &BertConfig, batch: usize, seq: usize, seed: u64) ->
 pub fn bench_step(
     preset: Preset,
     threads: usize,
+    device: &Device,
     batch: usize,
     seq: usize,
     steps: usize,
     warmup: usize,
 ) -> Result<StepBench> {
     let cfg = BertConfig::preset(preset);
-    let model = PretrainModel::new(&cfg, 0, &Device::Cpu)?;
+    let model = PretrainModel::new(&cfg, 0, device)?;
     let params = model.store.numel();
     let options = StepOptions {
         adamw: AdamWConfig::default(),
@@ -140,6 +143,11 @@ pub fn bench_step(
     let flops = 3.0 * pretraining_forward_flops(&cfg, batch, seq);
     Ok(StepBench {
         preset,
+        device: match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            other => format!("{other:?}"),
+        },
         threads,
         batch,
         seq,
@@ -378,6 +386,7 @@ pub async fn scaling(
             state_dir: None,
             sets: vec![],
             threads: 1,
+            device: "cpu".into(),
             no_progress: true,
             quiet: true,
             resume: false,

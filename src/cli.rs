@@ -49,6 +49,9 @@ pub enum Command {
         /// CPU threads per worker.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print plain log lines instead of a progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -82,7 +85,7 @@ pub enum Command {
         /// Coordinator URL, e.g. http://127.0.0.1:50051.
         #[arg(long, env = "TANDEM_COORDINATOR")]
         coordinator: String,
-        /// cpu (cuda:N needs a build with the `cuda` feature).
+        /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// CPU threads for this worker's kernels.
@@ -221,6 +224,9 @@ pub enum BenchCommand {
         seq: usize,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Timed steps (the median is reported).
         #[arg(long, default_value_t = 5)]
         steps: usize,

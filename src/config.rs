@@ -84,7 +84,8 @@ pub struct ClusterSection {
     /// Gradient bucket size for the all-reduce, in MiB (PyTorch DDP's default is 25).
     #[serde(default = "d_bucket")]
     pub bucket_mib: f64,
-    /// Workers report progress every this many steps.
+    /// Workers report progress every this many steps; rank 0 also logs those steps to
+    /// state_dir/metrics.jsonl.
     #[serde(default = "d_one_u64")]
     pub progress_every: u64,
     /// Generations that may fail (worker lost, stalled or failed) before the job fails.

@@ -30,6 +30,9 @@ pub struct EvalReport {
     /// Heads the checkpoint lacked and that were initialised for this run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub initialised: Vec<String>,
+    /// `fused-cpu` (tandem's CPU kernels) or `composed` (differentiable candle ops, as on CUDA
+    /// or with `TANDEM_FUSED_KERNELS=0`).
+    pub kernels: &'static str,
 }
 
 /// Evaluation mode (no dropout); with `grads`, the gradient of `loss` w.r.t. every parameter.
@@ -76,6 +79,11 @@ pub fn eval_batch(m: &PretrainModel, batch: &PretrainBatch, grads: bool) -> Resu
         grad_norm,
         grad_norms,
         initialised: vec![],
+        kernels: if m.store.device().is_cpu() && crate::model::ops::fused_kernels() {
+            "fused-cpu"
+        } else {
+            "composed"
+        },
     })
 }
 

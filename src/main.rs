@@ -56,6 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             sets,
             threads,
+            device,
             no_progress,
             resume,
         } => {
@@ -77,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 sets,
                 threads,
+                device,
                 no_progress,
                 quiet: false,
                 resume: resume.is_some(),
@@ -294,12 +296,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             seq,
             threads,
+            device,
             steps,
             warmup,
         }) => {
             anyhow::ensure!(steps > 0, "--steps must be at least 1");
             tandem::util::set_threads(threads);
-            let r = tandem::bench::bench_step(preset, threads, batch, seq, steps, warmup)?;
+            let device = tandem::util::parse_device(&device)?;
+            let r = tandem::bench::bench_step(preset, threads, &device, batch, seq, steps, warmup)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }

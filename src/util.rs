@@ -70,6 +70,40 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The compute device named by `--device`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device
+/// needs a build with the `cuda` feature (`scripts/build-cuda.sh`); without it, or without the
+/// GPU, the error says which.
+pub fn parse_device(name: &str) -> Result<candle_core::Device> {
+    match device_ordinal(name)? {
+        None => Ok(candle_core::Device::Cpu),
+        Some(ordinal) => candle_core::Device::new_cuda(ordinal)
+            .map_err(|e| Error::Config(format!("device {name:?}: cannot open GPU {ordinal}: {e}"))),
+    }
+}
+
+/// Checks a `--device` name without opening the device: `None` for the CPU, else the GPU index.
+pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
+    let ordinal = match name {
+        "cpu" => return Ok(None),
+        "cuda" => 0,
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(Error::Config(format!(
+                    "device {name:?}: expected cpu, cuda or cuda:N (N a GPU index)"
+                )))
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Config(format!(
+            "device {name:?}: this tandem was built without the `cuda` feature; build it with \
+             scripts/build-cuda.sh (or cargo build --release --features cuda), or use --device cpu"
+        )));
+    }
+    Ok(Some(ordinal))
+}
+
 /// glibc's defaults return freed large blocks to the kernel at once, so every candle op pays
 /// for fresh page faults (~35% of a CPU training step). Keep them in the heap instead.
 pub fn tune_allocator() {
@@ -97,6 +131,19 @@ pub fn set_threads(threads: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_are_parsed_with_clear_errors() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let e = parse_device("gpu0").unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+        let e = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+        if !candle_core::utils::cuda_is_available() {
+            let e = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("without the `cuda` feature"), "{e}");
+        }
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temporary() {

@@ -16,7 +16,7 @@ fn final_loss(s: &serde_json::Value) -> f64 {
 }
 
 fn fingerprint(s: &serde_json::Value) -> String {
-    s["stages"][0]["param_fingerprints"][0]
+    s["stages"][0]["param_hashes"][0]
         .as_str()
         .unwrap()
         .to_string()
@@ -103,6 +103,27 @@ fn killed_worker_is_restarted_and_every_instance_is_used_once() {
         "{s:#}"
     );
     assert_exactly_once(&s);
+    // The stage ran under every generation, and metrics.jsonl shows the replay: steps after
+    // the checkpoint appear once per generation that trained them.
+    let gens = s["stages"][0]["generations"].as_array().unwrap();
+    assert!(gens.len() >= 2, "{s:#}");
+    let metrics = std::fs::read_to_string(dir.join("state/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for g in gens {
+        assert!(
+            lines.iter().any(|v| &v["generation"] == g),
+            "no logged step of generation {g}"
+        );
+    }
+    assert!(
+        lines.iter().any(|v| v["step"] == 1),
+        "the steps before the kill's checkpoint were logged"
+    );
+    let last = lines.iter().map(|v| v["step"].as_u64().unwrap()).max();
+    assert_eq!(last, s["stages"][0]["steps"].as_u64());
     let (a, b) = (final_loss(&s), final_loss(&uninterrupted));
     assert!(
         (a - b).abs() <= 0.05 * b,

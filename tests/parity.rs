@@ -283,6 +283,7 @@ fn eval_batch_command_prints_hf_losses() {
         assert!((g - w).abs() <= 1e-3 * w.abs(), "{k}: {g} vs {w}");
     }
     assert!(v["grad_norms"]["cls.predictions.bias"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["kernels"], "fused-cpu");
 
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["eval-batch", "--checkpoint"])
@@ -297,4 +298,39 @@ fn eval_batch_command_prints_hf_losses() {
         err.contains("config.json") && err.contains("invalid JSON"),
         "{err}"
     );
+}
+
+/// The composed path — differentiable candle ops instead of tandem's fused CPU kernels, the
+/// path a CUDA device takes — against the same transformers fixtures, on this CPU.
+#[test]
+fn composed_ops_path_matches_transformers() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .env("TANDEM_FUSED_KERNELS", "0")
+        .args(["eval-batch", "--grads", "--checkpoint"])
+        .arg(fixture("bert_tiny"))
+        .arg("--batch")
+        .arg(fixture("bert_tiny/batch.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kernels"], "composed", "the switch must take effect");
+    let e = expected();
+    for k in ["mlm_loss", "nsp_loss", "loss"] {
+        let (g, w) = (v[k].as_f64().unwrap(), e[k].as_f64().unwrap());
+        assert!((g - w).abs() <= 1e-4 * w.abs(), "{k}: {g} vs {w}");
+    }
+    let total = e["grad_norm"].as_f64().unwrap();
+    for (name, w) in e["grad_norms"].as_object().unwrap() {
+        let w = w.as_f64().unwrap();
+        let g = v["grad_norms"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let ok = (g - w).abs() <= 1e-3 * w.abs() || (w < 1e-6 * total && g < 1e-6 * total);
+        assert!(ok, "grad norm of {name}: composed {g}, transformers {w}");
+    }
 }

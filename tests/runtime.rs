@@ -13,14 +13,47 @@ fn check_completed(s: &Value, workers: u64) {
     assert_eq!(s["world_size"], workers);
     let stage = &s["stages"][0];
     assert_eq!(stage["replicas_identical"], true, "{s:#}");
-    let fps = stage["param_fingerprints"].as_array().unwrap();
+    let fps = stage["param_hashes"].as_array().unwrap();
     assert_eq!(fps.len() as u64, workers);
     assert!(fps.iter().all(|f| f == &fps[0]), "{fps:?}");
     // One epoch: every document of the corpus consumed exactly once across ranks.
     assert_eq!(stage["documents"], s["corpus_documents"], "{s:#}");
     assert!(s["corpus_documents"].as_u64().unwrap() > 100);
     assert!(stage["steps"].as_u64().unwrap() > 0);
+    assert_eq!(stage["world_size"], workers);
+    assert!(
+        !stage["generations"].as_array().unwrap().is_empty(),
+        "{s:#}"
+    );
+    // The data trained on, as create_pretraining_data.py makes it.
+    let masked = stage["masked_fraction"].as_f64().unwrap();
+    assert!((0.10..0.20).contains(&masked), "masked fraction {masked}");
+    let is_next = stage["is_next_fraction"].as_f64().unwrap();
+    assert!((0.3..0.7).contains(&is_next), "IsNext fraction {is_next}");
     assert_exactly_once(s);
+}
+
+/// metrics.jsonl holds one line per step of stage 0 (progress_every = 1), in order, with the
+/// fields the summary's first and last loss come from.
+fn check_metrics(dir: &std::path::Path, s: &Value) {
+    let text = std::fs::read_to_string(dir.join("state/metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &Value| v["stage_index"] == 0)
+        .collect();
+    let stage = &s["stages"][0];
+    let steps: Vec<u64> = lines.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=stage["steps"].as_u64().unwrap()).collect();
+    assert_eq!(steps, want, "one line per step");
+    for v in &lines {
+        assert_eq!(v["stage"], stage["name"]);
+        for k in ["loss", "mlm_loss", "nsp_loss", "lr", "samples_per_s"] {
+            assert!(v[k].is_number(), "{k} missing in {v}");
+        }
+    }
+    assert_eq!(stage["first_loss"], lines[0]["loss"]);
+    assert_eq!(stage["last_loss"], lines.last().unwrap()["loss"]);
 }
 
 #[test]
@@ -44,6 +77,7 @@ fn launch_runs_a_two_worker_job_to_completion() {
     );
     assert!(err.contains("completed"), "{err}");
     check_completed(&summary(&dir), 2);
+    check_metrics(&dir, &summary(&dir));
     // The final model is an HF directory that tandem itself can load.
     let out = Command::new(bin())
         .args(["tokenize", "--tokenizer"])
@@ -200,8 +234,8 @@ fn two_fresh_runs_of_a_job_are_bit_identical() {
         std::fs::read(dir.join("run2/tokenizer/vocab.txt")).unwrap()
     );
     assert_eq!(
-        a["stages"][0]["param_fingerprints"],
-        b["stages"][0]["param_fingerprints"]
+        a["stages"][0]["param_hashes"],
+        b["stages"][0]["param_hashes"]
     );
     assert_eq!(a["stages"][0]["loss"], b["stages"][0]["loss"]);
     std::fs::remove_dir_all(dir).unwrap();

@@ -33,6 +33,9 @@ pub struct JobRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerationRecord {
     pub generation: u64,
+    /// The stage it ran (records written before this field existed read as stage 0).
+    #[serde(default)]
+    pub stage_index: u32,
     pub world_size: u32,
     /// The checkpoint it started from ("" = from scratch).
     pub start_checkpoint: String,
@@ -257,6 +260,7 @@ impl Driver {
         self.record.status = "running".into();
         self.record.history.push(GenerationRecord {
             generation,
+            stage_index,
             world_size: world,
             start_checkpoint,
             outcome: String::new(),
@@ -362,7 +366,7 @@ pub(super) async fn drive(
                         .with_context(|| {
                             format!("stage {current} finished without a usable final checkpoint")
                         })?;
-                    let s = stage_summary(&shared, g, &final_files);
+                    let s = stage_summary(&shared, g, &final_files, &d.record.history);
                     let identical = s.replicas_identical;
                     let fps = s.param_fingerprints.clone();
                     d.stages.push(s);
@@ -448,6 +452,7 @@ fn stage_summary(
     shared: &Shared,
     g: &Generation,
     final_files: &[(String, Vec<u8>)],
+    history: &[GenerationRecord],
 ) -> StageSummary {
     let st = shared.state.lock().unwrap();
     let stage = &shared.cfg.stages[st.stage_index as usize];
@@ -460,14 +465,21 @@ fn stage_summary(
         .collect();
     // The ledger comes from the stage's final checkpoint (written by rank 0 before it
     // reported done): every committed range of every generation.
-    let ledger = final_files
+    let final_state = final_files
         .iter()
         .find(|(f, _)| f == crate::train::checkpoint::STATE_FILE)
-        .and_then(|(_, b)| serde_json::from_slice::<crate::train::checkpoint::TrainerState>(b).ok())
+        .and_then(|(_, b)| {
+            serde_json::from_slice::<crate::train::checkpoint::TrainerState>(b).ok()
+        });
+    let ledger = final_state
+        .as_ref()
         .map(|s| {
             crate::train::checkpoint::epoch_ledgers(&s.ledger, &s.planned.iter().copied().collect())
         })
         .unwrap_or_default();
+    let totals = final_state.map(|s| s.totals).unwrap_or_default();
+    let (first_loss, last_loss) =
+        super::metrics_log::first_and_last_loss(&shared.cfg.job.state_dir, st.stage_index);
     let docs = shared.prepared.index.total_documents();
     let documents = if stage.kind != crate::config::StageKind::Pretrain {
         0
@@ -491,6 +503,16 @@ fn stage_summary(
         mlm_accuracy: r0.mlm_accuracy,
         nsp_accuracy: r0.nsp_accuracy,
         samples_per_s: r0.samples_per_s,
+        first_loss,
+        last_loss: last_loss.or(Some(r0.loss)),
+        masked_fraction: totals.masked_fraction(),
+        is_next_fraction: totals.is_next_fraction(),
+        world_size: g.world,
+        generations: history
+            .iter()
+            .filter(|h| h.stage_index == st.stage_index)
+            .map(|h| h.generation)
+            .collect(),
         replicas_identical: fps.windows(2).all(|w| w[0] == w[1]),
         param_fingerprints: fps,
         epochs_ledger: ledger,

@@ -6,6 +6,7 @@
 //! `shutdown` resolves.
 
 mod driver;
+mod metrics_log;
 mod prepare;
 mod service;
 mod state;
@@ -86,7 +87,19 @@ pub struct StageSummary {
     pub mlm_accuracy: f32,
     pub nsp_accuracy: f32,
     pub samples_per_s: f32,
-    /// Parameter fingerprint of every rank at the end (all equal when replicas are in sync).
+    /// Loss of the stage's first and last logged steps (metrics.jsonl).
+    pub first_loss: Option<f32>,
+    pub last_loss: Option<f32>,
+    /// Pre-training data actually trained on (committed steps, all ranks): masked positions
+    /// per non-padding token, and the share of IsNext pairs.
+    pub masked_fraction: Option<f64>,
+    pub is_next_fraction: Option<f64>,
+    /// Ranks of the generation that finished the stage.
+    pub world_size: u32,
+    /// Every generation that ran this stage (more than one after a failure or a resize).
+    pub generations: Vec<u64>,
+    /// Parameter hash of every rank at the end (all equal when replicas are in sync).
+    #[serde(rename = "param_hashes", alias = "param_fingerprints")]
     pub param_fingerprints: Vec<String>,
     pub replicas_identical: bool,
     /// Per epoch: instances planned, consumed and consumed more than once (committed steps
@@ -137,6 +150,7 @@ pub async fn run(
     let store = CheckpointStore::new(cfg.job.state_dir.join("checkpoints"), cfg.checkpoint.keep)?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        metrics: Mutex::new(metrics_log::MetricsLog::new(&cfg.job.state_dir)),
         job_id: cfg.job.name.clone(),
         cfg_json: cfg.to_json(),
         cfg: cfg.clone(),

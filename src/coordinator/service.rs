@@ -146,6 +146,21 @@ impl Coordinator for Service {
             }
             st.phase == Phase::Running
         };
+        if r.rank == 0 && !r.steps.is_empty() {
+            if let Some(stage) = self.shared.cfg.stages.get(r.stage_index as usize) {
+                let pretrain = stage.kind == crate::config::StageKind::Pretrain;
+                let written = self.shared.metrics.lock().unwrap().append(
+                    r.stage_index,
+                    &stage.name,
+                    pretrain,
+                    r.generation,
+                    &r.steps,
+                );
+                if let Err(e) = written {
+                    tracing::warn!("cannot append to metrics.jsonl: {e}");
+                }
+            }
+        }
         if !r.error.is_empty() {
             let _ = self.shared.events.send(Event::Failed {
                 rank: r.rank,

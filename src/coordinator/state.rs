@@ -96,6 +96,8 @@ pub struct Shared {
     pub state: Mutex<JobState>,
     pub events: mpsc::UnboundedSender<Event>,
     pub started: Instant,
+    /// state_dir/metrics.jsonl.
+    pub metrics: Mutex<super::metrics_log::MetricsLog>,
 }
 
 impl Shared {

@@ -261,6 +261,17 @@ impl PretrainBatch {
     pub fn nsp_count(&self) -> usize {
         self.nsp_labels.len()
     }
+
+    /// Tokens that are not padding (`[CLS]` and `[SEP]` included, as google-research/bert
+    /// counts the sequence its 15 % are taken of).
+    pub fn token_count(&self) -> usize {
+        self.attention_mask.iter().filter(|m| **m != 0).count()
+    }
+
+    /// Examples whose second segment really follows the first (NSP label 0, IsNext).
+    pub fn is_next_count(&self) -> usize {
+        self.nsp_labels.iter().filter(|l| **l == 0).count()
+    }
 }
 
 #[cfg(test)]

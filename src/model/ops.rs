@@ -48,8 +48,17 @@ pub(crate) fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f3
     }
 }
 
+/// Whether the fused CPU kernels are in use: yes, unless the environment sets
+/// `TANDEM_FUSED_KERNELS=0`. Off, every op composes differentiable candle ops — the path CUDA
+/// devices take — so that path can be checked against the reference on a CPU-only machine.
+pub fn fused_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TANDEM_FUSED_KERNELS").map_or(true, |v| v != "0"))
+}
+
+/// Whether `t` goes through the fused CPU kernels (f32 on the CPU, kernels not switched off).
 pub(crate) fn is_cpu(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    t.device().is_cpu() && t.dtype() == DType::F32 && fused_kernels()
 }
 
 // ---------------------------------------------------------------- LayerNorm

@@ -44,6 +44,34 @@ pub struct TrainerState {
     pub planned: Vec<(u32, u64)>,
     /// Set on the checkpoint written when the stage finished.
     pub stage_done: bool,
+    /// What the committed steps of the stage consumed, over all ranks.
+    #[serde(default)]
+    pub totals: StageTotals,
+}
+
+/// Running totals of a stage's committed steps, over all ranks (for summary.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StageTotals {
+    /// Non-padding tokens.
+    pub tokens: u64,
+    /// MLM-labelled (masked) positions.
+    pub masked: u64,
+    /// Examples.
+    pub examples: u64,
+    /// Examples labelled IsNext.
+    pub is_next: u64,
+}
+
+impl StageTotals {
+    /// Masked positions per non-padding token (`None` before any token).
+    pub fn masked_fraction(&self) -> Option<f64> {
+        (self.tokens > 0).then(|| self.masked as f64 / self.tokens as f64)
+    }
+
+    /// IsNext examples per example (`None` before any example).
+    pub fn is_next_fraction(&self) -> Option<f64> {
+        (self.examples > 0).then(|| self.is_next as f64 / self.examples as f64)
+    }
 }
 
 /// Name of a stage's checkpoint: `stageN-final` once the stage is done (pinned, the next stage
@@ -71,6 +99,7 @@ impl TrainerState {
             ledger: vec![],
             planned: vec![],
             stage_done: false,
+            totals: StageTotals::default(),
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct StepStats {
     /// Masked tokens and examples in this step, over all ranks.
     pub mlm_tokens: u64,
     pub examples: u64,
+    /// Non-padding tokens and IsNext examples in this step, over all ranks.
+    pub tokens: u64,
+    pub is_next: u64,
 }
 
 /// Model, optimiser and the flat buffers of one replica.
@@ -266,6 +269,8 @@ impl Trainer {
             local.nsp_sum as f32,
             local.mlm_correct as f32,
             local.nsp_correct as f32,
+            micro.iter().map(|b| b.token_count()).sum::<usize>() as f32,
+            micro.iter().map(|b| b.is_next_count()).sum::<usize>() as f32,
         ];
         comm.all_reduce_sum(&mut sums)?;
         let t_opt = std::time::Instant::now();
@@ -299,6 +304,8 @@ impl Trainer {
             grad_norm,
             mlm_tokens: counts[0] as u64,
             examples: counts[1] as u64,
+            tokens: sums[4] as u64,
+            is_next: sums[5] as u64,
         })
     }
 }

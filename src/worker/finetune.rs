@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::client;
 use super::train::{connect_ring, report_done, set_phase, Ctx};
@@ -307,7 +307,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             .into_iter()
             .collect();
         model_cfg = serde_json::from_slice(&files[hf::CONFIG_FILE]).context("checkpoint config")?;
-        let model = TaskModel::new(&model_cfg, head, seed, &Device::Cpu)?;
+        let model = TaskModel::new(&model_cfg, head, seed, &ctx.device)?;
         let mut adam = AdamW::new(
             AdamWConfig {
                 weight_decay: stage.weight_decay,
@@ -320,7 +320,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         (model, adam, state)
     } else {
         let model = if a.encoder_checkpoint.is_empty() {
-            TaskModel::new(&model_cfg, head, seed, &Device::Cpu)?
+            TaskModel::new(&model_cfg, head, seed, &ctx.device)?
         } else {
             let files: HashMap<String, Vec<u8>> = ctx
                 .rt
@@ -339,7 +339,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
                 std::path::Path::new(&a.encoder_checkpoint),
                 head,
                 seed,
-                &Device::Cpu,
+                &ctx.device,
             )?;
             if rank == 0 {
                 tracing::info!(from = %a.encoder_checkpoint, initialised = ?report.initialised, dropped = report.ignored.len(), "encoder loaded; task head initialised");
@@ -422,7 +422,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
                     i as u64,
                 ]);
                 let out = model.forward(b, &mut Some(&mut rng))?;
-                let loss = out.loss_sum.mul(&Tensor::new(w, &Device::Cpu)?)?;
+                let loss = out.loss_sum.mul(&Tensor::new(w, out.loss_sum.device())?)?;
                 let grads = loss.backward()?;
                 model.store.accumulate_grads(&grads, &mut grad)?;
                 sums[0] += out.loss_sum.to_scalar::<f32>()?;
@@ -454,6 +454,17 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             p.mlm_accuracy = sums[1] * w;
             p.examples = examples;
             p.samples_per_s = (examples as f64 / started.elapsed().as_secs_f64().max(1e-9)) as f32;
+            if rank == 0 && state.step % cfg.cluster.progress_every == 0 {
+                let record = proto::StepRecord {
+                    step: state.step,
+                    epoch,
+                    loss: sums[0] * w,
+                    lr,
+                    samples_per_s: p.samples_per_s,
+                    ..Default::default()
+                };
+                super::train::log_step(&mut p, record);
+            }
             drop(p);
             if stage.max_steps.is_some_and(|m| state.step >= m) {
                 break 'epochs;

@@ -38,11 +38,11 @@ pub struct WorkerOptions {
 /// `connect_timeout`, or `shutdown`. A lost coordinator (restarted, or a network cut) is
 /// rejoined with backoff; a new assignment replaces the current one.
 pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        opts.device == "cpu",
-        "device {:?} is not supported by this build (the CUDA path is not built yet); use --device cpu",
-        opts.device
-    );
+    // Checked before joining, so a worker that cannot use its device never takes a rank.
+    let device = crate::util::parse_device(&opts.device)?;
+    if !device.is_cpu() {
+        tracing::info!(device = %opts.device, "training on the GPU (model and gradients there; all-reduce and AdamW on the host)");
+    }
     let listener = TcpListener::bind(opts.ring_listen)
         .with_context(|| format!("binding the ring listener on {}", opts.ring_listen))?;
     let bound = listener.local_addr()?;
@@ -157,6 +157,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
                             abort: abort.clone(),
                             ring_abort: ring_abort.clone(),
                             progress: progress.clone(),
+                            device: device.clone(),
                         };
                         let tx = done_tx.clone();
                         training = Some(std::thread::Builder::new().name(format!("train-r{}", a.rank)).spawn(move || {
@@ -199,6 +200,30 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
 
 /// Sends the latest progress every second: the coordinator's liveness signal, decoupled from
 /// step time, so the training thread never waits on an RPC for progress.
+/// Sends the current progress report (nothing before the first assignment or after the
+/// stage's final report). The logged steps it carried are then in metrics.jsonl and leave the
+/// queue (by step number: the heartbeat and the training thread may both be sending), unless
+/// a new stage or generation replaced the report meanwhile.
+pub(crate) async fn send_progress(
+    client: &mut Client,
+    progress: &Mutex<proto::ProgressReport>,
+) -> Result<(), tonic::Status> {
+    let p = progress.lock().unwrap().clone();
+    if p.job_id.is_empty() || p.done {
+        return Ok(());
+    }
+    let last_sent = p.steps.last().map(|r| r.step);
+    let sent = (p.generation, p.stage_index);
+    client.report_progress(p).await?;
+    let mut p = progress.lock().unwrap();
+    if let Some(last) = last_sent {
+        if (p.generation, p.stage_index) == sent {
+            p.steps.retain(|r| r.step > last);
+        }
+    }
+    Ok(())
+}
+
 async fn heartbeat_loop(mut client: Client, progress: Arc<Mutex<proto::ProgressReport>>) {
     // TANDEM_HEARTBEAT_S changes the interval (used to measure the coordinator's overhead).
     let every = std::env::var("TANDEM_HEARTBEAT_S")
@@ -209,11 +234,7 @@ async fn heartbeat_loop(mut client: Client, progress: Arc<Mutex<proto::ProgressR
     let mut tick = tokio::time::interval(Duration::from_secs_f64(every));
     loop {
         tick.tick().await;
-        let p = progress.lock().unwrap().clone();
-        if p.job_id.is_empty() || p.done {
-            continue;
-        }
-        if let Err(e) = client.report_progress(p).await {
+        if let Err(e) = send_progress(&mut client, &progress).await {
             tracing::debug!("progress report refused: {e}");
         }
     }

@@ -38,6 +38,8 @@ pub struct Ctx {
     pub ring_abort: Arc<Mutex<Option<AbortHandle>>>,
     /// The latest progress, sent by the heartbeat task.
     pub progress: Arc<Mutex<proto::ProgressReport>>,
+    /// Where the model computes (`--device`).
+    pub device: Device,
 }
 
 pub(super) fn set_phase(ctx: &Ctx, phase: &str) {
@@ -126,7 +128,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let mut ring = connect_ring(&a, &ctx, &cfg)?;
 
     set_phase(&ctx, "initialising model");
-    let model = PretrainModel::new(&model_cfg, seed, &Device::Cpu)?;
+    let model = PretrainModel::new(&model_cfg, seed, &ctx.device)?;
     let options = StepOptions {
         adamw: AdamWConfig {
             weight_decay: stage.weight_decay,
@@ -362,6 +364,10 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             let data_ms = t_data.elapsed().as_secs_f64() * 1e3;
             let stats = trainer.train_step(&micro, &mut traced)?;
             last_step_end = Instant::now();
+            state.totals.tokens += stats.tokens;
+            state.totals.masked += stats.mlm_tokens;
+            state.totals.examples += stats.examples;
+            state.totals.is_next += stats.is_next;
             if trainer.step > 2 {
                 time_split.add(data_ms, &trainer.phases);
             }
@@ -375,6 +381,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             }
             if trainer.step % cfg.cluster.progress_every == 0 {
                 let mut p = ctx.progress.lock().unwrap();
+                let samples_per_s = rate(examples, since, last_step_end);
                 fill_report(
                     &mut p,
                     &window,
@@ -382,8 +389,20 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                     trainer.step,
                     state.total_steps,
                     examples,
-                    rate(examples, since, last_step_end),
+                    samples_per_s,
                 );
+                if rank == 0 {
+                    let record = proto::StepRecord {
+                        step: trainer.step,
+                        epoch,
+                        loss: stats.loss,
+                        mlm_loss: stats.mlm_loss,
+                        nsp_loss: stats.nsp_loss,
+                        lr: stats.lr,
+                        samples_per_s,
+                    };
+                    log_step(&mut p, record);
+                }
             }
             let at_max = stage.max_steps.is_some_and(|m| trainer.step >= m);
             let ckpt_due =
@@ -395,6 +414,14 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             if at_max {
                 finished_early = true;
                 break;
+            }
+            if ckpt_due && rank == 0 {
+                // The logged steps up to a checkpoint reach metrics.jsonl before it is taken:
+                // a failure later replays only the steps after it.
+                let mut c = ctx.client.clone();
+                if let Err(e) = ctx.rt.block_on(super::send_progress(&mut c, &ctx.progress)) {
+                    tracing::warn!("could not send the logged steps before a checkpoint: {e}");
+                }
             }
             if ckpt_due && rank == 0 && trainer.step < state.total_steps {
                 set_phase(&ctx, "checkpoint");
@@ -504,6 +531,17 @@ impl Collective for Traced<'_> {
     fn barrier(&mut self) -> crate::Result<()> {
         self.inner.barrier()
     }
+}
+
+/// Most logged steps kept while the coordinator is unreachable (the oldest are dropped).
+const MAX_PENDING_STEPS: usize = 100_000;
+
+/// Queues a logged step for the next progress report (rank 0; metrics.jsonl).
+pub(super) fn log_step(p: &mut proto::ProgressReport, record: proto::StepRecord) {
+    if p.steps.len() >= MAX_PENDING_STEPS {
+        p.steps.remove(0);
+    }
+    p.steps.push(record);
 }
 
 /// Examples per second from `since` (an instant and the example count then) to `until`.
