@@ -629,3 +629,32 @@ fn cpu_smoke_topology_completes_on_loopback() {
     drop(procs);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// scripts/gpu-check.sh, dry run on this CPU (GPU_CHECK_DEVICE=cpu): its "device" jobs run the
+/// composed candle ops a GPU runs (TANDEM_FUSED_KERNELS=0) against the fused CPU kernels, so
+/// the script's logic is exercised on every CI run and the composed path must train the same
+/// trajectory, step by step, with one and with two workers.
+#[test]
+fn gpu_check_script_dry_run_passes_on_the_cpu() {
+    let out = Command::new(repo().join("scripts/gpu-check.sh"))
+        .arg(bin())
+        .current_dir(repo())
+        .env("GPU_CHECK_DEVICE", "cpu")
+        .env("GPU_CHECK_PRESET", "tiny")
+        .env("GPU_CHECK_STEPS", "10")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["ok"], true, "{last}");
+    for k in ["loss_rel_diff_1_worker", "loss_rel_diff_2_workers"] {
+        let d: f64 = last[k].as_str().unwrap().parse().unwrap();
+        assert!(
+            d < 1e-4,
+            "{k} = {d}: the composed ops drift from the fused kernels"
+        );
+    }
+    assert!(last["base_gflops"].as_f64().unwrap() > 0.0);
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The GPU check: run on a machine with an NVIDIA GPU (for instance a lent `device` machine).
+#
+#   1. `tandem bench step --preset base --device cuda:0`: ms/step, samples/s, achieved GFLOP/s
+#      and MFU against the card's fp32 peak (the model trains in f32; bf16 is not built yet);
+#   2. a short 1-GPU job (the bundled default, pre-training then fine-tuning) and the same job
+#      on the CPU with the same seed: the pre-training loss of every step must agree to
+#      GPU_CHECK_RTOL (cuBLAS and tandem's CPU kernels round differently);
+#   3. two workers sharing the GPU (their gradients meet in the host TCP ring; NCCL is not
+#      built yet), against two CPU workers: same data split, same dropout masks, so the loss
+#      must agree to the same tolerance. (Not against the 1-worker run: the data partitions
+#      and the dropout seeds depend on the world size.)
+#
+# Usage: scripts/gpu-check.sh [TANDEM_BINARY]
+#   TANDEM_BINARY    a `--features cuda` build (default target/cuda/release/tandem, built with
+#                    scripts/build-cuda.sh when missing)
+# Environment:
+#   GPU_CHECK_DEVICE     device to test (default cuda:0; `cpu` is a dry run on a machine without
+#                        a GPU: the "device" runs then use the composed candle ops the GPU runs,
+#                        TANDEM_FUSED_KERNELS=0, against the fused CPU kernels)
+#   GPU_CHECK_STEPS      pre-training steps of the jobs (default 30)
+#   GPU_CHECK_PRESET     bench step preset (default base)
+#   GPU_CHECK_RTOL       loss agreement, relative (default 0.01)
+#   GPU_PEAK_FP32_TFLOPS the card's dense fp32 peak, when the card is not in the table below
+#   OUT                  if set, gpu-check.json is written there
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${1:-target/cuda/release/tandem}
+DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
+STEPS=${GPU_CHECK_STEPS:-30}
+PRESET=${GPU_CHECK_PRESET:-base}
+RTOL=${GPU_CHECK_RTOL:-0.01}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+log() { echo "gpu-check: $*" >&2; }
+
+if [ ! -x "$BIN" ]; then
+    [ "$BIN" = target/cuda/release/tandem ] || {
+        log "no executable at $BIN"
+        exit 2
+    }
+    log "building the CUDA binary (scripts/build-cuda.sh)"
+    scripts/build-cuda.sh
+fi
+
+card=cpu
+peak=""
+if [ "$DEVICE" != cpu ]; then
+    command -v nvidia-smi >/dev/null || {
+        log "nvidia-smi not found: is this a GPU machine?"
+        exit 2
+    }
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
+    # Dense fp32 (non-tensor-core) peaks, TFLOP/s, from NVIDIA's data sheets.
+    case "$card" in
+        *H200* | *H100*SXM* | *"H100 80GB HBM3"*) peak=67 ;;
+        *H100*PCIe* | *H100*) peak=51 ;;
+        *A100*) peak=19.5 ;;
+        *L40S*) peak=91.6 ;;
+        *L4*) peak=30.3 ;;
+        *A10*) peak=31.2 ;;
+        *) peak="" ;;
+    esac
+    peak=${GPU_PEAK_FP32_TFLOPS:-$peak}
+fi
+log "device $DEVICE ($card), binary $BIN"
+
+json_field() { # json_field KEY < one-line JSON object
+    sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p"
+}
+
+# 1. Training steps of BERT-base.
+step=$("$BIN" bench step --preset "$PRESET" --device "$DEVICE" --batch 32 --seq 128 --steps 10 --warmup 3)
+echo "$step"
+ms=$(echo "$step" | json_field ms_per_step)
+gflops=$(echo "$step" | json_field gflops)
+mfu=null
+if [ -n "$peak" ]; then
+    mfu=$(awk -v g="$gflops" -v p="$peak" 'BEGIN { printf "%.4f", g / (p * 1000) }')
+fi
+log "$PRESET b32 s128: $ms ms/step, $gflops GFLOP/s, MFU (fp32 peak ${peak:-?} TFLOP/s) $mfu"
+
+# 2. and 3. The bundled job on the device, on the CPU, and with two workers on the device.
+run_job() { # run_job NAME DEVICE WORKERS
+    local fused=1
+    if [ "$DEVICE" = cpu ] && [ "${1#gpu}" != "$1" ]; then fused=0; fi
+    TANDEM_FUSED_KERNELS=$fused "$BIN" launch configs/local.toml --workers "$3" --device "$2" --max-steps "$STEPS" \
+        --state-dir "$WORK/$1" --no-progress >"$WORK/$1.log" 2>&1 || {
+        tail -n 30 "$WORK/$1.log" >&2
+        log "the $1 job failed"
+        exit 1
+    }
+}
+losses() { # losses NAME: "step loss" of stage 0, from metrics.jsonl
+    grep '"stage_index":0' "$WORK/$1/metrics.jsonl" |
+        sed -n 's/.*"loss":\([-0-9.eE+]*\).*"step":\([0-9]*\).*/\2 \1/p; t; s/.*"step":\([0-9]*\).*"loss":\([-0-9.eE+]*\).*/\1 \2/p'
+}
+max_rel() { # max_rel A B: largest relative loss difference over the steps both logged
+    join <(losses "$1" | sort -k1,1) <(losses "$2" | sort -k1,1) |
+        awk '{ d = ($2 - $3) / ($3 == 0 ? 1 : $3); if (d < 0) d = -d; if (d > m) m = d; n++ }
+             END { if (n == 0) { print "none"; exit } printf "%.2e\n", m }'
+}
+run_job gpu1 "$DEVICE" 1
+run_job cpu1 cpu 1
+run_job gpu2 "$DEVICE" 2
+run_job cpu2 cpu 2
+vs_cpu=$(max_rel gpu1 cpu1)
+vs_cpu2=$(max_rel gpu2 cpu2)
+log "pre-training loss, 1 worker on $DEVICE vs the CPU: max relative difference $vs_cpu over $STEPS steps"
+log "pre-training loss, 2 workers on $DEVICE vs 2 on the CPU: max relative difference $vs_cpu2"
+ok=true
+for d in "$vs_cpu" "$vs_cpu2"; do
+    if [ "$d" = none ] || ! awk -v d="$d" -v t="$RTOL" 'BEGIN { exit !(d <= t) }'; then
+        ok=false
+    fi
+done
+grep -h "mean time per step" "$WORK"/gpu1.log "$WORK"/gpu2.log >&2 || true
+
+result=$(printf '{"date":"%s","card":"%s","device":"%s","base_ms_per_step":%s,"base_gflops":%s,"peak_fp32_tflops":%s,"mfu_fp32":%s,"steps":%s,"loss_rel_diff_1_worker":"%s","loss_rel_diff_2_workers":"%s","rtol":%s,"ok":%s}' \
+    "$(date -u +%FT%TZ)" "$card" "$DEVICE" "$ms" "$gflops" "${peak:-null}" "$mfu" "$STEPS" "$vs_cpu" "$vs_cpu2" "$RTOL" "$ok")
+echo "$result"
+if [ -n "${OUT:-}" ]; then
+    echo "$result" >"$OUT/gpu-check.json"
+fi
+$ok || {
+    log "FAILED: losses differ by more than $RTOL"
+    exit 1
+}
+log "passed"
