@@ -1,7 +1,8 @@
 //! Corpus parsing and sharding: hostile input, shard invariants (property tests), epoch plans.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
 use tandem::data::corpus::{
@@ -9,16 +10,8 @@ use tandem::data::corpus::{
 };
 use tandem::data::shard::{build_index, plan_epoch, verify_shard_bytes, ShardIndex};
 
-fn tmpdir(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "tandem-data-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> common::TmpDir {
+    common::TmpDir::new("data", name)
 }
 
 fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {

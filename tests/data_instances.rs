@@ -1,8 +1,9 @@
 //! Pre-training instances (statistics over a real-sized sample, structure, resume), collation,
 //! the WordPiece tokenizer (English and Korean) and the data benchmark.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rand::Rng;
 use tandem::data::batch::IGNORE;
@@ -16,16 +17,8 @@ use tandem::data::tokenizer::{train_wordpiece, Specials, Tokenizer};
 
 const VOCAB: usize = 1000;
 
-fn tmpdir(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "tandem-inst-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> common::TmpDir {
+    common::TmpDir::new("inst", name)
 }
 
 fn vocab() -> VocabInfo {

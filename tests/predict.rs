@@ -5,9 +5,10 @@
 //! The fixtures hold no tokenizer, so each test copies one into a temporary directory with a
 //! hand-made `vocab.txt` of exactly the model's 40 ids.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Device;
 use serde_json::{json, Value};
@@ -28,20 +29,12 @@ const VOCAB: &[&str] = &[
     "to", "##s", "ok",
 ];
 
-fn tmpdir(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "tandem-predict-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> common::TmpDir {
+    common::TmpDir::new("predict", name)
 }
 
 /// A copy of a round-trip fixture with a tokenizer; `config` edits its config.json.
-fn checkpoint(name: &str, config: impl FnOnce(&mut Value)) -> PathBuf {
+fn checkpoint(name: &str, config: impl FnOnce(&mut Value)) -> common::TmpDir {
     assert_eq!(VOCAB.len(), 40);
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/roundtrip")
@@ -235,7 +228,8 @@ fn a_pretraining_checkpoint_is_not_a_fine_tuned_head() {
     let ck = checkpoint("seqcls", |c| {
         c["architectures"] = json!(["BertForPreTraining"]);
     });
-    let input = write(&tmpdir("pretrain"), "in.jsonl", "{\"text\": \"the cat\"}\n");
+    let dir = tmpdir("pretrain");
+    let input = write(&dir, "in.jsonl", "{\"text\": \"the cat\"}\n");
     let e = failure(&predict(&ck, &input, &[]));
     assert!(e.contains("not a fine-tuned head"), "{e}");
     assert!(e.contains("BertForPreTraining"), "{e}");
@@ -454,9 +448,10 @@ fn question_answering_spans_over_windows() {
 #[test]
 fn predict_options_reject_a_zero_batch() {
     let ck = checkpoint("seqcls", |_| {});
-    let input = write(&tmpdir("zero"), "in.jsonl", "{\"text\": \"the cat\"}\n");
+    let dir = tmpdir("zero");
+    let input = write(&dir, "in.jsonl", "{\"text\": \"the cat\"}\n");
     let opts = PredictOptions {
-        checkpoint: ck.clone(),
+        checkpoint: ck.to_path_buf(),
         input: input.clone(),
         output: None,
         batch_size: 0,

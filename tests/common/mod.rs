@@ -244,3 +244,44 @@ fn shared_tokenizer() -> String {
     });
     format!("tokenizer = \"{}\"", dir.display())
 }
+
+/// A fresh directory under the system temp dir, removed when dropped — unless the test is
+/// failing, so what it left can be inspected.
+pub struct TmpDir(PathBuf);
+
+impl TmpDir {
+    /// `tandem-{prefix}-{name}-{pid}-{n}`, empty.
+    pub fn new(prefix: &str, name: &str) -> TmpDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "tandem-{prefix}-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TmpDir(d)
+    }
+}
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
