@@ -262,9 +262,10 @@ fn legacy_names_and_tied_decoder_are_accepted() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn eval_batch_command_prints_hf_losses() {
+/// `tandem eval-batch --grads` on the fixture, with `TANDEM_FUSED_KERNELS` set to `fused`.
+fn eval_batch_command(fused: &str) -> Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .env("TANDEM_FUSED_KERNELS", fused)
         .args(["eval-batch", "--grads", "--checkpoint"])
         .arg(fixture("bert_tiny"))
         .arg("--batch")
@@ -276,7 +277,12 @@ fn eval_batch_command_prints_hf_losses() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn eval_batch_command_prints_hf_losses() {
+    let v = eval_batch_command("1");
     let e = expected();
     for k in ["mlm_loss", "nsp_loss", "loss", "grad_norm"] {
         let (g, w) = (v[k].as_f64().unwrap(), e[k].as_f64().unwrap());
@@ -304,20 +310,7 @@ fn eval_batch_command_prints_hf_losses() {
 /// path a CUDA device takes — against the same transformers fixtures, on this CPU.
 #[test]
 fn composed_ops_path_matches_transformers() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .env("TANDEM_FUSED_KERNELS", "0")
-        .args(["eval-batch", "--grads", "--checkpoint"])
-        .arg(fixture("bert_tiny"))
-        .arg("--batch")
-        .arg(fixture("bert_tiny/batch.json"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = eval_batch_command("0");
     assert_eq!(v["kernels"], "composed", "the switch must take effect");
     let e = expected();
     for k in ["mlm_loss", "nsp_loss", "loss"] {
