@@ -194,6 +194,8 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     // Throughput is measured from the end of the second step on (start-up excluded).
     let mut since = (Instant::now(), 0u64);
     let mut time_split = TimeSplit::default();
+    // Rank 0's periodic checkpoint upload in flight, if any.
+    let mut uploading: Option<Upload> = None;
     // Throughput counts training time only: not the final checkpoint upload after the last step.
     let mut last_step_end = Instant::now();
     let pad_id = tokenizer.pad_id();
@@ -425,7 +427,15 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             }
             if ckpt_due && rank == 0 && trainer.step < state.total_steps {
                 set_phase(&ctx, "checkpoint");
-                upload(&ctx, &trainer, &state, &job_id, a.generation)?;
+                // Serialised now (a consistent snapshot), streamed while training goes on.
+                upload_in_background(
+                    &ctx,
+                    &trainer,
+                    &state,
+                    &job_id,
+                    a.generation,
+                    &mut uploading,
+                )?;
             }
         }
         if !finished_early {
@@ -455,6 +465,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     state.stage_done = true;
     let fingerprint = trainer.model.store.fingerprint()?;
     if rank == 0 {
+        finish_upload(&ctx, &mut uploading)?;
         upload(&ctx, &trainer, &state, &job_id, a.generation)?;
     }
     let mut done = ctx.progress.lock().unwrap().clone();
@@ -574,6 +585,10 @@ fn fill_report(
     p.samples_per_s = samples_per_s;
 }
 
+/// A checkpoint upload running on the async runtime.
+type Upload = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Serialises a checkpoint and streams it to the coordinator.
 fn upload(
     ctx: &Ctx,
     trainer: &Trainer,
@@ -581,12 +596,64 @@ fn upload(
     job_id: &str,
     generation: u64,
 ) -> anyhow::Result<()> {
+    let task = put(ctx, trainer, state, job_id, generation)?;
+    ctx.rt.block_on(task)
+}
+
+/// Serialises a checkpoint here (the snapshot), then streams it on the async runtime while
+/// training goes on: a 62 MB mini checkpoint takes ~1 s to stream over loopback, which every
+/// rank would otherwise wait for. One upload at a time, in order: a previous one is finished
+/// (and its error returned) first. A checkpoint still streaming when the worker dies is lost,
+/// as if the failure had come before it; the previous one is there.
+fn upload_in_background(
+    ctx: &Ctx,
+    trainer: &Trainer,
+    state: &TrainerState,
+    job_id: &str,
+    generation: u64,
+    uploading: &mut Option<Upload>,
+) -> anyhow::Result<()> {
+    finish_upload(ctx, uploading)?;
+    let task = put(ctx, trainer, state, job_id, generation)?;
+    *uploading = Some(ctx.rt.spawn(task));
+    Ok(())
+}
+
+/// Waits for the upload in flight, if any.
+fn finish_upload(ctx: &Ctx, uploading: &mut Option<Upload>) -> anyhow::Result<()> {
+    match uploading.take() {
+        Some(task) => ctx.rt.block_on(task).context("checkpoint upload task")?,
+        None => Ok(()),
+    }
+}
+
+/// The checkpoint's files, serialised now, and the future that streams them.
+fn put(
+    ctx: &Ctx,
+    trainer: &Trainer,
+    state: &TrainerState,
+    job_id: &str,
+    generation: u64,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static> {
+    let t0 = Instant::now();
     let files = checkpoint_files(trainer, state)?;
     let name = checkpoint_name(state);
+    let serialise_ms = t0.elapsed().as_millis() as u64;
     let mut c = ctx.client.clone();
-    ctx.rt.block_on(client::put_checkpoint(
-        &mut c, job_id, generation, &name, &files,
-    ))
+    let job_id = job_id.to_string();
+    Ok(async move {
+        let t1 = Instant::now();
+        client::put_checkpoint(&mut c, &job_id, generation, &name, &files).await?;
+        let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+        tracing::info!(
+            checkpoint = %name,
+            mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
+            serialise_ms,
+            upload_ms = t1.elapsed().as_millis() as u64,
+            "checkpoint uploaded"
+        );
+        Ok(())
+    })
 }
 
 /// Where this rank's steps spent their time (steps after the second), for the end-of-stage log.
