@@ -15,3 +15,6 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// Chunk size for shard and checkpoint streams.
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// HTTP/2 flow-control window per stream (the connection gets twice this): several chunks in
+/// flight instead of HTTP/2's default 64 KiB.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;

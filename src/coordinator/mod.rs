@@ -182,6 +182,9 @@ pub async fn run(
     let (stop_server_tx, stop_server_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // HTTP/2's default 64 KiB flow-control window stalls checkpoint uploads.
+            .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(proto::STREAM_WINDOW_BYTES * 2)
             .add_service(health_service)
             .add_service(svc)
             .serve_with_incoming_shutdown(

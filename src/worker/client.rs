@@ -32,6 +32,9 @@ pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Resu
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // HTTP/2's default 64 KiB flow-control window stalls shard and checkpoint streams.
+        .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(proto::STREAM_WINDOW_BYTES * 2)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     let token = token
