@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::gemm::{self, matmul, matmul_raw, SendPtr, View};
-use super::ops::{contiguous_f32, is_cpu, masked_softmax, with_f32};
+use super::ops::{contiguous_f32, is_cpu, with_f32};
 use super::vmath;
 
 type CResult<T> = candle_core::Result<T>;
@@ -266,7 +266,7 @@ pub fn attention(
         batch: b,
         seq: t,
         heads: nh,
-        head_dim: dh,
+        ..
     } = shape;
     if let Some(k) = &keep {
         if k.len() != b * nh * t * t {
@@ -286,6 +286,24 @@ pub fn attention(
             probs: OnceLock::new(),
         });
     }
+    composed(qkv, bias, shape, scale, keep)
+}
+
+/// The same attention from differentiable candle ops: the path of non-CPU devices (and of
+/// `TANDEM_FUSED_KERNELS=0`), and the reference the fused op is tested against.
+fn composed(
+    qkv: &Tensor,
+    bias: &Tensor,
+    shape: Heads,
+    scale: f64,
+    keep: Option<Vec<f32>>,
+) -> CResult<Tensor> {
+    let Heads {
+        batch: b,
+        seq: t,
+        heads: nh,
+        head_dim: dh,
+    } = shape;
     let hid = nh * dh;
     let part = |i: usize| -> CResult<Tensor> {
         qkv.narrow(D::Minus1, i * hid, hid)?
@@ -294,7 +312,8 @@ pub fn attention(
             .contiguous()
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let mut probs = masked_softmax(&q.matmul(&k.t()?)?, bias, scale)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.reshape((b, 1, 1, t))?)?;
+    let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
     if let Some(keep) = keep {
         probs = probs.mul(&Tensor::from_vec(keep, probs.shape(), probs.device())?)?;
     }
@@ -306,33 +325,6 @@ mod tests {
     use super::*;
     use crate::model::ops::tests::{check, rand};
     use candle_core::Device;
-
-    /// The composed reference, from plain candle ops (including candle's softmax).
-    fn composed(
-        qkv: &Tensor,
-        bias: &Tensor,
-        s: Heads,
-        scale: f64,
-        keep: Option<&Tensor>,
-    ) -> CResult<Tensor> {
-        let hid = s.heads * s.head_dim;
-        let part = |i: usize| -> CResult<Tensor> {
-            qkv.narrow(1, i * hid, hid)?
-                .reshape((s.batch, s.seq, s.heads, s.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let z =
-            (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.reshape((s.batch, 1, 1, s.seq))?)?;
-        let mut p = candle_nn::ops::softmax(&z, D::Minus1)?;
-        if let Some(keep) = keep {
-            p = p.mul(keep)?;
-        }
-        p.matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((s.batch * s.seq, hid))
-    }
 
     #[test]
     fn attention_matches_composed_with_padding_and_dropout() {
@@ -351,13 +343,12 @@ mod tests {
         let keep: Vec<f32> = (0..2 * 3 * 25)
             .map(|i| if i % 4 == 1 { 0.0 } else { 1.25 })
             .collect();
-        let keep_t = Tensor::from_vec(keep.clone(), (2, 3, 5, 5), &Device::Cpu).unwrap();
         for with_dropout in [false, true] {
-            let (b1, b2, k1, k2) = (bias.clone(), bias.clone(), keep.clone(), keep_t.clone());
+            let (b1, b2, k1, k2) = (bias.clone(), bias.clone(), keep.clone(), keep.clone());
             check(
                 std::slice::from_ref(&qkv),
                 move |t| attention(&t[0], &b1, s, 0.5, with_dropout.then(|| k1.clone())),
-                move |t| composed(&t[0], &b2, s, 0.5, with_dropout.then_some(&k2)),
+                move |t| composed(&t[0], &b2, s, 0.5, with_dropout.then(|| k2.clone())),
                 1e-5,
             );
         }

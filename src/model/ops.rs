@@ -9,9 +9,7 @@
 //! Every kernel is checked against its composed equivalent and against finite differences
 //! in the tests at the bottom of this file.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
 use super::vmath;
@@ -169,164 +167,6 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResul
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     xhat.broadcast_mul(gamma)?.broadcast_add(beta)
-}
-
-// ------------------------------------------------- softmax(scale·s + mask)
-
-/// Softmax over the last dimension of `scale * scores + bias`, where `bias` (shape
-/// `[batch, keys]`) is broadcast over heads and queries: the attention probabilities.
-struct MaskedSoftmax {
-    scale: f32,
-}
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "tandem-masked-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let s = contiguous_f32(s1, l1, self.name())?;
-        let bias = contiguous_f32(s2, l2, self.name())?;
-        let dims = l1.dims();
-        let keys = dims[dims.len() - 1];
-        let batch = dims[0];
-        let rows_per_batch = s.len() / keys / batch;
-        let mut p = vec![0f32; s.len()];
-        for_rows(&mut p, keys, |i, pr| {
-            let b = &bias[(i / rows_per_batch) * keys..][..keys];
-            let sr = &s[i * keys..(i + 1) * keys];
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..keys {
-                pr[j] = sr[j] * self.scale + b[j];
-                max = max.max(pr[j]);
-            }
-            let inv = 1.0 / vmath::exp_shifted_sum(pr, max);
-            pr.iter_mut().for_each(|v| *v *= inv);
-        });
-        Ok((CpuStorage::F32(p), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        s: &Tensor,
-        _bias: &Tensor,
-        p: &Tensor,
-        dp: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let keys = s.dim(D::Minus1)?;
-        let ds = with_f32(p, |p| {
-            with_f32(dp, |dp| {
-                let mut ds = vec![0f32; p.len()];
-                for_rows(&mut ds, keys, |i, dsr| {
-                    let pr = &p[i * keys..(i + 1) * keys];
-                    let dpr = &dp[i * keys..(i + 1) * keys];
-                    let dot: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
-                    for j in 0..keys {
-                        dsr[j] = self.scale * pr[j] * (dpr[j] - dot);
-                    }
-                });
-                ds
-            })
-        })??;
-        Ok((Some(Tensor::from_vec(ds, s.shape(), s.device())?), None))
-    }
-}
-
-/// Attention probabilities `softmax(scale * scores + bias)`; `scores` is `[b, heads, q, k]`,
-/// `bias` is `[b, k]` (0 for keys to attend to, a large negative number for padding).
-pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> CResult<Tensor> {
-    if is_cpu(scores) {
-        return scores.contiguous()?.apply_op2(
-            &bias.contiguous()?,
-            MaskedSoftmax {
-                scale: scale as f32,
-            },
-        );
-    }
-    let (b, k) = bias.dims2()?;
-    let s = (scores * scale)?.broadcast_add(&bias.reshape((b, 1, 1, k))?)?;
-    candle_nn::ops::softmax(&s, D::Minus1)
-}
-
-// ------------------------------------------------------------ GELU(x + b)
-
-pub(crate) fn gelu_and_grad(z: f32) -> (f32, f32) {
-    vmath::gelu_and_grad(z)
-}
-
-/// `gelu(x + bias)` with the exact (erf) GELU, bias broadcast over rows.
-struct BiasGelu;
-
-impl CustomOp2 for BiasGelu {
-    fn name(&self) -> &'static str {
-        "tandem-bias-gelu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let b = contiguous_f32(s2, l2, self.name())?;
-        let w = b.len();
-        let mut y = vec![0f32; x.len()];
-        for_rows(&mut y, w, |i, yr| {
-            let xr = &x[i * w..(i + 1) * w];
-            for j in 0..w {
-                yr[j] = gelu_and_grad(xr[j] + b[j]).0;
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let bv = b.to_vec1::<f32>()?;
-        let w = bv.len();
-        let dx = with_f32(x, |x| {
-            with_f32(dy, |dy| {
-                let mut dx = vec![0f32; x.len()];
-                for_rows(&mut dx, w, |i, dxr| {
-                    let xr = &x[i * w..(i + 1) * w];
-                    let dyr = &dy[i * w..(i + 1) * w];
-                    for j in 0..w {
-                        dxr[j] = dyr[j] * gelu_and_grad(xr[j] + bv[j]).1;
-                    }
-                });
-                dx
-            })
-        })??;
-        let mut db = vec![0f32; w];
-        for r in dx.chunks(w) {
-            db.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-        }
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
-    }
-}
-
-/// `gelu(x + bias)` (erf GELU, as HF BERT's `"gelu"`), `bias` over the last dimension.
-pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> CResult<Tensor> {
-    if is_cpu(x) {
-        return x.contiguous()?.apply_op2(bias, BiasGelu);
-    }
-    x.broadcast_add(bias)?.gelu_erf()
 }
 
 // ------------------------------------------------ cross-entropy (sum) with labels
@@ -508,37 +348,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn masked_softmax_matches_composed() {
-        let s = (rand(&[2, 3, 5, 5], 4) * 4.0).unwrap();
-        let mut bias = vec![0f32; 10];
-        bias[3] = -10000.0;
-        bias[4] = -10000.0;
-        let bias = Tensor::from_vec(bias, (2, 5), &Device::Cpu).unwrap();
-        let bias_c = bias.clone();
-        check(
-            &[s],
-            move |t| masked_softmax(&t[0], &bias, 0.5),
-            move |t| {
-                let z = (&t[0] * 0.5)?.broadcast_add(&bias_c.reshape((2, 1, 1, 5))?)?;
-                candle_nn::ops::softmax(&z, D::Minus1)
-            },
-            1e-5,
-        );
-    }
-
-    #[test]
-    fn bias_gelu_matches_composed() {
-        let x = (rand(&[7, 9], 5) * 3.0).unwrap();
-        let b = rand(&[9], 6);
-        check(
-            &[x, b],
-            |t| bias_gelu(&t[0], &t[1]),
-            |t| t[0].broadcast_add(&t[1])?.gelu_erf(),
-            1e-5,
-        );
-    }
-
-    #[test]
     fn cross_entropy_matches_composed() {
         let x = (rand(&[5, 11], 7) * 3.0).unwrap();
         let labels = vec![0u32, 10, 3, 3, 7];
@@ -569,9 +378,14 @@ pub(crate) mod tests {
         let g = (rand(&[8], 12) + 1.0).unwrap();
         let b = rand(&[8], 13);
         let w = rand(&[3, 8], 14);
-        let f = |x: &Tensor| -> f64 {
+        let lw = rand(&[8, 8], 15);
+        // LayerNorm, then the fused Linear with its GELU.
+        let net = |x: &Tensor| {
             let y = layer_norm(x, &g, &b, 1e-5).unwrap();
-            let y = bias_gelu(&y, &b).unwrap();
+            crate::model::linear::linear(&y, &lw, &b, crate::model::linear::Act::Gelu).unwrap()
+        };
+        let f = |x: &Tensor| -> f64 {
+            let y = net(x);
             (y * &w)
                 .unwrap()
                 .sum_all()
@@ -580,7 +394,7 @@ pub(crate) mod tests {
                 .unwrap() as f64
         };
         let xv = Var::from_tensor(&x).unwrap();
-        let y = bias_gelu(&layer_norm(xv.as_tensor(), &g, &b, 1e-5).unwrap(), &b).unwrap();
+        let y = net(xv.as_tensor());
         let grads = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let an = grads
             .get(xv.as_tensor())
