@@ -13,9 +13,9 @@ use rand_chacha::ChaCha8Rng;
 
 use super::attention::{attention, Heads};
 use super::linear::{linear, Act};
+use super::norm::{add_layer_norm, layer_norm};
 use super::ops::{self, zero_in_graph};
 use super::params::{Init, ParamSpec, ParamStore};
-use super::residual::add_layer_norm;
 use crate::data::batch::{PretrainBatch, IGNORE};
 use crate::error::{Error, Result};
 use crate::model::BertConfig;
@@ -150,7 +150,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.g, &self.b, self.eps)?)
+        Ok(layer_norm(x, &self.g, &self.b, self.eps)?)
     }
 
     /// `LayerNorm(dropout(y) + residual)`, in one pass.

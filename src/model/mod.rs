@@ -7,10 +7,10 @@ pub mod gemm;
 pub mod heads;
 pub mod hf;
 pub mod linear;
+pub mod norm;
 pub mod ops;
 pub mod params;
 pub mod pretrain;
-pub mod residual;
 pub mod vmath;
 
 pub use bert::{BertForPreTraining, BertModel, PretrainOutput};

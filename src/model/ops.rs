@@ -1,15 +1,15 @@
-//! Fused CPU kernels with their own backward, as candle custom ops.
+//! Helpers shared by the fused CPU kernels (row loops, CPU data access, the switch between
+//! fused and composed ops), and the cross-entropy kernel.
 //!
 //! candle's own fused CPU ops (`candle_nn::ops::layer_norm`, `softmax_last_dim`) have no
 //! backward and silently cut the autograd graph; composing them from elementary ops is
-//! correct but slow (an allocation and a pass over memory per elementary op). Each op here
-//! does one pass forward and one pass backward over contiguous f32 rows. On other devices
-//! (CUDA) the same functions fall back to differentiable composed candle ops.
-//!
-//! Every kernel is checked against its composed equivalent and against finite differences
-//! in the tests at the bottom of this file.
+//! correct but slow (an allocation and a pass over memory per elementary op). Our kernels
+//! (here, `linear`, `attention`, `norm`) do one pass forward and one backward over contiguous
+//! f32 rows; on other devices the same functions fall back to differentiable composed candle
+//! ops. Each is checked against its composed equivalent, and the finite-difference test at the
+//! bottom of this file goes through LayerNorm and the fused Linear with GELU.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
 use super::vmath;
@@ -57,116 +57,6 @@ pub fn fused_kernels() -> bool {
 /// Whether `t` goes through the fused CPU kernels (f32 on the CPU, kernels not switched off).
 pub(crate) fn is_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && fused_kernels()
-}
-
-// ---------------------------------------------------------------- LayerNorm
-
-struct LayerNorm {
-    eps: f32,
-}
-
-fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "tandem-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
-        let b = contiguous_f32(s3, l3, self.name())?;
-        let h = g.len();
-        let mut y = vec![0f32; x.len()];
-        for_rows(&mut y, h, |i, yr| {
-            let xr = &x[i * h..(i + 1) * h];
-            let (mean, rstd) = ln_stats(xr, self.eps);
-            for j in 0..h {
-                yr[j] = (xr[j] - mean) * rstd * g[j] + b[j];
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        g: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = g.elem_count();
-        let gv = g.flatten_all()?.to_vec1::<f32>()?;
-        let (dx, dg, db) = with_f32(x, |x| {
-            with_f32(dy, |dy| {
-                let rows = x.len() / h;
-                let mut dx = vec![0f32; x.len()];
-                for_rows(&mut dx, h, |i, dxr| {
-                    let xr = &x[i * h..(i + 1) * h];
-                    let dyr = &dy[i * h..(i + 1) * h];
-                    let (mean, rstd) = ln_stats(xr, self.eps);
-                    let (mut s1, mut s2) = (0f32, 0f32);
-                    for j in 0..h {
-                        let xhat = (xr[j] - mean) * rstd;
-                        let dxhat = dyr[j] * gv[j];
-                        s1 += dxhat;
-                        s2 += dxhat * xhat;
-                    }
-                    let (m1, m2) = (s1 / h as f32, s2 / h as f32);
-                    for j in 0..h {
-                        let xhat = (xr[j] - mean) * rstd;
-                        dxr[j] = rstd * (dyr[j] * gv[j] - m1 - xhat * m2);
-                    }
-                });
-                let mut dg = vec![0f32; h];
-                let mut db = vec![0f32; h];
-                for i in 0..rows {
-                    let xr = &x[i * h..(i + 1) * h];
-                    let dyr = &dy[i * h..(i + 1) * h];
-                    let (mean, rstd) = ln_stats(xr, self.eps);
-                    for j in 0..h {
-                        dg[j] += dyr[j] * (xr[j] - mean) * rstd;
-                        db[j] += dyr[j];
-                    }
-                }
-                (dx, dg, db)
-            })
-        })??;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dg, g.shape(), dev)?),
-            Some(Tensor::from_vec(db, g.shape(), dev)?),
-        ))
-    }
-}
-
-/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
-pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResult<Tensor> {
-    if is_cpu(x) {
-        return x
-            .contiguous()?
-            .apply_op3(gamma, beta, LayerNorm { eps: eps as f32 });
-    }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xhat.broadcast_mul(gamma)?.broadcast_add(beta)
 }
 
 // ------------------------------------------------ cross-entropy (sum) with labels
@@ -328,26 +218,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn layer_norm_matches_composed() {
-        let x = rand(&[6, 16], 1);
-        let g = (rand(&[16], 2) + 1.0).unwrap();
-        let b = rand(&[16], 3);
-        check(
-            &[x, g, b],
-            |t| layer_norm(&t[0], &t[1], &t[2], 1e-12),
-            |t| {
-                let mean = t[0].mean_keepdim(1)?;
-                let xc = t[0].broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(1)?;
-                xc.broadcast_div(&(var + 1e-12)?.sqrt()?)?
-                    .broadcast_mul(&t[1])?
-                    .broadcast_add(&t[2])
-            },
-            1e-5,
-        );
-    }
-
-    #[test]
     fn cross_entropy_matches_composed() {
         let x = (rand(&[5, 11], 7) * 3.0).unwrap();
         let labels = vec![0u32, 10, 3, 3, 7];
@@ -381,7 +251,7 @@ pub(crate) mod tests {
         let lw = rand(&[8, 8], 15);
         // LayerNorm, then the fused Linear with its GELU.
         let net = |x: &Tensor| {
-            let y = layer_norm(x, &g, &b, 1e-5).unwrap();
+            let y = crate::model::norm::layer_norm(x, &g, &b, 1e-5).unwrap();
             crate::model::linear::linear(&y, &lw, &b, crate::model::linear::Act::Gelu).unwrap()
         };
         let f = |x: &Tensor| -> f64 {
