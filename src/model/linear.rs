@@ -93,48 +93,54 @@ impl CustomOp3 for LinearOp {
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k.max(1);
         let par = gemm::parallel();
-        let dz = with_f32(dy, |dy| match (self.act, self.pre.get()) {
-            (Act::Identity, _) => Ok(dy.to_vec()),
-            (Act::Gelu, Some(z)) => {
-                let mut dz = vec![0f32; dy.len()];
-                for_rows(&mut dz, n, |i, r| {
-                    vmath::gelu_backward(&z[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n], r)
-                });
-                Ok(dz)
-            }
-            (Act::Gelu, None) => Err(candle_core::Error::Msg(
-                "linear backward: the forward pass kept no pre-activation".into(),
-            )),
-        })??;
-        let (dx, dw) = with_f32(x, |x| {
-            with_f32(w, |w| {
-                let mut dx = vec![0f32; m * k];
-                gemm::matmul(
-                    &mut dx,
-                    View::dense(m, k),
-                    &dz,
-                    View::dense(m, n),
-                    w,
-                    View::dense(n, k),
-                    false,
-                    par,
-                );
-                let mut dw = vec![0f32; n * k];
-                gemm::matmul(
-                    &mut dw,
-                    View::dense(n, k),
-                    &dz,
-                    View::dense(m, n).t(),
-                    x,
-                    View::dense(m, k),
-                    false,
-                    par,
-                );
-                (dx, dw)
+        if self.act == Act::Gelu && self.pre.get().is_none() {
+            candle_core::bail!("linear backward: the forward pass kept no pre-activation")
+        }
+        let (dx, dw, db) = with_f32(dy, |dy| {
+            // The gradient before the activation: dy itself without one (no copy).
+            let gelu_dz;
+            let dz: &[f32] = match (self.act, self.pre.get()) {
+                (Act::Gelu, Some(z)) => {
+                    let mut d = vec![0f32; dy.len()];
+                    for_rows(&mut d, n, |i, r| {
+                        vmath::gelu_backward(&z[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n], r)
+                    });
+                    gelu_dz = d;
+                    &gelu_dz
+                }
+                _ => dy,
+            };
+            with_f32(x, |x| {
+                with_f32(w, |w| {
+                    let mut dx = vec![0f32; m * k];
+                    let dzv = View::dense(m, n);
+                    gemm::matmul(
+                        &mut dx,
+                        View::dense(m, k),
+                        dz,
+                        dzv,
+                        w,
+                        View::dense(n, k),
+                        false,
+                        par,
+                    );
+                    let mut dw = vec![0f32; n * k];
+                    gemm::matmul(
+                        &mut dw,
+                        View::dense(n, k),
+                        dz,
+                        dzv.t(),
+                        x,
+                        View::dense(m, k),
+                        false,
+                        par,
+                    );
+                    let mut db = vec![0f32; n];
+                    gemm::add_column_sums(&mut db, dz);
+                    (dx, dw, db)
+                })
             })
-        })??;
-        let mut db = vec![0f32; n];
-        gemm::add_column_sums(&mut db, &dz);
+        })???;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
