@@ -92,9 +92,9 @@ run_job() { # run_job NAME DEVICE WORKERS
         exit 1
     }
 }
-losses() { # losses NAME: "step loss" of stage 0, from metrics.jsonl
+losses() { # losses NAME: "step loss" of stage 0, from metrics.jsonl (keys in sorted order)
     grep '"stage_index":0' "$WORK/$1/metrics.jsonl" |
-        sed -n 's/.*"loss":\([-0-9.eE+]*\).*"step":\([0-9]*\).*/\2 \1/p; t; s/.*"step":\([0-9]*\).*"loss":\([-0-9.eE+]*\).*/\1 \2/p'
+        sed -n 's/.*"loss":\([-0-9.eE+]*\).*"step":\([0-9]*\).*/\2 \1/p'
 }
 max_rel() { # max_rel A B: largest relative loss difference over the steps both logged
     join <(losses "$1" | sort -k1,1) <(losses "$2" | sort -k1,1) |

@@ -182,8 +182,8 @@ pub unsafe fn matmul_raw(
     );
 }
 
-/// Adds the rows of the `rows × width` row-major `x` into `acc` (`acc[j] += Σ_i x[i, j]`).
-/// Rows are summed in blocks in a fixed order, so the result does not depend on threads.
+/// Adds the rows of the `rows × width` row-major `x` into `acc` (`acc[j] += Σ_i x[i, j]`),
+/// in row order on one thread, so the result never depends on the thread count.
 pub fn add_column_sums(acc: &mut [f32], x: &[f32]) {
     let w = acc.len();
     if w == 0 {

@@ -89,6 +89,17 @@ pub struct PhaseTimes {
     pub optimizer_ms: f64,
 }
 
+impl std::ops::AddAssign<&PhaseTimes> for PhaseTimes {
+    fn add_assign(&mut self, p: &PhaseTimes) {
+        self.forward_ms += p.forward_ms;
+        self.backward_ms += p.backward_ms;
+        self.pack_ms += p.pack_ms;
+        self.sync_ms += p.sync_ms;
+        self.allreduce_ms += p.allreduce_ms;
+        self.optimizer_ms += p.optimizer_ms;
+    }
+}
+
 /// Sums of one forward pass, as plain numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LossSums {

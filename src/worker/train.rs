@@ -668,12 +668,7 @@ impl TimeSplit {
     fn add(&mut self, data_ms: f64, p: &crate::train::step::PhaseTimes) {
         self.steps += 1;
         self.data_ms += data_ms;
-        self.phases.forward_ms += p.forward_ms;
-        self.phases.backward_ms += p.backward_ms;
-        self.phases.pack_ms += p.pack_ms;
-        self.phases.sync_ms += p.sync_ms;
-        self.phases.allreduce_ms += p.allreduce_ms;
-        self.phases.optimizer_ms += p.optimizer_ms;
+        self.phases += p;
     }
 
     /// Logs the mean milliseconds per step of each part: waiting for data, waiting for the
