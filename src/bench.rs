@@ -164,99 +164,87 @@ pub fn bench_step(
     })
 }
 
-/// Parent of `tandem bench allreduce`: spawns `world` rank processes of this binary on
-/// 127.0.0.1 and relays rank 0's JSON lines.
-pub fn allreduce(
-    world: usize,
-    sizes: &[usize],
-    iters: usize,
-    chunk_bytes: usize,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(world >= 1, "--world must be at least 1");
-    // Reserve free ports, release them, and let each rank bind its own.
-    let ports: Vec<u16> = (0..world)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-        })
-        .collect::<std::io::Result<_>>()?;
-    let ports_arg = ports
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let sizes_arg = sizes
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let exe = std::env::current_exe()?;
-    let mut children: Vec<std::process::Child> = (0..world)
-        .map(|r| {
-            std::process::Command::new(&exe)
-                .args([
-                    "bench",
-                    "allreduce",
-                    "--rank",
-                    &r.to_string(),
-                    "--ports",
-                    &ports_arg,
-                ])
-                .args([
-                    "--sizes",
-                    &sizes_arg,
-                    "--iters",
-                    &iters.to_string(),
-                    "--chunk-bytes",
-                    &chunk_bytes.to_string(),
-                ])
-                .env("TANDEM_TOKEN", "bench")
-                .stdout(if r == 0 {
-                    std::process::Stdio::inherit()
-                } else {
-                    std::process::Stdio::null()
-                })
-                .spawn()
-        })
-        .collect::<std::io::Result<_>>()?;
-    let mut ok = true;
-    for c in &mut children {
-        ok &= c.wait()?.success();
-    }
-    anyhow::ensure!(ok, "a rank failed");
-    Ok(())
+/// `tandem bench allreduce`.
+pub struct AllreduceBench {
+    pub sizes: Vec<usize>,
+    pub iters: usize,
+    pub chunk_bytes: usize,
+    pub transport: crate::comm::ring::Transport,
 }
 
-/// One rank of `tandem bench allreduce`.
-pub fn allreduce_rank(
-    rank: usize,
-    ports: &[u16],
-    sizes: &[usize],
-    iters: usize,
-    chunk_bytes: usize,
-) -> anyhow::Result<()> {
-    use crate::comm::ring::{bench_rank, bus_bandwidth_gbs, RingConfig};
-    let peers: Vec<std::net::SocketAddr> = ports
-        .iter()
-        .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p)))
-        .collect();
-    let listener = std::net::TcpListener::bind(peers[rank])?;
-    let mut cfg = RingConfig::new(rank, ports.len(), peers, "bench", 1);
-    cfg.chunk_bytes = chunk_bytes;
-    let world = ports.len();
-    for (bytes, ms) in bench_rank(cfg, listener, sizes, iters)? {
-        if rank == 0 {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "world": world, "bytes": bytes, "median_ms": ms,
-                    "busbw_gbps": bus_bandwidth_gbs(bytes, world, ms / 1e3), "chunk_bytes": chunk_bytes,
-                })
-            );
+impl AllreduceBench {
+    /// The parent: spawns `world` rank processes of this binary on 127.0.0.1 and relays rank
+    /// 0's JSON lines.
+    pub fn run(&self, world: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(world >= 1, "--world must be at least 1");
+        // Reserve free ports, release them, and let each rank bind its own.
+        let ports: Vec<u16> = (0..world)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+            })
+            .collect::<std::io::Result<_>>()?;
+        let join = |v: Vec<String>| v.join(",");
+        let ports_arg = join(ports.iter().map(|p| p.to_string()).collect());
+        let sizes_arg = join(self.sizes.iter().map(|s| s.to_string()).collect());
+        let transport = match self.transport {
+            crate::comm::ring::Transport::Auto => "auto",
+            crate::comm::ring::Transport::Tcp => "tcp",
+        };
+        let exe = std::env::current_exe()?;
+        let mut children: Vec<std::process::Child> = (0..world)
+            .map(|r| {
+                std::process::Command::new(&exe)
+                    .args(["bench", "allreduce", "--rank", &r.to_string()])
+                    .args(["--ports", &ports_arg, "--sizes", &sizes_arg])
+                    .args(["--iters", &self.iters.to_string()])
+                    .args(["--chunk-bytes", &self.chunk_bytes.to_string()])
+                    .args(["--transport", transport])
+                    .env("TANDEM_TOKEN", "bench")
+                    .stdout(if r == 0 {
+                        std::process::Stdio::inherit()
+                    } else {
+                        std::process::Stdio::null()
+                    })
+                    .spawn()
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut ok = true;
+        for c in &mut children {
+            ok &= c.wait()?.success();
         }
+        anyhow::ensure!(ok, "a rank failed");
+        Ok(())
     }
-    Ok(())
+
+    /// One rank.
+    pub fn run_rank(&self, rank: usize, ports: &[u16]) -> anyhow::Result<()> {
+        use crate::comm::ring::{bench_rank, bus_bandwidth_gbs, RingConfig, RingListener};
+        let peers: Vec<std::net::SocketAddr> = ports
+            .iter()
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        let listener = RingListener::bind(peers[rank])?;
+        let mut cfg = RingConfig::new(rank, ports.len(), peers, "bench", 1);
+        cfg.chunk_bytes = self.chunk_bytes;
+        cfg.transport = self.transport;
+        let world = ports.len();
+        let (transport, results) = bench_rank(cfg, listener, &self.sizes, self.iters)?;
+        for (bytes, ms) in results {
+            if rank == 0 {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "world": world, "bytes": bytes, "median_ms": ms,
+                        "busbw_gbps": bus_bandwidth_gbs(bytes, world, ms / 1e3),
+                        "chunk_bytes": self.chunk_bytes, "transport": transport,
+                    })
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Result line of `tandem bench scaling`.

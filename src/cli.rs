@@ -248,6 +248,9 @@ pub enum BenchCommand {
         /// Pipelining chunk in bytes.
         #[arg(long, default_value_t = tandem_default_chunk())]
         chunk_bytes: usize,
+        /// auto (local sockets between processes on one machine, as workers use) or tcp.
+        #[arg(long, default_value = "auto")]
+        transport: crate::comm::ring::Transport,
         /// Internal: run as one rank (set by the parent process).
         #[arg(long, hide = true)]
         rank: Option<usize>,

@@ -81,6 +81,11 @@ pub struct ClusterSection {
     /// Bound on every collective socket operation.
     #[serde(default = "d_collective_timeout")]
     pub collective_timeout_s: f64,
+    /// How ring peers connect: `auto` (default: a Unix-domain socket to peers at a loopback
+    /// address, i.e. workers on the same machine, about twice TCP's bandwidth there; TCP to
+    /// every other peer) or `tcp` (always TCP).
+    #[serde(default)]
+    pub ring_transport: crate::comm::ring::Transport,
     /// Gradient bucket size for the all-reduce, in MiB (PyTorch DDP's default is 25).
     #[serde(default = "d_bucket")]
     pub bucket_mib: f64,

@@ -245,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sizes,
             iters,
             chunk_bytes,
+            transport,
             rank,
             ports,
         }) => {
@@ -256,9 +257,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("--sizes: cannot read {s:?}"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let bench = tandem::bench::AllreduceBench {
+                sizes,
+                iters,
+                chunk_bytes,
+                transport,
+            };
             match rank {
-                Some(r) => tandem::bench::allreduce_rank(r, &ports, &sizes, iters, chunk_bytes)?,
-                None => tandem::bench::allreduce(world, &sizes, iters, chunk_bytes)?,
+                Some(r) => bench.run_rank(r, &ports)?,
+                None => bench.run(world)?,
             }
         }
         Command::Bench(BenchCommand::Scaling {

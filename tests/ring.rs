@@ -1,11 +1,14 @@
-//! The TCP ring collective on 127.0.0.1: ranks are threads of this process, each with its own
-//! listener. Every test bounds its own duration, so a hang fails instead of stalling CI.
+//! The ring collective on 127.0.0.1: ranks are threads of this process, each with its own
+//! listener. Peers at loopback addresses connect over local (Unix-domain) sockets by default;
+//! the tests that matter run over both transports. Every test bounds its own duration, so a
+//! hang fails instead of stalling CI.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tandem::comm::ring::{RingListener, Transport};
 use tandem::comm::{Collective, Ring, RingConfig};
 
 const TOKEN: &str = "test-job-token";
@@ -13,9 +16,11 @@ const GENERATION: u64 = 7;
 /// No test may take longer than this, whatever the ring does.
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+/// Bound before any rank starts, as a worker binds its listener before it joins, so every
+/// local companion socket exists before a peer dials it.
+fn listeners(n: usize) -> (Vec<RingListener>, Vec<SocketAddr>) {
+    let ls: Vec<RingListener> = (0..n)
+        .map(|_| RingListener::from(TcpListener::bind("127.0.0.1:0").unwrap()))
         .collect();
     let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
     (ls, addrs)
@@ -28,12 +33,37 @@ fn config(rank: usize, peers: &[SocketAddr], chunk_bytes: usize, timeout: Durati
     c
 }
 
-/// Runs `f(rank, cfg, listener)` on one thread per rank and returns the results in rank order;
-/// panics if a thread panics or if they are not all done within [`LIMIT`].
+/// What `Ring::transport` must say for a world of `n` over `t`.
+fn expected_transport(n: usize, t: Transport) -> &'static str {
+    match (n, t) {
+        (1, _) => "none",
+        (_, Transport::Tcp) => "tcp",
+        (_, Transport::Auto) if cfg!(target_os = "linux") => "local",
+        _ => "tcp",
+    }
+}
+
+/// [`per_rank_via`] over the default transport.
 fn per_rank<T, F>(n: usize, chunk_bytes: usize, timeout: Duration, f: F) -> Vec<T>
 where
     T: Send + 'static,
-    F: Fn(usize, RingConfig, TcpListener) -> T + Send + Sync + 'static,
+    F: Fn(usize, RingConfig, RingListener) -> T + Send + Sync + 'static,
+{
+    per_rank_via(Transport::Auto, n, chunk_bytes, timeout, f)
+}
+
+/// Runs `f(rank, cfg, listener)` on one thread per rank and returns the results in rank order;
+/// panics if a thread panics or if they are not all done within [`LIMIT`].
+fn per_rank_via<T, F>(
+    transport: Transport,
+    n: usize,
+    chunk_bytes: usize,
+    timeout: Duration,
+    f: F,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, RingConfig, RingListener) -> T + Send + Sync + 'static,
 {
     let (ls, addrs) = listeners(n);
     let f = Arc::new(f);
@@ -42,11 +72,12 @@ where
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let (f, tx, cfg) = (
+            let (f, tx, mut cfg) = (
                 f.clone(),
                 tx.clone(),
                 config(rank, &addrs, chunk_bytes, timeout),
             );
+            cfg.transport = transport;
             thread::spawn(move || {
                 let out = f(rank, cfg, l);
                 let _ = tx.send((rank, out));
@@ -122,15 +153,23 @@ const LENGTHS: [usize; 6] = [0, 1, 2, 7, 1000, 100_003];
 #[test]
 fn all_reduce_is_the_sum_and_bit_identical() {
     // 12-byte chunks cut segments into many uneven chunks; 1 MiB leaves each segment whole.
-    for chunk_bytes in [12, 4096, 1 << 20] {
+    for (transport, chunk_bytes) in [
+        (Transport::Auto, 12),
+        (Transport::Auto, 4096),
+        (Transport::Auto, 1 << 20),
+        (Transport::Tcp, 12),
+        (Transport::Tcp, 1 << 20),
+    ] {
         for n in 1..=4 {
-            let results = per_rank(
+            let results = per_rank_via(
+                transport,
                 n,
                 chunk_bytes,
                 Duration::from_secs(10),
                 move |rank, cfg, l| {
                     let mut ring = Ring::connect(cfg, l).unwrap();
                     assert_eq!((ring.rank(), ring.world_size()), (rank, n));
+                    assert_eq!(ring.transport(), expected_transport(n, transport));
                     LENGTHS
                         .iter()
                         .map(|&len| {
@@ -303,26 +342,34 @@ fn ring_that_cannot_form_errors_within_the_timeout() {
 
 #[test]
 fn silent_and_garbage_connections_do_not_block_the_ring() {
-    let results = per_rank(2, 4096, Duration::from_secs(10), |rank, cfg, l| {
-        if rank == 0 {
-            // Strangers on rank 1's port: one silent, one speaking nonsense.
-            let silent = TcpStream::connect(cfg.peers[1]).unwrap();
-            let mut noisy = TcpStream::connect(cfg.peers[1]).unwrap();
-            std::io::Write::write_all(&mut noisy, &[0xAB; 100]).unwrap();
-            let mut ring = Ring::connect(cfg, l).unwrap();
-            let mut v = vec![1.0f32];
-            ring.all_reduce_sum(&mut v).unwrap();
-            drop((silent, noisy));
-            v
-        } else {
-            thread::sleep(Duration::from_millis(100));
-            let mut ring = Ring::connect(cfg, l).unwrap();
-            let mut v = vec![2.0f32];
-            ring.all_reduce_sum(&mut v).unwrap();
-            v
-        }
-    });
-    assert_eq!(results, vec![vec![3.0], vec![3.0]]);
+    for transport in [Transport::Auto, Transport::Tcp] {
+        let results = per_rank_via(
+            transport,
+            2,
+            4096,
+            Duration::from_secs(10),
+            |rank, cfg, l| {
+                if rank == 0 {
+                    // Strangers on rank 1's port: one silent, one speaking nonsense.
+                    let silent = TcpStream::connect(cfg.peers[1]).unwrap();
+                    let mut noisy = TcpStream::connect(cfg.peers[1]).unwrap();
+                    std::io::Write::write_all(&mut noisy, &[0xAB; 100]).unwrap();
+                    let mut ring = Ring::connect(cfg, l).unwrap();
+                    let mut v = vec![1.0f32];
+                    ring.all_reduce_sum(&mut v).unwrap();
+                    drop((silent, noisy));
+                    v
+                } else {
+                    thread::sleep(Duration::from_millis(100));
+                    let mut ring = Ring::connect(cfg, l).unwrap();
+                    let mut v = vec![2.0f32];
+                    ring.all_reduce_sum(&mut v).unwrap();
+                    v
+                }
+            },
+        );
+        assert_eq!(results, vec![vec![3.0], vec![3.0]], "{transport:?}");
+    }
 }
 
 #[test]
@@ -344,19 +391,25 @@ fn mismatched_calls_fail_clearly() {
 
 /// Ranks 0 and 1 all-reduce twice; rank 2 leaves according to `leave`. The survivors must get
 /// an error naming a rank within well under ten seconds (timeout 2 s).
-fn survivors_fail_fast(leave: fn(&mut Ring)) -> Vec<String> {
-    let out = per_rank(3, 64 << 10, Duration::from_secs(2), move |rank, cfg, l| {
-        let mut ring = Ring::connect(cfg, l).unwrap();
-        let mut v = data(rank, 1 << 20, 1);
-        ring.all_reduce_sum(&mut v).unwrap();
-        if rank == 2 {
-            leave(&mut ring);
-            return None;
-        }
-        let start = Instant::now();
-        let e = ring.all_reduce_sum(&mut v).expect_err("rank 2 is gone");
-        Some((start.elapsed(), e.to_string()))
-    });
+fn survivors_fail_fast(transport: Transport, leave: fn(&mut Ring)) -> Vec<String> {
+    let out = per_rank_via(
+        transport,
+        3,
+        64 << 10,
+        Duration::from_secs(2),
+        move |rank, cfg, l| {
+            let mut ring = Ring::connect(cfg, l).unwrap();
+            let mut v = data(rank, 1 << 20, 1);
+            ring.all_reduce_sum(&mut v).unwrap();
+            if rank == 2 {
+                leave(&mut ring);
+                return None;
+            }
+            let start = Instant::now();
+            let e = ring.all_reduce_sum(&mut v).expect_err("rank 2 is gone");
+            Some((start.elapsed(), e.to_string()))
+        },
+    );
     out.into_iter()
         .flatten()
         .map(|(took, e)| {
@@ -370,47 +423,59 @@ fn survivors_fail_fast(leave: fn(&mut Ring)) -> Vec<String> {
 #[test]
 fn a_dead_peer_makes_the_others_fail_not_hang() {
     // Rank 2 returns (its ring is dropped) while the others start a 4 MiB all-reduce.
-    let errs = survivors_fail_fast(|_| ());
-    assert_eq!(errs.len(), 2);
+    for transport in [Transport::Auto, Transport::Tcp] {
+        let errs = survivors_fail_fast(transport, |_| ());
+        assert_eq!(errs.len(), 2, "{transport:?}");
+    }
 }
 
 #[test]
 fn a_stalled_peer_makes_the_others_time_out() {
-    let errs = survivors_fail_fast(|_| thread::sleep(Duration::from_secs(4)));
-    assert!(
-        errs.iter()
-            .any(|e| e.contains("timed out after 2 s") && e.contains("from rank 2")),
-        "{errs:?}"
-    );
+    for transport in [Transport::Auto, Transport::Tcp] {
+        let errs = survivors_fail_fast(transport, |_| thread::sleep(Duration::from_secs(4)));
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("timed out after 2 s") && e.contains("from rank 2")),
+            "{transport:?}: {errs:?}"
+        );
+    }
 }
 
 #[test]
 fn a_peer_dying_mid_reduce_fails_the_others() {
     // Rank 2 aborts its own ring from another thread while inside a large all-reduce.
-    let out = per_rank(3, 64 << 10, Duration::from_secs(2), |rank, cfg, l| {
-        let mut ring = Ring::connect(cfg, l).unwrap();
-        let mut v = data(rank, 8 << 20, 1);
-        if rank == 2 {
-            let h = ring.abort_handle();
-            thread::spawn(move || {
-                thread::sleep(Duration::from_millis(5));
-                h.abort();
-            });
-        }
-        let start = Instant::now();
-        // Rank 2 may finish before its abort lands; then the others still fail on the next.
-        let r = ring
-            .all_reduce_sum(&mut v)
-            .and_then(|_| ring.all_reduce_sum(&mut v));
-        (start.elapsed(), r.map_err(|e| e.to_string()))
-    });
-    for (rank, (took, r)) in out.into_iter().enumerate() {
-        let e = r.expect_err("a rank died mid-reduce");
-        assert!(
-            took < Duration::from_secs(10),
-            "rank {rank}: error after {took:?}"
+    for transport in [Transport::Auto, Transport::Tcp] {
+        let out = per_rank_via(
+            transport,
+            3,
+            64 << 10,
+            Duration::from_secs(2),
+            |rank, cfg, l| {
+                let mut ring = Ring::connect(cfg, l).unwrap();
+                let mut v = data(rank, 8 << 20, 1);
+                if rank == 2 {
+                    let h = ring.abort_handle();
+                    thread::spawn(move || {
+                        thread::sleep(Duration::from_millis(5));
+                        h.abort();
+                    });
+                }
+                let start = Instant::now();
+                // Rank 2 may finish before its abort lands; then the others still fail on the next.
+                let r = ring
+                    .all_reduce_sum(&mut v)
+                    .and_then(|_| ring.all_reduce_sum(&mut v));
+                (start.elapsed(), r.map_err(|e| e.to_string()))
+            },
         );
-        assert!(e.contains(&format!("rank {rank}")), "{e}");
+        for (rank, (took, r)) in out.into_iter().enumerate() {
+            let e = r.expect_err("a rank died mid-reduce");
+            assert!(
+                took < Duration::from_secs(10),
+                "rank {rank}: error after {took:?}"
+            );
+            assert!(e.contains(&format!("rank {rank}")), "{e}");
+        }
     }
 }
 

@@ -7,7 +7,7 @@ mod finetune;
 mod train;
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,7 +43,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     if !device.is_cpu() {
         tracing::info!(device = %opts.device, "training on the GPU (model and gradients there; all-reduce and AdamW on the host)");
     }
-    let listener = TcpListener::bind(opts.ring_listen)
+    let listener = crate::comm::ring::RingListener::bind(opts.ring_listen)
         .with_context(|| format!("binding the ring listener on {}", opts.ring_listen))?;
     let bound = listener.local_addr()?;
     let ring_addr = match &opts.advertise_host {

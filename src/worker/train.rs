@@ -3,7 +3,7 @@
 //! progress; rank 0 uploads checkpoints with the data cursor and the consumption ledger.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use candle_core::Device;
 
 use super::client::{self, Client};
 use super::feed::{self, FeedMsg, FeedSpec, Partition};
-use crate::comm::ring::{AbortHandle, Ring, RingConfig};
+use crate::comm::ring::{AbortHandle, Ring, RingConfig, RingListener};
 use crate::comm::Collective;
 use crate::config::{JobConfig, ResizePolicy};
 use crate::data::instances::collate;
@@ -30,7 +30,7 @@ use crate::train::{AdamWConfig, Schedule, StepOptions, StepStats, Trainer};
 pub struct Ctx {
     pub rt: tokio::runtime::Handle,
     pub client: Client,
-    pub listener: TcpListener,
+    pub listener: RingListener,
     pub token: String,
     /// Set by an Abort/Stop directive: the loop stops between steps.
     pub abort: Arc<AtomicBool>,
@@ -78,11 +78,18 @@ pub(super) fn connect_ring(
             generation: a.generation,
             timeout: Duration::from_secs_f64(cfg.cluster.collective_timeout_s),
             chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
+            transport: cfg.cluster.ring_transport,
         },
         ctx.listener.try_clone()?,
     )?;
     *ctx.ring_abort.lock().unwrap() = Some(ring.abort_handle());
-    tracing::info!(rank, world, generation = a.generation, "ring connected");
+    tracing::info!(
+        rank,
+        world,
+        generation = a.generation,
+        transport = ring.transport(),
+        "ring connected"
+    );
     Ok(ring)
 }
 

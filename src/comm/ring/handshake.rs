@@ -52,7 +52,7 @@ pub(super) fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(super) fn set_timeouts(s: &TcpStream, deadline: Instant) -> io::Result<()> {
+pub(super) fn set_timeouts(s: &Stream, deadline: Instant) -> io::Result<()> {
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
@@ -72,11 +72,11 @@ pub(super) fn handshake_failure(e: io::Error) -> String {
 
 /// The dialling side of the handshake, on a fresh connection to `to`.
 pub(super) fn dial_handshake(
-    mut s: TcpStream,
+    s: Stream,
     cfg: &RingConfig,
     to: usize,
     deadline: Instant,
-) -> Result<TcpStream, String> {
+) -> Result<Stream, String> {
     let io = handshake_failure;
     set_timeouts(&s, deadline).map_err(io)?;
     let nonce: [u8; 16] = rand::random();
@@ -91,14 +91,14 @@ pub(super) fn dial_handshake(
         hello.extend_from_slice(&v.to_le_bytes());
     }
     hello.extend_from_slice(&nonce);
-    s.write_all(&hello).map_err(io)?;
+    (&s).write_all(&hello).map_err(io)?;
     let mut status = [0u8; 1];
-    s.read_exact(&mut status).map_err(io)?;
+    (&s).read_exact(&mut status).map_err(io)?;
     if status[0] != STATUS_OK {
         return Err(format!("refused: it expects {}", refusal(status[0])));
     }
     let mut reply = [0u8; 48];
-    s.read_exact(&mut reply).map_err(io)?;
+    (&s).read_exact(&mut reply).map_err(io)?;
     let their_nonce: [u8; 16] = reply[..16].try_into().expect("16 bytes");
     let their_proof: [u8; 32] = reply[16..].try_into().expect("32 bytes");
     if !ct_eq(&their_proof, &proof(cfg, ACCEPT_DOMAIN, to, &nonce)) {
@@ -107,9 +107,9 @@ pub(super) fn dial_handshake(
             cfg.generation
         ));
     }
-    s.write_all(&proof(cfg, DIAL_DOMAIN, cfg.rank, &their_nonce))
+    (&s).write_all(&proof(cfg, DIAL_DOMAIN, cfg.rank, &their_nonce))
         .map_err(io)?;
-    s.read_exact(&mut status).map_err(io)?;
+    (&s).read_exact(&mut status).map_err(io)?;
     if status[0] != STATUS_OK {
         return Err(format!("refused: it expects {}", refusal(status[0])));
     }
@@ -118,16 +118,16 @@ pub(super) fn dial_handshake(
 
 /// The accepting side of the handshake: only rank `from` of our job and generation passes.
 pub(super) fn accept_handshake(
-    mut s: TcpStream,
+    s: Stream,
     cfg: &RingConfig,
     from: usize,
     deadline: Instant,
-) -> Result<TcpStream, String> {
+) -> Result<Stream, String> {
     let io = handshake_failure;
     s.set_nonblocking(false).map_err(io)?;
     set_timeouts(&s, deadline).map_err(io)?;
     let mut hello = [0u8; 56];
-    s.read_exact(&mut hello).map_err(io)?;
+    (&s).read_exact(&mut hello).map_err(io)?;
     if &hello[..8] != HELLO_MAGIC {
         return Err("not a tandem ring peer (bad magic)".into());
     }
@@ -143,7 +143,7 @@ pub(super) fn accept_handshake(
         STATUS_OK
     };
     if code != STATUS_OK {
-        let _ = s.write_all(&[code]);
+        let _ = (&s).write_all(&[code]);
         return Err(format!(
             "refused a peer claiming rank {their_rank} -> {to} of {world} in generation {generation}: {}",
             refusal(code)
@@ -153,32 +153,35 @@ pub(super) fn accept_handshake(
     let mut reply = vec![STATUS_OK];
     reply.extend_from_slice(&ours);
     reply.extend_from_slice(&proof(cfg, ACCEPT_DOMAIN, cfg.rank, &nonce));
-    s.write_all(&reply).map_err(io)?;
+    (&s).write_all(&reply).map_err(io)?;
     let mut theirs = [0u8; 32];
-    s.read_exact(&mut theirs).map_err(io)?;
+    (&s).read_exact(&mut theirs).map_err(io)?;
     if !ct_eq(&theirs, &proof(cfg, DIAL_DOMAIN, from, &ours)) {
-        let _ = s.write_all(&[STATUS_TOKEN]);
+        let _ = (&s).write_all(&[STATUS_TOKEN]);
         return Err(format!(
             "refused a peer claiming rank {from}: it failed to prove the job token"
         ));
     }
-    s.write_all(&[STATUS_OK]).map_err(io)?;
+    (&s).write_all(&[STATUS_OK]).map_err(io)?;
     Ok(s)
 }
 
 /// Connects to rank `to`, retrying with backoff (the peer may not listen yet, or a stale
-/// process may hold its address) until `deadline` or `cancel`.
+/// process may hold its address) until `deadline` or `cancel`. A peer at a loopback address is
+/// dialled over its local socket first (see `stream.rs`); after a refusal there, the next
+/// attempt goes over TCP, so a foreign process holding the local name cannot lock us out.
 pub(super) fn dial(
     cfg: &RingConfig,
     to: usize,
     deadline: Instant,
     cancel: &AtomicBool,
-) -> Result<TcpStream, String> {
+) -> Result<Stream, String> {
     let addr = cfg.peers[to];
     let mut backoff = Duration::from_millis(5);
     let mut last = String::from("no attempt finished");
     // A handshake refusal says more than the connection errors that may follow it.
     let mut refused: Option<String> = None;
+    let mut try_local = cfg.transport == Transport::Auto;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let gave_up = if cancel.load(Ordering::SeqCst) {
@@ -198,13 +201,24 @@ pub(super) fn dial(
             };
             return Err(format!("{msg}; last attempt: {last}{refused}"));
         }
-        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(1))) {
+        let local = if try_local { connect_local(addr) } else { None };
+        let was_local = local.is_some();
+        let stream = match local {
+            Some(s) => Ok(s),
+            None => {
+                TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(1))).map(Stream::Tcp)
+            }
+        };
+        try_local = cfg.transport == Transport::Auto;
+        match stream {
             Ok(s) => match dial_handshake(s, cfg, to, deadline) {
                 Ok(s) => return Ok(s),
                 Err(e) => {
-                    tracing::warn!(rank = cfg.rank, peer = to, %addr, "ring connection refused: {e}");
+                    let via = if was_local { " (local socket)" } else { "" };
+                    tracing::warn!(rank = cfg.rank, peer = to, %addr, "ring connection refused{via}: {e}");
                     refused = Some(e.clone());
                     last = e;
+                    try_local &= !was_local;
                 }
             },
             Err(e) => last = format!("connect: {e}"),
@@ -218,10 +232,10 @@ pub(super) fn dial(
 /// so a silent or hostile connection cannot hold the listener up.
 pub(super) fn accept_from(
     cfg: &RingConfig,
-    listener: &TcpListener,
+    listener: &RingListener,
     from: usize,
     deadline: Instant,
-) -> Result<TcpStream, String> {
+) -> Result<Stream, String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("listener: {e}"))?;

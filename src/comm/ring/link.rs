@@ -5,7 +5,7 @@ use super::*;
 
 /// Writes one part of a call to the next rank; the error says what and to whom.
 pub(super) fn write_part(
-    mut to: &TcpStream,
+    mut to: &Stream,
     bytes: &[u8],
     op: Op,
     part: Part,

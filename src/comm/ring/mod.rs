@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -23,9 +23,12 @@ use crate::error::{Error, Result};
 mod handshake;
 mod link;
 mod schedule;
+mod stream;
 
 use handshake::*;
 use schedule::*;
+use stream::{connect_local, Stream};
+pub use stream::{RingListener, Transport};
 
 /// Default pipelining granularity (measured on loopback, see `README.md`).
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
@@ -56,6 +59,8 @@ pub struct RingConfig {
     pub timeout: Duration,
     /// Pipelining granularity in bytes (rounded down to whole floats).
     pub chunk_bytes: usize,
+    /// Whether peers at loopback addresses are reached over a local socket (`Auto`).
+    pub transport: Transport,
 }
 
 impl RingConfig {
@@ -80,6 +85,7 @@ impl RingConfig {
             generation,
             timeout: DEFAULT_TIMEOUT,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            transport: Transport::Auto,
         }
     }
 
@@ -124,6 +130,7 @@ impl fmt::Debug for RingConfig {
             .field("generation", &self.generation)
             .field("timeout", &self.timeout)
             .field("chunk_bytes", &self.chunk_bytes)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -132,7 +139,7 @@ impl fmt::Debug for RingConfig {
 struct Shared {
     aborted: AtomicBool,
     /// Clones of both sockets, so any thread can shut them down (empty for world size 1).
-    sockets: Vec<TcpStream>,
+    sockets: Vec<Stream>,
     /// The sender thread's failure, the root cause when the receive side then fails.
     send_error: Mutex<Option<String>>,
 }
@@ -171,6 +178,7 @@ pub struct Ring {
     broken: Option<String>,
     shared: Arc<Shared>,
     link: Option<Link>,
+    transport: &'static str,
 }
 
 /// The connections of a ring of two or more ranks.
@@ -178,8 +186,8 @@ struct Link {
     prev: usize,
     next: usize,
     timeout: Duration,
-    recv: TcpStream,
-    send: TcpStream,
+    recv: Stream,
+    send: Stream,
     /// Staging for bytes that are added into the buffer (reduce-scatter).
     rbuf: Vec<u8>,
     shared: Arc<Shared>,
@@ -316,9 +324,11 @@ fn io_reason(e: &io::Error, timeout: Duration) -> String {
 impl Ring {
     /// Joins the ring: connects to `rank + 1` (send side) and accepts from `rank - 1` (receive
     /// side), both authenticated by token and generation, within `cfg.timeout`. `listener` was
-    /// bound by this rank at `peers[rank]`.
-    pub fn connect(cfg: RingConfig, listener: TcpListener) -> Result<Ring> {
+    /// bound by this rank at `peers[rank]` (a `TcpListener` converts, binding its local
+    /// companion then: bind a [`RingListener`] early so local peers never miss it).
+    pub fn connect(cfg: RingConfig, listener: impl Into<RingListener>) -> Result<Ring> {
         cfg.validate()?;
+        let listener = listener.into();
         let (rank, n) = (cfg.rank, cfg.world_size);
         let mut ring = Ring {
             rank,
@@ -333,6 +343,7 @@ impl Ring {
                 send_error: Mutex::new(None),
             }),
             link: None,
+            transport: "none",
         };
         if n == 1 {
             return Ok(ring);
@@ -365,9 +376,9 @@ impl Ring {
                 return Err(comm_err(rank, msg));
             }
         };
-        let setup = |recv: &TcpStream, send: &TcpStream| -> io::Result<Vec<TcpStream>> {
+        let setup = |recv: &Stream, send: &Stream| -> io::Result<Vec<Stream>> {
             for s in [recv, send] {
-                s.set_nodelay(true)?;
+                s.set_nodelay()?;
                 s.set_read_timeout(Some(cfg.timeout))?;
                 s.set_write_timeout(Some(cfg.timeout))?;
             }
@@ -380,11 +391,17 @@ impl Ring {
             sockets,
             send_error: Mutex::new(None),
         });
+        ring.transport = match (recv.kind(), send.kind()) {
+            (a, b) if a == b => a,
+            _ => "mixed",
+        };
         tracing::debug!(
             rank,
             prev,
             next,
             generation = cfg.generation,
+            receive = recv.kind(),
+            send = send.kind(),
             "ring connected"
         );
         ring.shared = shared.clone();
@@ -408,6 +425,12 @@ impl Ring {
     /// The generation this ring was formed for.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// How this rank's two connections travel: "tcp", "local" (Unix-domain sockets), "mixed",
+    /// or "none" (world size 1).
+    pub fn transport(&self) -> &'static str {
+        self.transport
     }
 }
 
@@ -497,13 +520,13 @@ pub fn bus_bandwidth_gbs(bytes: usize, world_size: usize, secs: f64) -> f64 {
 }
 
 /// Joins the ring and times `iters` all-reduces of each size (after one warm-up), every one
-/// started together behind a barrier. Returns `(bytes, median milliseconds)` per size.
+/// started together behind a barrier. Returns the transport and `(bytes, median milliseconds)` per size.
 pub fn bench_rank(
     cfg: RingConfig,
-    listener: TcpListener,
+    listener: impl Into<RingListener>,
     sizes_bytes: &[usize],
     iters: usize,
-) -> Result<Vec<(usize, f64)>> {
+) -> Result<(&'static str, Vec<(usize, f64)>)> {
     if iters == 0 {
         return Err(comm_err(
             cfg.rank,
@@ -528,7 +551,7 @@ pub fn bench_rank(
         ms.sort_by(f64::total_cmp);
         out.push((bytes, ms[ms.len() / 2]));
     }
-    Ok(out)
+    Ok((ring.transport(), out))
 }
 
 #[cfg(test)]

@@ -1,0 +1,264 @@
+//! The ring's transports. Between ranks in the same network namespace (the peer's address is a
+//! loopback address) the ring uses a Unix-domain socket in Linux's abstract namespace, which
+//! moves bytes about twice as fast as TCP over loopback (no TCP/IP stack, no checksums or
+//! segmentation; see BENCHMARKS.md). Anything else, and every other OS, uses TCP. Both carry
+//! the same authenticated handshake and wire format.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+#[cfg(target_os = "linux")]
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+/// Which transports a ring may use (`cluster.ring_transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// A local (Unix-domain) socket to peers in the same network namespace, TCP otherwise.
+    #[default]
+    Auto,
+    /// TCP only.
+    Tcp,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Transport::Auto),
+            "tcp" => Ok(Transport::Tcp),
+            _ => Err(format!(
+                "unknown ring transport {s:?}: expected auto or tcp"
+            )),
+        }
+    }
+}
+
+/// A connection to a neighbour.
+pub enum Stream {
+    Tcp(TcpStream),
+    #[cfg(target_os = "linux")]
+    Local(UnixStream),
+}
+
+macro_rules! each {
+    ($s:expr, $x:ident => $e:expr) => {
+        match $s {
+            Stream::Tcp($x) => $e,
+            #[cfg(target_os = "linux")]
+            Stream::Local($x) => $e,
+        }
+    };
+}
+
+impl Stream {
+    /// "tcp" or "local" (Unix-domain socket).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stream::Tcp(_) => "tcp",
+            #[cfg(target_os = "linux")]
+            Stream::Local(_) => "local",
+        }
+    }
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        each!(self, s => s.set_read_timeout(d))
+    }
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        each!(self, s => s.set_write_timeout(d))
+    }
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        each!(self, s => s.set_nonblocking(on))
+    }
+    /// Sends small messages at once (TCP; local sockets never delay).
+    pub fn set_nodelay(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nodelay(true),
+            #[cfg(target_os = "linux")]
+            Stream::Local(_) => Ok(()),
+        }
+    }
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        each!(self, s => s.shutdown(how))
+    }
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            #[cfg(target_os = "linux")]
+            Stream::Local(s) => Stream::Local(s.try_clone()?),
+        })
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        each!(*self, s => (&*s).read(buf))
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        each!(*self, s => (&*s).write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The abstract-namespace name of the local companion of a ring listener on `port`. A TCP
+/// port is held by one listener per network namespace, and so is this name.
+#[cfg(target_os = "linux")]
+fn local_name(port: u16) -> String {
+    format!("tandem-ring/{port}")
+}
+
+/// Whether a ring listener bound to `ip` can be reached over loopback (so local peers may
+/// use its companion socket).
+fn loopback_reachable(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+/// Where a rank accepts its ring connection: the TCP listener whose address the coordinator
+/// hands out, plus (on Linux, when that address is reachable over loopback) a Unix-domain
+/// companion that local peers prefer. Keep one for the worker's lifetime (clones share it), so
+/// the companion exists before any peer learns the address.
+pub struct RingListener {
+    tcp: TcpListener,
+    #[cfg(target_os = "linux")]
+    local: Option<UnixListener>,
+}
+
+impl RingListener {
+    pub fn bind(addr: SocketAddr) -> io::Result<RingListener> {
+        Ok(RingListener::from(TcpListener::bind(addr)?))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Whether local peers can reach this listener through its Unix-domain companion.
+    pub fn has_local(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.local.is_some();
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    pub fn try_clone(&self) -> io::Result<RingListener> {
+        Ok(RingListener {
+            tcp: self.tcp.try_clone()?,
+            #[cfg(target_os = "linux")]
+            local: self.local.as_ref().map(|l| l.try_clone()).transpose()?,
+        })
+    }
+
+    pub(super) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.tcp.set_nonblocking(on)?;
+        #[cfg(target_os = "linux")]
+        if let Some(l) = &self.local {
+            l.set_nonblocking(on)?;
+        }
+        Ok(())
+    }
+
+    /// One non-blocking accept on either listener: the stream and a description of the peer.
+    pub(super) fn accept(&self) -> io::Result<(Stream, String)> {
+        #[cfg(target_os = "linux")]
+        if let Some(l) = &self.local {
+            match l.accept() {
+                Ok((s, _)) => return Ok((Stream::Local(s), "a local socket".into())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (s, addr) = self.tcp.accept()?;
+        Ok((Stream::Tcp(s), addr.to_string()))
+    }
+}
+
+/// Binds the Unix-domain companion when the address is reachable over loopback. A name that
+/// is taken (two listeners on one port at different loopback addresses) leaves this one
+/// TCP-only: a peer that reaches the other listener is refused by the handshake and retries
+/// over TCP.
+impl From<TcpListener> for RingListener {
+    fn from(tcp: TcpListener) -> RingListener {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::SocketAddrExt;
+            let local = tcp.local_addr().ok().and_then(|a| {
+                if !loopback_reachable(a.ip()) {
+                    return None;
+                }
+                let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(a.port()));
+                match name.and_then(|n| UnixListener::bind_addr(&n)) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::debug!(%a, "no local companion for the ring listener: {e}");
+                        None
+                    }
+                }
+            });
+            RingListener { tcp, local }
+        }
+        #[cfg(not(target_os = "linux"))]
+        RingListener { tcp }
+    }
+}
+
+/// Opens a local connection to the ring listener at `addr`, when `addr` is a loopback address
+/// and its listener has a companion. `None`: not applicable, or nothing listens there.
+pub(super) fn connect_local(addr: SocketAddr) -> Option<Stream> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        if !addr.ip().is_loopback() {
+            return None;
+        }
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(addr.port()));
+        name.and_then(|n| UnixStream::connect_addr(&n))
+            .ok()
+            .map(Stream::Local)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = addr;
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_parses() {
+        assert_eq!("auto".parse::<Transport>(), Ok(Transport::Auto));
+        assert_eq!("tcp".parse::<Transport>(), Ok(Transport::Tcp));
+        assert!("udp"
+            .parse::<Transport>()
+            .unwrap_err()
+            .contains("auto or tcp"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn loopback_listener_has_a_local_companion_and_others_do_not() {
+        let l = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(l.has_local());
+        let addr = l.local_addr().unwrap();
+        let s = connect_local(addr).expect("local connect");
+        assert_eq!(s.kind(), "local");
+        // The same port on a non-loopback address is never dialled locally.
+        assert!(connect_local(SocketAddr::new([10, 0, 0, 1].into(), addr.port())).is_none());
+        // A second listener cannot take the same name: it stays TCP-only.
+        let tcp2 = TcpListener::bind(SocketAddr::new([127, 0, 0, 2].into(), addr.port()));
+        if let Ok(tcp2) = tcp2 {
+            assert!(!RingListener::from(tcp2).has_local());
+        }
+        drop(l);
+        assert!(
+            connect_local(addr).is_none(),
+            "the name goes with the listener"
+        );
+    }
+}
