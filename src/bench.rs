@@ -269,6 +269,14 @@ pub struct ScalingBench {
     pub machine_efficiency: f64,
     /// efficiency / machine_efficiency: the part of the scaling loss due to the runtime.
     pub runtime_efficiency: f64,
+    /// The N-worker run's coordinator: CPU seconds over the stage, and that as a share of
+    /// the workers' capacity over the same time (coordinator_cpu_s / (wall_s · N)): the most
+    /// the control plane can take from training when the workers fill the cores.
+    pub coordinator_cpu_s: f64,
+    pub coordinator_cpu_share: f64,
+    /// The same over the training window only (rank 0's first to last progress report):
+    /// the coordinator's cost while steps run, without set-up and the final checkpoint.
+    pub coordinator_cpu_share_training: f64,
 }
 
 /// `tandem bench step` in `n` concurrent processes of 1 thread each: their samples/s, summed.
@@ -353,6 +361,7 @@ pub async fn scaling(
         .unwrap_or("tiny")
         .to_string();
     let mut rates = vec![];
+    let mut coordinator = (0.0, 0.0, 0.0);
     for n in [1, workers] {
         let state = dir.join(format!("w{n}"));
         let cfg = format!(
@@ -384,6 +393,14 @@ pub async fn scaling(
         let s: crate::coordinator::Summary =
             serde_json::from_slice(&std::fs::read(state.join("summary.json"))?)?;
         rates.push(s.stages[0].samples_per_s as f64);
+        let st = &s.stages[0];
+        if let (Some(cpu), Some(wall)) = (st.coordinator_cpu_s, st.wall_s) {
+            coordinator.0 = cpu;
+            coordinator.1 = cpu / (wall * n as f64);
+        }
+        if let (Some(cpu), Some(wall)) = (st.coordinator_cpu_training_s, st.training_window_s) {
+            coordinator.2 = cpu / (wall * n as f64).max(1e-9);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     let bare_1 = bare_steps(&preset_name, 1, batch, seq, steps)?;
@@ -403,5 +420,8 @@ pub async fn scaling(
         bare_samples_per_s_n: bare_n,
         machine_efficiency,
         runtime_efficiency: efficiency / machine_efficiency,
+        coordinator_cpu_s: coordinator.0,
+        coordinator_cpu_share: coordinator.1,
+        coordinator_cpu_share_training: coordinator.2,
     })
 }

@@ -70,6 +70,17 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time (user + system) this process has used, in seconds.
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage writes a plain C struct that we own; an error leaves it unread.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return None;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    Some(t(u.ru_utime) + t(u.ru_stime))
+}
+
 /// The compute device named by `--device`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device
 /// needs a build with the `cuda` feature (`scripts/build-cuda.sh`); without it, or without the
 /// GPU, the error says which.

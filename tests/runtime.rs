@@ -30,6 +30,19 @@ fn check_completed(s: &Value, workers: u64) {
     assert!((0.10..0.20).contains(&masked), "masked fraction {masked}");
     let is_next = stage["is_next_fraction"].as_f64().unwrap();
     assert!((0.3..0.7).contains(&is_next), "IsNext fraction {is_next}");
+    // The coordinator's own cost is accounted: some CPU, never more than its wall time.
+    let wall = stage["wall_s"].as_f64().unwrap();
+    let cpu = stage["coordinator_cpu_s"].as_f64().unwrap();
+    assert!(
+        wall > 0.0 && cpu > 0.0 && cpu < wall,
+        "wall {wall} cpu {cpu}"
+    );
+    let window = stage["training_window_s"].as_f64().unwrap();
+    let in_window = stage["coordinator_cpu_training_s"].as_f64().unwrap();
+    assert!(
+        window <= wall && (0.0..=cpu).contains(&in_window),
+        "{stage:#}"
+    );
     assert_exactly_once(s);
 }
 

@@ -85,6 +85,9 @@ struct Driver {
     stages: Vec<StageSummary>,
     quorum_since: Option<Instant>,
     join_deadline: Instant,
+    /// When the current stage's first generation was assigned, and the coordinator's CPU
+    /// time then (for the stage's `wall_s` and `coordinator_cpu_s`).
+    stage_clock: Option<(Instant, Option<f64>)>,
 }
 
 impl Driver {
@@ -192,6 +195,8 @@ impl Driver {
 
     /// Starts a generation: ranks in join order, peers, the checkpoint to resume from.
     fn assign(&mut self) -> anyhow::Result<()> {
+        self.stage_clock
+            .get_or_insert_with(|| (Instant::now(), crate::util::process_cpu_seconds()));
         let start_checkpoint = self.resume_point();
         let shared = &self.shared;
         let mut st = shared.state.lock().unwrap();
@@ -309,6 +314,7 @@ pub(super) async fn drive(
         stages: vec![],
         quorum_since: None,
         join_deadline: Instant::now() + Duration::from_secs_f64(c.join_timeout_s),
+        stage_clock: None,
     };
     tokio::pin!(shutdown);
     loop {
@@ -366,7 +372,17 @@ pub(super) async fn drive(
                         .with_context(|| {
                             format!("stage {current} finished without a usable final checkpoint")
                         })?;
-                    let s = stage_summary(&shared, g, &final_files, &d.record.history);
+                    let mut s = stage_summary(&shared, g, &final_files, &d.record.history);
+                    if let Some((wall, cpu)) = d.stage_clock.take() {
+                        s.wall_s = Some(wall.elapsed().as_secs_f64());
+                        s.coordinator_cpu_s = cpu
+                            .zip(crate::util::process_cpu_seconds())
+                            .map(|(a, b)| b - a);
+                    }
+                    if let Some([a, b]) = shared.state.lock().unwrap().train_window.take() {
+                        s.training_window_s = Some((b.0 - a.0).as_secs_f64());
+                        s.coordinator_cpu_training_s = Some(b.1 - a.1);
+                    }
                     let identical = s.replicas_identical;
                     let fps = s.param_fingerprints.clone();
                     d.stages.push(s);
@@ -518,6 +534,10 @@ fn stage_summary(
         epochs_ledger: ledger,
         metrics: serde_json::from_str(&r0.metrics_json).unwrap_or_default(),
         majority_baseline: shared.prepared.stages[st.stage_index as usize].majority_baseline,
+        wall_s: None,
+        coordinator_cpu_s: None,
+        training_window_s: None,
+        coordinator_cpu_training_s: None,
     }
 }
 

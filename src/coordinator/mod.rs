@@ -111,6 +111,22 @@ pub struct StageSummary {
     /// Classification: dev accuracy of always predicting the most frequent label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub majority_baseline: Option<f64>,
+    /// Seconds from the stage's first assignment to its last rank's `done` (set-up, data
+    /// fetch, training, final checkpoint; restarts included).
+    #[serde(default)]
+    pub wall_s: Option<f64>,
+    /// CPU seconds the coordinator process used over `wall_s`: everything the control plane
+    /// costs (progress reports, metrics.jsonl, shard serving, receiving and verifying
+    /// checkpoints). On a machine whose cores the workers fill, this is the most the
+    /// coordinator can take from training.
+    #[serde(default)]
+    pub coordinator_cpu_s: Option<f64>,
+    /// From rank 0's first to its last progress report of the stage (training only), and
+    /// the coordinator's CPU seconds over that window: its cost while steps run.
+    #[serde(default)]
+    pub training_window_s: Option<f64>,
+    #[serde(default)]
+    pub coordinator_cpu_training_s: Option<f64>,
 }
 
 /// Runs the job to its end. The returned summary is also written to `state_dir/summary.json`.
@@ -164,6 +180,7 @@ pub async fn run(
             stage_index: record.stage_index,
             last: None,
             message: "waiting for workers".into(),
+            train_window: None,
         }),
         events: events_tx,
         started: Instant::now(),

@@ -143,6 +143,7 @@ impl Coordinator for Service {
             m.step = r.step;
             if r.rank == 0 && !r.done {
                 st.last = Some(r.clone());
+                st.note_training(r.stage_index, r.step);
             }
             st.phase == Phase::Running
         };

@@ -85,6 +85,22 @@ pub struct JobState {
     /// Rank 0's latest progress report.
     pub last: Option<proto::ProgressReport>,
     pub message: String,
+    /// The current stage's training window as the coordinator sees it: rank 0's first and
+    /// latest in-progress reports (time, the coordinator's CPU seconds then).
+    pub train_window: Option<[(Instant, f64); 2]>,
+}
+
+impl JobState {
+    /// Records rank 0's progress report at `step` of `stage_index` in the training window.
+    pub fn note_training(&mut self, stage_index: u32, step: u64) {
+        if stage_index != self.stage_index || step == 0 {
+            return;
+        }
+        if let Some(cpu) = crate::util::process_cpu_seconds() {
+            let now = (Instant::now(), cpu);
+            self.train_window.get_or_insert([now, now])[1] = now;
+        }
+    }
 }
 
 pub struct Shared {

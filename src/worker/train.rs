@@ -427,10 +427,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             if ckpt_due && rank == 0 {
                 // The logged steps up to a checkpoint reach metrics.jsonl before it is taken:
                 // a failure later replays only the steps after it.
-                let mut c = ctx.client.clone();
-                if let Err(e) = ctx.rt.block_on(super::send_progress(&mut c, &ctx.progress)) {
-                    tracing::warn!("could not send the logged steps before a checkpoint: {e}");
-                }
+                flush_progress(&ctx, "a checkpoint");
             }
             if ckpt_due && rank == 0 && trainer.step < state.total_steps {
                 set_phase(&ctx, "checkpoint");
@@ -472,6 +469,9 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     state.stage_done = true;
     let fingerprint = trainer.model.store.fingerprint()?;
     if rank == 0 {
+        // As before every checkpoint: the last logged steps reach metrics.jsonl first (and
+        // the coordinator's training window ends at the last step, not after the upload).
+        flush_progress(&ctx, "the final checkpoint");
         finish_upload(&ctx, &mut uploading)?;
         upload(&ctx, &trainer, &state, &job_id, a.generation)?;
     }
@@ -624,6 +624,14 @@ fn upload_in_background(
     let task = put(ctx, trainer, state, job_id, generation)?;
     *uploading = Some(ctx.rt.spawn(task));
     Ok(())
+}
+
+/// Sends rank 0's progress now, with its queued step records (before `what`).
+fn flush_progress(ctx: &Ctx, what: &str) {
+    let mut c = ctx.client.clone();
+    if let Err(e) = ctx.rt.block_on(super::send_progress(&mut c, &ctx.progress)) {
+        tracing::warn!("could not send the logged steps before {what}: {e}");
+    }
 }
 
 /// Waits for the upload in flight, if any.
