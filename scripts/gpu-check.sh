@@ -2,7 +2,8 @@
 # The GPU check: run on a machine with an NVIDIA GPU (for instance a lent `device` machine).
 #
 #   1. `tandem bench step --preset base --device cuda:0`: ms/step, samples/s, achieved GFLOP/s
-#      and MFU against the card's fp32 peak (the model trains in f32; bf16 is not built yet);
+#      and MFU against the card's fp32 peak, then the same with `--precision bf16` (mixed
+#      precision) against its dense bf16 tensor-core peak;
 #   2. a short 1-GPU job (the bundled default, pre-training then fine-tuning) and the same job
 #      on the CPU with the same seed: the pre-training loss of every step must agree to
 #      GPU_CHECK_RTOL (cuBLAS and tandem's CPU kernels round differently);
@@ -10,6 +11,8 @@
 #      built yet), against two CPU workers: same data split, same dropout masks, so the loss
 #      must agree to the same tolerance. (Not against the 1-worker run: the data partitions
 #      and the dropout seeds depend on the world size.)
+#   4. the 1-GPU job again in bf16 mixed precision (`model.precision = "bf16"`) against the f32
+#      run on the same device: its loss must agree to GPU_CHECK_BF16_RTOL.
 #
 # Usage: scripts/gpu-check.sh [TANDEM_BINARY]
 #   TANDEM_BINARY    a `--features cuda` build (default target/cuda/release/tandem, built with
@@ -21,7 +24,9 @@
 #   GPU_CHECK_STEPS      pre-training steps of the jobs (default 30)
 #   GPU_CHECK_PRESET     bench step preset (default base)
 #   GPU_CHECK_RTOL       loss agreement, relative (default 0.01)
+#   GPU_CHECK_BF16_RTOL  loss agreement of the bf16 run with the f32 one (default 0.05)
 #   GPU_PEAK_FP32_TFLOPS the card's dense fp32 peak, when the card is not in the table below
+#   GPU_PEAK_BF16_TFLOPS the card's dense bf16 tensor-core peak, likewise
 #   OUT                  if set, gpu-check.json is written there
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +36,7 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
 STEPS=${GPU_CHECK_STEPS:-30}
 PRESET=${GPU_CHECK_PRESET:-base}
 RTOL=${GPU_CHECK_RTOL:-0.01}
+BF16_RTOL=${GPU_CHECK_BF16_RTOL:-0.05}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 log() { echo "gpu-check: $*" >&2; }
@@ -46,23 +52,26 @@ fi
 
 card=cpu
 peak=""
+peak16=""
 if [ "$DEVICE" != cpu ]; then
     command -v nvidia-smi >/dev/null || {
         log "nvidia-smi not found: is this a GPU machine?"
         exit 2
     }
     card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-    # Dense fp32 (non-tensor-core) peaks, TFLOP/s, from NVIDIA's data sheets.
+    # Dense fp32 (non-tensor-core) and dense bf16 tensor-core peaks, TFLOP/s, from NVIDIA's
+    # data sheets (without sparsity).
     case "$card" in
-        *H200* | *H100*SXM* | *"H100 80GB HBM3"*) peak=67 ;;
-        *H100*PCIe* | *H100*) peak=51 ;;
-        *A100*) peak=19.5 ;;
-        *L40S*) peak=91.6 ;;
-        *L4*) peak=30.3 ;;
-        *A10*) peak=31.2 ;;
-        *) peak="" ;;
+        *H200* | *H100*SXM* | *"H100 80GB HBM3"*) peak=67 peak16=989 ;;
+        *H100*PCIe* | *H100*) peak=51 peak16=756 ;;
+        *A100*) peak=19.5 peak16=312 ;;
+        *L40S*) peak=91.6 peak16=362 ;;
+        *L4*) peak=30.3 peak16=121 ;;
+        *A10*) peak=31.2 peak16=125 ;;
+        *) peak="" peak16="" ;;
     esac
     peak=${GPU_PEAK_FP32_TFLOPS:-$peak}
+    peak16=${GPU_PEAK_BF16_TFLOPS:-$peak16}
 fi
 log "device $DEVICE ($card), binary $BIN"
 
@@ -70,23 +79,29 @@ json_field() { # json_field KEY < one-line JSON object
     sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p"
 }
 
-# 1. Training steps of BERT-base.
+# 1. Training steps of BERT-base, in f32 and in bf16 mixed precision.
+mfu_of() { # mfu_of GFLOPS PEAK_TFLOPS
+    if [ -n "$2" ]; then awk -v g="$1" -v p="$2" 'BEGIN { printf "%.4f", g / (p * 1000) }'; else echo null; fi
+}
 step=$("$BIN" bench step --preset "$PRESET" --device "$DEVICE" --batch 32 --seq 128 --steps 10 --warmup 3)
 echo "$step"
 ms=$(echo "$step" | json_field ms_per_step)
 gflops=$(echo "$step" | json_field gflops)
-mfu=null
-if [ -n "$peak" ]; then
-    mfu=$(awk -v g="$gflops" -v p="$peak" 'BEGIN { printf "%.4f", g / (p * 1000) }')
-fi
-log "$PRESET b32 s128: $ms ms/step, $gflops GFLOP/s, MFU (fp32 peak ${peak:-?} TFLOP/s) $mfu"
+mfu=$(mfu_of "$gflops" "$peak")
+log "$PRESET b32 s128 f32: $ms ms/step, $gflops GFLOP/s, MFU (fp32 peak ${peak:-?} TFLOP/s) $mfu"
+step16=$("$BIN" bench step --preset "$PRESET" --device "$DEVICE" --batch 32 --seq 128 --steps 10 --warmup 3 --precision bf16)
+echo "$step16"
+ms16=$(echo "$step16" | json_field ms_per_step)
+gflops16=$(echo "$step16" | json_field gflops)
+mfu16=$(mfu_of "$gflops16" "$peak16")
+log "$PRESET b32 s128 bf16: $ms16 ms/step, $gflops16 GFLOP/s, MFU (bf16 peak ${peak16:-?} TFLOP/s) $mfu16"
 
 # 2. and 3. The bundled job on the device, on the CPU, and with two workers on the device.
-run_job() { # run_job NAME DEVICE WORKERS
+run_job() { # run_job NAME DEVICE WORKERS [PRECISION]
     local fused=1
     if [ "$DEVICE" = cpu ] && [ "${1#gpu}" != "$1" ]; then fused=0; fi
     TANDEM_FUSED_KERNELS=$fused "$BIN" launch configs/local.toml --workers "$3" --device "$2" --max-steps "$STEPS" \
-        --state-dir "$WORK/$1" --no-progress >"$WORK/$1.log" 2>&1 || {
+        --set "model.precision=${4:-f32}" --state-dir "$WORK/$1" --no-progress >"$WORK/$1.log" 2>&1 || {
         tail -n 30 "$WORK/$1.log" >&2
         log "the $1 job failed"
         exit 1
@@ -105,26 +120,30 @@ run_job gpu1 "$DEVICE" 1
 run_job cpu1 cpu 1
 run_job gpu2 "$DEVICE" 2
 run_job cpu2 cpu 2
+run_job gpu1bf16 "$DEVICE" 1 bf16
 vs_cpu=$(max_rel gpu1 cpu1)
 vs_cpu2=$(max_rel gpu2 cpu2)
+vs_f32=$(max_rel gpu1bf16 gpu1)
 log "pre-training loss, 1 worker on $DEVICE vs the CPU: max relative difference $vs_cpu over $STEPS steps"
 log "pre-training loss, 2 workers on $DEVICE vs 2 on the CPU: max relative difference $vs_cpu2"
+log "pre-training loss, bf16 vs f32 on $DEVICE (1 worker): max relative difference $vs_f32"
+within() { # within D TOL
+    [ "$1" != none ] && awk -v d="$1" -v t="$2" 'BEGIN { exit !(d <= t) }'
+}
 ok=true
-for d in "$vs_cpu" "$vs_cpu2"; do
-    if [ "$d" = none ] || ! awk -v d="$d" -v t="$RTOL" 'BEGIN { exit !(d <= t) }'; then
-        ok=false
-    fi
-done
+within "$vs_cpu" "$RTOL" || ok=false
+within "$vs_cpu2" "$RTOL" || ok=false
+within "$vs_f32" "$BF16_RTOL" || ok=false
 grep -h "mean time per step" "$WORK"/gpu1.log "$WORK"/gpu2.log >&2 || true
 
-result=$(printf '{"date":"%s","card":"%s","device":"%s","base_ms_per_step":%s,"base_gflops":%s,"peak_fp32_tflops":%s,"mfu_fp32":%s,"steps":%s,"loss_rel_diff_1_worker":"%s","loss_rel_diff_2_workers":"%s","rtol":%s,"ok":%s}' \
-    "$(date -u +%FT%TZ)" "$card" "$DEVICE" "$ms" "$gflops" "${peak:-null}" "$mfu" "$STEPS" "$vs_cpu" "$vs_cpu2" "$RTOL" "$ok")
+result=$(printf '{"date":"%s","card":"%s","device":"%s","base_ms_per_step":%s,"base_gflops":%s,"peak_fp32_tflops":%s,"mfu_fp32":%s,"bf16_ms_per_step":%s,"bf16_gflops":%s,"peak_bf16_tflops":%s,"mfu_bf16":%s,"steps":%s,"loss_rel_diff_1_worker":"%s","loss_rel_diff_2_workers":"%s","loss_rel_diff_bf16":"%s","rtol":%s,"bf16_rtol":%s,"ok":%s}' \
+    "$(date -u +%FT%TZ)" "$card" "$DEVICE" "$ms" "$gflops" "${peak:-null}" "$mfu" "$ms16" "$gflops16" "${peak16:-null}" "$mfu16" "$STEPS" "$vs_cpu" "$vs_cpu2" "$vs_f32" "$RTOL" "$BF16_RTOL" "$ok")
 echo "$result"
 if [ -n "${OUT:-}" ]; then
     echo "$result" >"$OUT/gpu-check.json"
 fi
 $ok || {
-    log "FAILED: losses differ by more than $RTOL"
+    log "FAILED: losses differ by more than $RTOL (bf16 against f32: $BF16_RTOL)"
     exit 1
 }
 log "passed"

@@ -31,6 +31,7 @@ pub struct StepBench {
     pub gflops: f64,
     /// The MLM decoder here runs only at masked positions (same loss and gradients).
     pub mlm_decoder: &'static str,
+    pub precision: crate::model::Precision,
     pub peak_rss_mib: f64,
     pub params: usize,
     /// Median time of each part of the step (ms).
@@ -86,18 +87,32 @@ pub fn synthetic_batch(cfg: &BertConfig, batch: usize, seq: usize, seed: u64) ->
     }
 }
 
+/// `tandem bench step`.
+#[derive(Debug, Clone, Copy)]
+pub struct StepBenchOptions {
+    pub preset: Preset,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub precision: crate::model::Precision,
+}
+
 /// Times full training steps (forward, backward, AdamW) after `warmup` untimed steps.
-pub fn bench_step(
-    preset: Preset,
-    threads: usize,
-    device: &Device,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
-) -> Result<StepBench> {
+pub fn bench_step(o: &StepBenchOptions, device: &Device) -> Result<StepBench> {
+    let StepBenchOptions {
+        preset,
+        threads,
+        batch,
+        seq,
+        steps,
+        warmup,
+        precision,
+    } = *o;
     let cfg = BertConfig::preset(preset);
-    let model = PretrainModel::new(&cfg, 0, device)?;
+    let mut model = PretrainModel::new(&cfg, 0, device)?;
+    model.set_precision(precision);
     let params = model.store.numel();
     let options = StepOptions {
         adamw: AdamWConfig::default(),
@@ -158,6 +173,7 @@ pub fn bench_step(
         samples_per_s: batch as f64 / (median / 1e3),
         gflops: flops / (median / 1e3) / 1e9,
         mlm_decoder: "masked positions only",
+        precision,
         peak_rss_mib: util::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
         params,
         phases,
@@ -247,7 +263,8 @@ impl AllreduceBench {
     }
 }
 
-/// Result line of `tandem bench scaling`.
+/// Result line of `tandem bench scaling`. Rates are medians over the rounds; the per-round
+/// lists show the spread (this kind of shared VM drifts by ±10 % between runs).
 #[derive(Debug, Serialize)]
 pub struct ScalingBench {
     pub preset: Preset,
@@ -255,10 +272,13 @@ pub struct ScalingBench {
     pub batch: usize,
     pub seq: usize,
     pub steps: u64,
+    pub rounds: usize,
     pub samples_per_s_1: f64,
     pub samples_per_s_n: f64,
-    /// samples_per_s_n / (N · samples_per_s_1)
+    /// samples_per_s_n / (N · samples_per_s_1), from the medians.
     pub efficiency: f64,
+    /// Each round's own efficiency (its N-worker run over its 1-worker run).
+    pub efficiency_rounds: Vec<f64>,
     /// The machine's own ceiling, without tandem's runtime: `tandem bench step` (same preset,
     /// batch and sequence, 1 thread) alone, and N of them at once, independent of each other
     /// (no coordinator, no all-reduce): their summed samples/s.
@@ -269,9 +289,9 @@ pub struct ScalingBench {
     pub machine_efficiency: f64,
     /// efficiency / machine_efficiency: the part of the scaling loss due to the runtime.
     pub runtime_efficiency: f64,
-    /// The N-worker run's coordinator: CPU seconds over the stage, and that as a share of
-    /// the workers' capacity over the same time (coordinator_cpu_s / (wall_s · N)): the most
-    /// the control plane can take from training when the workers fill the cores.
+    /// The N-worker runs' coordinator (medians): CPU seconds over the stage, and that as a
+    /// share of the workers' capacity over the same time (coordinator_cpu_s / (wall_s · N)):
+    /// the most the control plane can take from training when the workers fill the cores.
     pub coordinator_cpu_s: f64,
     pub coordinator_cpu_share: f64,
     /// The same over the training window only (rank 0's first to last progress report):
@@ -338,14 +358,78 @@ fn long_documents(
     Ok(())
 }
 
-/// Runs the same short job through `tandem launch` with 1 and with `workers` workers.
-pub async fn scaling(
-    preset: Preset,
-    workers: usize,
-    batch: usize,
-    seq: usize,
-    steps: u64,
-) -> anyhow::Result<ScalingBench> {
+/// `tandem bench scaling`.
+pub struct ScalingOptions {
+    pub preset: Preset,
+    pub workers: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: u64,
+    pub rounds: usize,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One run of the short job through `tandem launch` with `n` workers: its stage summary.
+async fn scaling_run(
+    o: &ScalingOptions,
+    dir: &std::path::Path,
+    corpus: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<crate::coordinator::StageSummary> {
+    let preset = serde_json::to_value(o.preset)?
+        .as_str()
+        .unwrap_or("tiny")
+        .to_string();
+    let (seq, batch, steps) = (o.seq, o.batch, o.steps);
+    let state = dir.join(format!("w{n}"));
+    let _ = std::fs::remove_dir_all(&state);
+    let cfg = format!(
+        "[job]\nname = \"scaling\"\nstate_dir = {state:?}\n[cluster]\nmin_workers = {n}\nmax_workers = {n}\n\
+         [model]\npreset = \"{preset}\"\nmax_position_embeddings = {seq}\n\
+         [data]\ncorpus = [{corpus:?}]\nshard_size = \"4KiB\"\nvocab_size = 8192\n\
+         [data.instances]\nmax_seq_length = {seq}\npad_to_max_length = true\n\
+         [[stages]]\nname = \"pretrain\"\nkind = \"pretrain\"\nepochs = 1000\nbatch_size = {batch}\nlr = 1e-4\nmax_steps = {steps}\n",
+        state = state.display().to_string(),
+        corpus = corpus.display().to_string(),
+    );
+    let path = dir.join(format!("job{n}.toml"));
+    std::fs::write(&path, cfg)?;
+    let opts = crate::launch::LaunchOptions {
+        config: path,
+        workers: None,
+        corpus: vec![],
+        max_steps: None,
+        state_dir: None,
+        sets: vec![],
+        threads: 1,
+        device: "cpu".into(),
+        no_progress: true,
+        quiet: true,
+        resume: false,
+    };
+    let code = crate::launch::run(opts, std::future::pending()).await?;
+    anyhow::ensure!(code == 0, "the {n}-worker run failed (exit {code})");
+    let s: crate::coordinator::Summary =
+        serde_json::from_slice(&std::fs::read(state.join("summary.json"))?)?;
+    s.stages
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the {n}-worker run has no stage"))
+}
+
+/// Runs the same short job through `tandem launch` with 1 and with `workers` workers, and
+/// `bench step` alone and `workers` times at once, `rounds` times interleaved.
+pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
+    anyhow::ensure!(o.rounds >= 1, "--rounds must be at least 1");
     let dir = std::env::temp_dir().join(format!("tandem-bench-scaling-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -356,72 +440,59 @@ pub async fn scaling(
     );
     let corpus = dir.join("corpus");
     long_documents(bundled, &corpus, 10, 8)?;
-    let preset_name = serde_json::to_value(preset)?
+    let preset_name = serde_json::to_value(o.preset)?
         .as_str()
         .unwrap_or("tiny")
         .to_string();
-    let mut rates = vec![];
-    let mut coordinator = (0.0, 0.0, 0.0);
-    for n in [1, workers] {
-        let state = dir.join(format!("w{n}"));
-        let cfg = format!(
-            "[job]\nname = \"scaling\"\nstate_dir = {state:?}\n[cluster]\nmin_workers = {n}\nmax_workers = {n}\n\
-             [model]\npreset = \"{preset_name}\"\nmax_position_embeddings = {seq}\n\
-             [data]\ncorpus = [{corpus:?}]\nshard_size = \"4KiB\"\nvocab_size = 8192\n\
-             [data.instances]\nmax_seq_length = {seq}\npad_to_max_length = true\n\
-             [[stages]]\nname = \"pretrain\"\nkind = \"pretrain\"\nepochs = 1000\nbatch_size = {batch}\nlr = 1e-4\nmax_steps = {steps}\n",
-            state = state.display().to_string(),
-            corpus = corpus.display().to_string(),
+    let n = o.workers;
+    let (mut r1, mut rn, mut b1, mut bn) = (vec![], vec![], vec![], vec![]);
+    let (mut cpu, mut share, mut share_training) = (vec![], vec![], vec![]);
+    for round in 0..o.rounds {
+        let one = scaling_run(&o, &dir, &corpus, 1).await?;
+        let many = scaling_run(&o, &dir, &corpus, n).await?;
+        r1.push(one.samples_per_s as f64);
+        rn.push(many.samples_per_s as f64);
+        if let (Some(c), Some(w)) = (many.coordinator_cpu_s, many.wall_s) {
+            cpu.push(c);
+            share.push(c / (w * n as f64));
+        }
+        if let (Some(c), Some(w)) = (many.coordinator_cpu_training_s, many.training_window_s) {
+            share_training.push(c / (w * n as f64).max(1e-9));
+        }
+        b1.push(bare_steps(&preset_name, 1, o.batch, o.seq, o.steps)?);
+        bn.push(bare_steps(&preset_name, n, o.batch, o.seq, o.steps)?);
+        tracing::info!(
+            round,
+            samples_per_s_1 = r1[round],
+            samples_per_s_n = rn[round],
+            efficiency = rn[round] / (n as f64 * r1[round]),
+            "scaling round done"
         );
-        let path = dir.join(format!("job{n}.toml"));
-        std::fs::write(&path, cfg)?;
-        let opts = crate::launch::LaunchOptions {
-            config: path,
-            workers: None,
-            corpus: vec![],
-            max_steps: None,
-            state_dir: None,
-            sets: vec![],
-            threads: 1,
-            device: "cpu".into(),
-            no_progress: true,
-            quiet: true,
-            resume: false,
-        };
-        let code = crate::launch::run(opts, std::future::pending()).await?;
-        anyhow::ensure!(code == 0, "the {n}-worker run failed (exit {code})");
-        let s: crate::coordinator::Summary =
-            serde_json::from_slice(&std::fs::read(state.join("summary.json"))?)?;
-        rates.push(s.stages[0].samples_per_s as f64);
-        let st = &s.stages[0];
-        if let (Some(cpu), Some(wall)) = (st.coordinator_cpu_s, st.wall_s) {
-            coordinator.0 = cpu;
-            coordinator.1 = cpu / (wall * n as f64);
-        }
-        if let (Some(cpu), Some(wall)) = (st.coordinator_cpu_training_s, st.training_window_s) {
-            coordinator.2 = cpu / (wall * n as f64).max(1e-9);
-        }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let bare_1 = bare_steps(&preset_name, 1, batch, seq, steps)?;
-    let bare_n = bare_steps(&preset_name, workers, batch, seq, steps)?;
-    let efficiency = rates[1] / (workers as f64 * rates[0]);
-    let machine_efficiency = bare_n / (workers as f64 * bare_1);
+    let efficiency = median(&rn) / (n as f64 * median(&r1));
+    let machine_efficiency = median(&bn) / (n as f64 * median(&b1));
     Ok(ScalingBench {
-        preset,
-        workers,
-        batch,
-        seq,
-        steps,
-        samples_per_s_1: rates[0],
-        samples_per_s_n: rates[1],
+        preset: o.preset,
+        workers: n,
+        batch: o.batch,
+        seq: o.seq,
+        steps: o.steps,
+        rounds: o.rounds,
+        samples_per_s_1: median(&r1),
+        samples_per_s_n: median(&rn),
         efficiency,
-        bare_samples_per_s_1: bare_1,
-        bare_samples_per_s_n: bare_n,
+        efficiency_rounds: r1
+            .iter()
+            .zip(&rn)
+            .map(|(a, b)| b / (n as f64 * a))
+            .collect(),
+        bare_samples_per_s_1: median(&b1),
+        bare_samples_per_s_n: median(&bn),
         machine_efficiency,
         runtime_efficiency: efficiency / machine_efficiency,
-        coordinator_cpu_s: coordinator.0,
-        coordinator_cpu_share: coordinator.1,
-        coordinator_cpu_share_training: coordinator.2,
+        coordinator_cpu_s: median(&cpu),
+        coordinator_cpu_share: median(&share),
+        coordinator_cpu_share_training: median(&share_training),
     })
 }

@@ -233,6 +233,9 @@ pub enum BenchCommand {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// f32 or bf16 (mixed precision; meant for GPUs, slow on the CPU).
+        #[arg(long, default_value = "f32")]
+        precision: crate::model::Precision,
     },
     /// Ring all-reduce between N local processes on 127.0.0.1: one JSON line per size with
     /// bytes, median_ms and busbw_gbps (2(n−1)/n · bytes / time).
@@ -274,6 +277,9 @@ pub enum BenchCommand {
         /// Optimiser steps per run (the first 2 are excluded from the rate).
         #[arg(long, default_value_t = 12)]
         steps: u64,
+        /// Interleaved rounds (1 worker, N workers, bare steps); rates are their medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The data pipeline on one thread (parse, tokenize, instances, collate): tokens/s and
     /// instances/s.

@@ -134,6 +134,11 @@ pub struct ModelSection {
     /// Maximum positions (default 512, or the config file's).
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
+    /// `f32` (default) or `bf16`: mixed precision for GPUs — matmuls and activations in bf16,
+    /// LayerNorm, softmax and losses in f32, f32 master weights, gradients, all-reduce and
+    /// AdamW. On the CPU bf16 runs candle's composed ops (no bf16 gemm there): slower than f32.
+    #[serde(default)]
+    pub precision: crate::model::Precision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

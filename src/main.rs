@@ -274,9 +274,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             seq,
             steps,
+            rounds,
         }) => {
-            let r =
-                runtime()?.block_on(tandem::bench::scaling(preset, workers, batch, seq, steps))?;
+            let o = tandem::bench::ScalingOptions {
+                preset,
+                workers,
+                batch,
+                seq,
+                steps,
+                rounds,
+            };
+            let r = runtime()?.block_on(tandem::bench::scaling(o))?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::Bench(BenchCommand::Data {
@@ -306,11 +314,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             steps,
             warmup,
+            precision,
         }) => {
             anyhow::ensure!(steps > 0, "--steps must be at least 1");
             tandem::util::set_threads(threads);
             let device = tandem::util::parse_device(&device)?;
-            let r = tandem::bench::bench_step(preset, threads, &device, batch, seq, steps, warmup)?;
+            let o = tandem::bench::StepBenchOptions {
+                preset,
+                threads,
+                batch,
+                seq,
+                steps,
+                warmup,
+                precision,
+            };
+            let r = tandem::bench::bench_step(&o, &device)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }

@@ -657,4 +657,12 @@ fn gpu_check_script_dry_run_passes_on_the_cpu() {
         );
     }
     assert!(last["base_gflops"].as_f64().unwrap() > 0.0);
+    assert!(last["bf16_gflops"].as_f64().unwrap() > 0.0);
+    // The bf16 run really ran in bf16 (its losses differ) and stayed close to f32.
+    let d: f64 = last["loss_rel_diff_bf16"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(d > 0.0 && d < 0.05, "bf16 against f32: {d}");
 }

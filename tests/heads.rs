@@ -709,3 +709,21 @@ fn dropout_changes_training_logits_only() {
     let again = to64(&m.forward(&b, &mut Some(&mut rng)).unwrap().logits);
     assert_eq!(train, again, "dropout is reproducible from its seed");
 }
+
+#[test]
+fn every_head_runs_in_bf16_mixed_precision_close_to_f32() {
+    for (i, (kind, head, _)) in ROUNDTRIP.into_iter().enumerate() {
+        let mut m = roundtrip_model(head, 100 + i as u64);
+        let b = roundtrip_batch(head);
+        let f32_out = m.forward(&b, &mut None).unwrap();
+        m.set_precision(tandem::model::Precision::Bf16);
+        let bf16_out = m.forward(&b, &mut None).unwrap();
+        // Logits come out as f32 whatever the precision (losses and argmax run there).
+        assert_eq!(bf16_out.logits.dtype(), DType::F32, "{kind}");
+        let (l32, l16) = (scalar(&f32_out.loss_sum), scalar(&bf16_out.loss_sum));
+        assert!(
+            l32 != l16 && (l16 - l32).abs() / l32 < 2e-2,
+            "{kind}: f32 {l32} bf16 {l16}"
+        );
+    }
+}

@@ -1,12 +1,13 @@
 //! The training step: gradients against finite differences, micro-batch accumulation
-//! against one large batch, and a tiny model that learns a repetitive corpus.
+//! against one large batch, a tiny model that learns a repetitive corpus, and bf16 mixed
+//! precision against f32.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use rand::Rng;
 use tandem::bench::synthetic_batch;
 use tandem::comm::Local;
 use tandem::data::batch::{PretrainBatch, IGNORE};
-use tandem::model::{BertConfig, PretrainModel};
+use tandem::model::{BertConfig, Precision, PretrainModel};
 use tandem::train::step::{forward_backward, DEFAULT_BUCKET_ELEMS};
 use tandem::train::{AdamWConfig, Decay, Schedule, StepOptions, Trainer};
 
@@ -246,4 +247,78 @@ fn a_batch_without_labels_still_gives_every_parameter_a_gradient() {
         .position(|s| s.name == "cls.predictions.bias")
         .unwrap();
     assert!(grad[m.store.range(mlm_bias)].iter().all(|g| *g == 0.0));
+}
+
+/// Flat cosine similarity and norm ratio of two gradients.
+fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    (dot / (norm(a) * norm(b)), norm(b) / norm(a))
+}
+
+#[test]
+fn bf16_mixed_precision_tracks_f32_on_one_batch() {
+    let cfg = tiny_cfg(40, 16);
+    let mut b = synthetic_batch(&cfg, 4, 12, 5);
+    for j in 9..12 {
+        b.attention_mask[3 * 12 + j] = 0;
+        b.mlm_labels[3 * 12 + j] = IGNORE;
+    }
+    let w = (1.0 / b.mlm_count() as f64, 1.0 / b.nsp_count() as f64);
+    let run = |p: Precision| {
+        let mut m = PretrainModel::new(&cfg, 11, &Device::Cpu).unwrap();
+        m.set_precision(p);
+        let mut grad = vec![0f32; m.store.numel()];
+        let s = forward_backward(&m, &b, w, None, &mut grad).unwrap();
+        (s.mlm_sum * w.0 + s.nsp_sum * w.1, grad, m)
+    };
+    let (l32, g32, _) = run(Precision::F32);
+    let (l16, g16, m16) = run(Precision::Bf16);
+    assert_ne!(l16, l32, "bf16 must actually compute in bf16");
+    assert!((l16 - l32).abs() / l32 < 1e-2, "loss f32 {l32} bf16 {l16}");
+    let (cos, ratio) = compare(&g32, &g16);
+    assert!(
+        cos > 0.99 && (ratio - 1.0).abs() < 0.05,
+        "cos {cos} norm ratio {ratio}"
+    );
+    // Master weights stay f32: every parameter, and so every gradient, is f32.
+    for s in m16.store.specs() {
+        assert_eq!(
+            m16.store.get(&s.name).unwrap().dtype(),
+            DType::F32,
+            "{}",
+            s.name
+        );
+    }
+}
+
+#[test]
+fn bf16_mixed_precision_learns_like_f32() {
+    let mut cfg = tiny_cfg(48, 32);
+    cfg.initializer_range = 0.02;
+    let steps = 300;
+    let train = |p: Precision| {
+        let mut m = PretrainModel::new(&cfg, 7, &Device::Cpu).unwrap();
+        m.set_precision(p);
+        let mut t = Trainer::new(m, options(5e-3, steps, true)).unwrap();
+        let mut rng = tandem::util::rng(&[42]);
+        (0..steps)
+            .map(|_| {
+                let b = repetitive_batch(&mut rng, 48, 16);
+                t.train_step(&[b], &mut Local).unwrap().loss
+            })
+            .collect::<Vec<f32>>()
+    };
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (f32_log, bf16_log) = (train(Precision::F32), train(Precision::Bf16));
+    let (first, last) = (
+        mean(&bf16_log[..10]),
+        mean(&bf16_log[steps as usize - 20..]),
+    );
+    let last_f32 = mean(&f32_log[steps as usize - 20..]);
+    assert!(last < 0.7 * first, "bf16 loss {first} → {last}");
+    assert!(
+        (last - last_f32).abs() < 0.05 * last_f32,
+        "bf16 ends at {last}, f32 at {last_f32}"
+    );
 }

@@ -312,12 +312,18 @@ fn composed(
             .contiguous()
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.reshape((b, 1, 1, t))?)?;
+    // Products in the activations' dtype; mask, softmax and dropout in f32 (the bias's dtype).
+    let scores = (q.matmul(&k.t()?)?.to_dtype(bias.dtype())? * scale)?
+        .broadcast_add(&bias.reshape((b, 1, 1, t))?)?;
     let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
     if let Some(keep) = keep {
         probs = probs.mul(&Tensor::from_vec(keep, probs.shape(), probs.device())?)?;
     }
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, hid))
+    probs
+        .to_dtype(v.dtype())?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b * t, hid))
 }
 
 #[cfg(test)]

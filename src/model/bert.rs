@@ -7,7 +7,7 @@
 //! decoder runs only at labelled positions (as google-research/bert's `gather_indexes`):
 //! same loss and gradients as HF's decoder over every position, far fewer FLOPs.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 
@@ -194,7 +194,10 @@ pub(crate) fn dropout_mask(n: usize, p: f32, rng: &mut DropoutRng) -> Option<Vec
 pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor> {
     match dropout_mask(x.elem_count(), p, rng) {
         None => Ok(x.clone()),
-        Some(mask) => Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?),
+        Some(mask) => {
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            Ok(x.mul(&mask)?)
+        }
     }
 }
 
@@ -275,6 +278,39 @@ pub struct BertModel {
     emb_ln: LayerNorm,
     layers: Vec<Layer>,
     pooler: Option<Linear>,
+    /// The activations' dtype after the embeddings (see [`Precision`]).
+    compute: DType,
+}
+
+/// Compute precision (`model.precision`). `bf16` is mixed precision: matmuls and activations
+/// in bf16, LayerNorm statistics, softmax and the losses in f32; the parameters stay f32
+/// master weights (cast in the graph, so gradients, the all-reduce and AdamW are f32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision {s:?}: expected f32 or bf16")),
+        }
+    }
 }
 
 impl BertModel {
@@ -313,7 +349,13 @@ impl BertModel {
             } else {
                 None
             },
+            compute: DType::F32,
         })
+    }
+
+    /// Runs the encoder in `p` from now on (the parameters are untouched).
+    pub fn set_precision(&mut self, p: Precision) {
+        self.compute = p.dtype();
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -332,7 +374,7 @@ impl BertModel {
             .word_lookup(x)?
             .add(&self.pos.index_select(&x.position_ids, 0)?)?
             .add(&self.types.index_select(&x.token_type_ids, 0)?)?;
-        let mut h = dropout(&self.emb_ln.forward(&e)?, p_hidden, rng)?;
+        let mut h = dropout(&self.emb_ln.forward(&e)?, p_hidden, rng)?.to_dtype(self.compute)?;
         let (b, t, nh, dh) = (x.batch, x.seq, cfg.num_attention_heads, cfg.head_dim());
         let scale = 1.0 / (dh as f64).sqrt();
         let shape = Heads {
@@ -431,12 +473,21 @@ impl BertForPreTraining {
         let t = self
             .transform_ln
             .forward(&self.transform.forward_gelu(rows)?)?;
-        Ok(linear(
+        let logits = linear(
             &t,
             self.bert.word_embeddings(),
             &self.decoder_bias,
             Act::Identity,
-        )?)
+        )?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// `[batch, 2]` NSP logits (f32) from the hidden states.
+    fn nsp_logits(&self, h: &Tensor, x: &Inputs) -> Result<Tensor> {
+        Ok(self
+            .nsp
+            .forward(&self.bert.pool(h, x)?)?
+            .to_dtype(DType::F32)?)
     }
 
     /// MLM logits at every position, `[batch, seq, vocab]` (HF's `prediction_logits`), and
@@ -445,7 +496,7 @@ impl BertForPreTraining {
         let x = Inputs::new(b, self.bert.word.device())?;
         let h = self.bert.forward(&x, &mut None)?;
         let mlm = self.mlm_logits(&h)?.reshape((b.batch, b.seq, ()))?;
-        let nsp = self.nsp.forward(&self.bert.pool(&h, &x)?)?;
+        let nsp = self.nsp_logits(&h, &x)?;
         Ok((mlm, nsp))
     }
 
@@ -475,7 +526,7 @@ impl BertForPreTraining {
             (ops::cross_entropy_sum(&logits, &labels)?, correct)
         };
 
-        let nsp_logits = self.nsp.forward(&self.bert.pool(&h, &x)?)?;
+        let nsp_logits = self.nsp_logits(&h, &x)?;
         let (nsp_sum, nsp_correct) = if b.nsp_labels.is_empty() {
             (zero_in_graph(&nsp_logits)?, 0)
         } else {

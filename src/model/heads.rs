@@ -458,21 +458,28 @@ impl TaskModel {
         )?;
         let h = self.bert.forward(&x, rng)?;
         let k = self.head.num_outputs();
+        // Logits and everything after them (losses, argmax) in f32, whatever the precision.
+        let f32 = |t: Tensor| t.to_dtype(candle_core::DType::F32);
         Ok(match self.head {
             TaskHead::SequenceClassification { .. } => {
                 let pooled = dropout(&self.bert.pool(&h, &x)?, self.dropout, rng)?;
-                let l = self.out.forward(&pooled)?;
+                let l = f32(self.out.forward(&pooled)?)?;
                 (l.clone(), l)
             }
             TaskHead::TokenClassification { .. } => {
-                let rows = self.out.forward(&dropout(&h, self.dropout, rng)?)?;
+                let rows = f32(self.out.forward(&dropout(&h, self.dropout, rng)?)?)?;
                 (rows.reshape((b.batch, b.seq, k))?, rows)
             }
             TaskHead::QuestionAnswering => {
-                let rows = self.out.forward(&h)?;
+                let rows = f32(self.out.forward(&h)?)?;
                 (rows.reshape((b.batch, b.seq, k))?, rows)
             }
         })
+    }
+
+    /// Runs the encoder and head in `p` from now on (see [`super::Precision`]).
+    pub fn set_precision(&mut self, p: super::Precision) {
+        self.bert.set_precision(p);
     }
 
     fn check_inputs(&self, b: &FinetuneBatch) -> Result<()> {

@@ -162,7 +162,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> CResult<Tensor> {
             },
         );
     }
-    let y = x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?;
+    // Mixed precision: the f32 master weights are cast to the activations' dtype (bf16); the
+    // cast is in the graph, so their gradients come back as f32.
+    let (w, b) = (w.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+    let y = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
     match act {
         Act::Identity => Ok(y),
         Act::Gelu => y.gelu_erf(),

@@ -13,7 +13,7 @@ pub mod params;
 pub mod pretrain;
 pub mod vmath;
 
-pub use bert::{BertForPreTraining, BertModel, PretrainOutput};
+pub use bert::{BertForPreTraining, BertModel, Precision, PretrainOutput};
 pub use config::{BertConfig, Preset};
 pub use heads::{task_specs, TaskHead, TaskModel, TaskOutput};
 pub use params::{ParamSpec, ParamStore};

@@ -206,11 +206,14 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResul
         let gb = Tensor::cat(&[gamma, beta], 0)?;
         return x.contiguous()?.apply_op2(&gb, LayerNorm(Norm::new(eps)));
     }
+    // Statistics in the parameters' dtype (f32) even when activations are bf16.
+    let dt = x.dtype();
+    let x = x.to_dtype(gamma.dtype())?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xhat.broadcast_mul(gamma)?.broadcast_add(beta)
+    xhat.broadcast_mul(gamma)?.broadcast_add(beta)?.to_dtype(dt)
 }
 
 /// `LayerNorm(y ⊙ keep + residual)` over the last dimension, `keep` being the dropout
@@ -243,11 +246,18 @@ pub fn add_layer_norm(
             },
         );
     }
+    // The residual sum and the statistics in f32 (the parameters' dtype), the output in the
+    // activations' dtype.
+    let dt = y.dtype();
+    let (y, residual) = (
+        y.to_dtype(gamma.dtype())?,
+        residual.to_dtype(gamma.dtype())?,
+    );
     let y = match keep {
         Some(k) => y.mul(&Tensor::from_vec(k, y.shape(), y.device())?)?,
-        None => y.clone(),
+        None => y,
     };
-    layer_norm(&(y + residual)?, gamma, beta, eps)
+    layer_norm(&(y + residual)?, gamma, beta, eps)?.to_dtype(dt)
 }
 
 #[cfg(test)]

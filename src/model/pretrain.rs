@@ -39,6 +39,11 @@ impl PretrainModel {
         Ok((m, report))
     }
 
+    /// Runs the model in `p` from now on (see [`super::Precision`]).
+    pub fn set_precision(&mut self, p: super::Precision) {
+        self.model.bert.set_precision(p);
+    }
+
     pub fn save(&self, dir: &Path) -> Result<()> {
         hf::save_checkpoint(dir, &self.cfg, &self.store, ARCHITECTURE)
     }

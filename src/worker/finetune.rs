@@ -295,7 +295,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     // The model: resume this stage, or start it from the encoder checkpoint.
     set_phase(&ctx, "initialising model");
     let mut c = ctx.client.clone();
-    let (model, mut adam, mut state) = if !a.init_checkpoint.is_empty() {
+    let (mut model, mut adam, mut state) = if !a.init_checkpoint.is_empty() {
         let files: HashMap<String, Vec<u8>> = ctx
             .rt
             .block_on(client::get_checkpoint(
@@ -356,6 +356,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         let state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
         (model, adam, state)
     };
+    model.set_precision(super::train::precision(&cfg, &ctx, rank));
     let mut params = model.store.to_flat()?;
     ring.broadcast(&mut params, 0)?;
     model.store.set_from_flat(&params)?;

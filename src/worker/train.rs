@@ -135,7 +135,8 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let mut ring = connect_ring(&a, &ctx, &cfg)?;
 
     set_phase(&ctx, "initialising model");
-    let model = PretrainModel::new(&model_cfg, seed, &ctx.device)?;
+    let mut model = PretrainModel::new(&model_cfg, seed, &ctx.device)?;
+    model.set_precision(precision(&cfg, &ctx, rank));
     let options = StepOptions {
         adamw: AdamWConfig {
             weight_decay: stage.weight_decay,
@@ -624,6 +625,18 @@ fn upload_in_background(
     let task = put(ctx, trainer, state, job_id, generation)?;
     *uploading = Some(ctx.rt.spawn(task));
     Ok(())
+}
+
+/// The job's compute precision; bf16 on the CPU is allowed but said to be slow.
+pub(super) fn precision(cfg: &JobConfig, ctx: &Ctx, rank: usize) -> crate::model::Precision {
+    let p = cfg.model.precision;
+    if p == crate::model::Precision::Bf16 && ctx.device.is_cpu() && rank == 0 {
+        tracing::warn!(
+            "model.precision = bf16 on the CPU runs candle's composed ops (no bf16 gemm there): \
+             slower than f32; bf16 is meant for GPUs"
+        );
+    }
+    p
 }
 
 /// Sends rank 0's progress now, with its queued step records (before `what`).
