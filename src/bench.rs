@@ -2,7 +2,6 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use serde::Serialize;
 
 use crate::comm::Local;
@@ -88,28 +87,53 @@ pub fn synthetic_batch(cfg: &BertConfig, batch: usize, seq: usize, seed: u64) ->
 }
 
 /// `tandem bench step`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct StepBenchOptions {
+    #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
-    pub threads: usize,
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// f32 or bf16 (mixed precision; meant for GPUs, slow on the CPU).
+    #[arg(long, default_value = "f32")]
     pub precision: crate::model::Precision,
 }
 
-/// Times full training steps (forward, backward, AdamW) after `warmup` untimed steps.
-pub fn bench_step(o: &StepBenchOptions, device: &Device) -> Result<StepBench> {
-    let StepBenchOptions {
-        preset,
-        threads,
-        batch,
-        seq,
-        steps,
-        warmup,
-        precision,
-    } = *o;
+/// Times full training steps (forward, backward, AdamW) after `warmup` untimed steps, on
+/// `o.device` with `o.threads` threads (set by the caller before any candle op runs).
+pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
+    let (preset, threads, batch, seq, steps, warmup, precision) = (
+        o.preset,
+        o.threads,
+        o.batch,
+        o.seq,
+        o.steps,
+        o.warmup,
+        o.precision,
+    );
+    if steps == 0 {
+        return Err(crate::error::Error::Train(
+            "bench step: --steps must be at least 1".into(),
+        ));
+    }
+    let device = &util::parse_device(&o.device)?;
+    if steps == 0 {
+        return Err(crate::error::Error::Config(
+            "--steps must be at least 1".into(),
+        ));
+    }
     let cfg = BertConfig::preset(preset);
     let mut model = PretrainModel::new(&cfg, 0, device)?;
     model.set_precision(precision);
@@ -267,12 +291,8 @@ impl AllreduceBench {
 /// lists show the spread (this kind of shared VM drifts by ±10 % between runs).
 #[derive(Debug, Serialize)]
 pub struct ScalingBench {
-    pub preset: Preset,
-    pub workers: usize,
-    pub batch: usize,
-    pub seq: usize,
-    pub steps: u64,
-    pub rounds: usize,
+    #[serde(flatten)]
+    pub options: ScalingOptions,
     pub samples_per_s_1: f64,
     pub samples_per_s_n: f64,
     /// samples_per_s_n / (N · samples_per_s_1), from the medians.
@@ -359,12 +379,22 @@ fn long_documents(
 }
 
 /// `tandem bench scaling`.
+#[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct ScalingOptions {
+    #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
+    #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Per-worker batch.
+    #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    /// Optimiser steps per run (the first 2 are excluded from the rate).
+    #[arg(long, default_value_t = 12)]
     pub steps: u64,
+    /// Interleaved rounds (1 worker, N workers, bare steps); rates are their medians.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
 }
 
@@ -473,12 +503,6 @@ pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
     let efficiency = median(&rn) / (n as f64 * median(&r1));
     let machine_efficiency = median(&bn) / (n as f64 * median(&b1));
     Ok(ScalingBench {
-        preset: o.preset,
-        workers: n,
-        batch: o.batch,
-        seq: o.seq,
-        steps: o.steps,
-        rounds: o.rounds,
         samples_per_s_1: median(&r1),
         samples_per_s_n: median(&rn),
         efficiency,
@@ -494,5 +518,6 @@ pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
         coordinator_cpu_s: median(&cpu),
         coordinator_cpu_share: median(&share),
         coordinator_cpu_share_training: median(&share_training),
+        options: o,
     })
 }

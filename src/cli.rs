@@ -5,8 +5,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::model::Preset;
-
 fn tandem_default_chunk() -> usize {
     crate::comm::ring::DEFAULT_CHUNK_BYTES
 }
@@ -215,28 +213,7 @@ pub enum ConfigCommand {
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Full pre-training steps (forward, backward, AdamW) on synthetic data.
-    Step {
-        #[arg(long, value_enum, default_value = "tiny")]
-        preset: Preset,
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Timed steps (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        /// Untimed steps first.
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// f32 or bf16 (mixed precision; meant for GPUs, slow on the CPU).
-        #[arg(long, default_value = "f32")]
-        precision: crate::model::Precision,
-    },
+    Step(crate::bench::StepBenchOptions),
     /// Ring all-reduce between N local processes on 127.0.0.1: one JSON line per size with
     /// bytes, median_ms and busbw_gbps (2(n−1)/n · bytes / time).
     Allreduce {
@@ -264,23 +241,7 @@ pub enum BenchCommand {
     /// The same short pre-training through the real runtime with N workers and with 1 worker
     /// (1 thread each): samples/s and scaling efficiency; then `bench step` alone and N
     /// independent copies at once, for the machine's own ceiling (`machine_efficiency`).
-    Scaling {
-        #[arg(long, value_enum, default_value = "tiny")]
-        preset: Preset,
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        /// Per-worker batch.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        /// Optimiser steps per run (the first 2 are excluded from the rate).
-        #[arg(long, default_value_t = 12)]
-        steps: u64,
-        /// Interleaved rounds (1 worker, N workers, bare steps); rates are their medians.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-    },
+    Scaling(crate::bench::ScalingOptions),
     /// The data pipeline on one thread (parse, tokenize, instances, collate): tokens/s and
     /// instances/s.
     Data {

@@ -268,22 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => bench.run(world)?,
             }
         }
-        Command::Bench(BenchCommand::Scaling {
-            preset,
-            workers,
-            batch,
-            seq,
-            steps,
-            rounds,
-        }) => {
-            let o = tandem::bench::ScalingOptions {
-                preset,
-                workers,
-                batch,
-                seq,
-                steps,
-                rounds,
-            };
+        Command::Bench(BenchCommand::Scaling(o)) => {
             let r = runtime()?.block_on(tandem::bench::scaling(o))?;
             println!("{}", serde_json::to_string(&r)?);
         }
@@ -306,29 +291,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = tandem::data::instances::bench_data(&files, &tok, &opts)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Command::Bench(BenchCommand::Step {
-            preset,
-            batch,
-            seq,
-            threads,
-            device,
-            steps,
-            warmup,
-            precision,
-        }) => {
-            anyhow::ensure!(steps > 0, "--steps must be at least 1");
-            tandem::util::set_threads(threads);
-            let device = tandem::util::parse_device(&device)?;
-            let o = tandem::bench::StepBenchOptions {
-                preset,
-                threads,
-                batch,
-                seq,
-                steps,
-                warmup,
-                precision,
-            };
-            let r = tandem::bench::bench_step(&o, &device)?;
+        Command::Bench(BenchCommand::Step(o)) => {
+            tandem::util::set_threads(o.threads);
+            let r = tandem::bench::bench_step(&o)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }
