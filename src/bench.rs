@@ -129,11 +129,6 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
         ));
     }
     let device = &util::parse_device(&o.device)?;
-    if steps == 0 {
-        return Err(crate::error::Error::Config(
-            "--steps must be at least 1".into(),
-        ));
-    }
     let cfg = BertConfig::preset(preset);
     let mut model = PretrainModel::new(&cfg, 0, device)?;
     model.set_precision(precision);

@@ -25,6 +25,9 @@ pub enum Error {
     #[error("invalid model config: {0}")]
     Config(String),
 
+    #[error("{0}")]
+    Device(String),
+
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
 

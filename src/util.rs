@@ -88,7 +88,7 @@ pub fn parse_device(name: &str) -> Result<candle_core::Device> {
     match device_ordinal(name)? {
         None => Ok(candle_core::Device::Cpu),
         Some(ordinal) => candle_core::Device::new_cuda(ordinal)
-            .map_err(|e| Error::Config(format!("device {name:?}: cannot open GPU {ordinal}: {e}"))),
+            .map_err(|e| Error::Device(format!("device {name:?}: cannot open GPU {ordinal}: {e}"))),
     }
 }
 
@@ -100,14 +100,14 @@ pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
             _ => {
-                return Err(Error::Config(format!(
+                return Err(Error::Device(format!(
                     "device {name:?}: expected cpu, cuda or cuda:N (N a GPU index)"
                 )))
             }
         },
     };
     if !candle_core::utils::cuda_is_available() {
-        return Err(Error::Config(format!(
+        return Err(Error::Device(format!(
             "device {name:?}: this tandem was built without the `cuda` feature; build it with \
              scripts/build-cuda.sh (or cargo build --release --features cuda), or use --device cpu"
         )));

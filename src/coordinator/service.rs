@@ -226,6 +226,7 @@ impl Coordinator for Service {
     ) -> Result<Response<proto::PutCheckpointResponse>, Status> {
         let mut stream = req.into_inner();
         let mut files: Vec<(String, Vec<u8>)> = vec![];
+        let mut hashes: Vec<String> = vec![];
         let mut current: Option<(String, Vec<u8>)> = None;
         let mut name = String::new();
         while let Some(c) = stream.next().await {
@@ -255,6 +256,7 @@ impl Coordinator for Service {
                     )));
                 }
                 files.push((f, b));
+                hashes.push(c.sha256);
             }
         }
         if current.is_some() || files.is_empty() {
@@ -264,10 +266,11 @@ impl Coordinator for Service {
         }
         let shared = self.shared.clone();
         let n2 = name.clone();
-        let dir = tokio::task::spawn_blocking(move || shared.store.commit(&n2, &files))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
+        let dir =
+            tokio::task::spawn_blocking(move || shared.store.commit_hashed(&n2, &files, &hashes))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
         tracing::info!(checkpoint = %name, dir = %dir.display(), "checkpoint stored");
         let _ = self.shared.events.send(Event::Checkpoint(name.clone()));
         Ok(Response::new(proto::PutCheckpointResponse {

@@ -318,6 +318,24 @@ impl CheckpointStore {
     /// Writes a checkpoint atomically: files into `.tmp-<name>`, each fsynced, a manifest of
     /// checksums, then one rename. Older checkpoints beyond `keep` are removed.
     pub fn commit(&self, name: &str, files: &[(String, Vec<u8>)]) -> Result<PathBuf> {
+        let hashes: Vec<String> = files.iter().map(|(_, b)| sha256_hex(b)).collect();
+        self.commit_hashed(name, files, &hashes)
+    }
+
+    /// [`Self::commit`] with each file's SHA-256 already known (verified on arrival), so the
+    /// manifest does not hash the bytes again.
+    pub fn commit_hashed(
+        &self,
+        name: &str,
+        files: &[(String, Vec<u8>)],
+        hashes: &[String],
+    ) -> Result<PathBuf> {
+        if hashes.len() != files.len() {
+            return Err(Error::Checkpoint {
+                path: self.root.clone(),
+                msg: format!("{} hashes for {} files", hashes.len(), files.len()),
+            });
+        }
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
             return Err(Error::Checkpoint {
                 path: self.root.clone(),
@@ -337,7 +355,7 @@ impl CheckpointStore {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
-        for (f, bytes) in files {
+        for ((f, bytes), sha) in files.iter().zip(hashes) {
             if f.contains(['/', '\\']) || f.starts_with('.') || f == MANIFEST {
                 return Err(Error::Checkpoint {
                     path: tmp.clone(),
@@ -347,7 +365,7 @@ impl CheckpointStore {
             util::write_atomic(&tmp.join(f), bytes)?;
             manifest
                 .files
-                .insert(f.clone(), (bytes.len() as u64, sha256_hex(bytes)));
+                .insert(f.clone(), (bytes.len() as u64, sha.clone()));
         }
         util::write_atomic(
             &tmp.join(MANIFEST),
