@@ -47,7 +47,9 @@ pub enum Command {
         /// CPU threads per worker.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU).
+        /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU), or a
+        /// comma-separated list that worker i takes entry i mod its length of
+        /// (cuda:0,cuda:1,cuda:2,cuda:3: one GPU per worker).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Print plain log lines instead of a progress bar.

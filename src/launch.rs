@@ -25,7 +25,7 @@ pub struct LaunchOptions {
     pub sets: Vec<String>,
     /// CPU threads per worker.
     pub threads: usize,
-    /// Every worker's `--device`.
+    /// Every worker's `--device`, or a comma-separated list (see [`crate::util::worker_devices`]).
     pub device: String,
     /// Plain log lines instead of a progress bar (also when stderr is not a terminal).
     pub no_progress: bool,
@@ -125,7 +125,7 @@ pub async fn run(
     interrupt: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<i32> {
     // A device the workers cannot use fails here, not after every worker's restarts.
-    crate::util::device_ordinal(&opts.device)?;
+    let devices = crate::util::worker_devices(&opts.device)?;
     let cfg = effective_config(&opts)?;
     let state_dir = cfg.job.state_dir.clone();
     if !opts.resume {
@@ -228,7 +228,7 @@ pub async fn run(
                             let args: Vec<String> = vec![
                                 "worker".into(), "--coordinator".into(), url.clone(),
                                 "--threads".into(), opts.threads.to_string(),
-                                "--device".into(), opts.device.clone(),
+                                "--device".into(), devices[i % devices.len()].clone(),
                                 "--worker-id".into(), format!("local-{i}"),
                             ];
                             let mut w = spawn(&exe, &args, &token, opts.threads)?;

@@ -92,6 +92,17 @@ pub fn parse_device(name: &str) -> Result<candle_core::Device> {
     }
 }
 
+/// `tandem launch --device`: one device for every worker, or a comma-separated list that
+/// worker `i` takes entry `i mod len` of (`cuda:0,cuda:1`: one GPU each, as a local rank
+/// would). Every entry is checked as [`device_ordinal`] does.
+pub fn worker_devices(spec: &str) -> Result<Vec<String>> {
+    let list: Vec<String> = spec.split(',').map(|d| d.trim().to_string()).collect();
+    for d in &list {
+        device_ordinal(d)?;
+    }
+    Ok(list)
+}
+
 /// Checks a `--device` name without opening the device: `None` for the CPU, else the GPU index.
 pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
     let ordinal = match name {
@@ -152,6 +163,18 @@ mod tests {
         assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
         if !candle_core::utils::cuda_is_available() {
             let e = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("without the `cuda` feature"), "{e}");
+        }
+    }
+
+    #[test]
+    fn launch_device_lists_map_workers_round_robin() {
+        assert_eq!(worker_devices("cpu").unwrap(), ["cpu"]);
+        assert_eq!(worker_devices("cpu, cpu").unwrap(), ["cpu", "cpu"]);
+        let e = worker_devices("cpu,tpu:1").unwrap_err().to_string();
+        assert!(e.contains("\"tpu:1\"") && e.contains("expected cpu"), "{e}");
+        if !candle_core::utils::cuda_is_available() {
+            let e = worker_devices("cpu,cuda:1").unwrap_err().to_string();
             assert!(e.contains("without the `cuda` feature"), "{e}");
         }
     }
