@@ -22,16 +22,24 @@ fn fingerprint(s: &serde_json::Value) -> String {
         .to_string()
 }
 
-fn launch(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
-    Command::new(bin())
-        .arg("launch")
+fn launch_cmd(dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("launch")
         .arg(dir.join("job.toml"))
         .arg("--no-progress")
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap())
-        .spawn()
-        .unwrap()
+        .stderr(std::fs::File::create(dir.join("launch.log")).unwrap());
+    c
+}
+
+fn launch(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    launch_cmd(dir, extra).spawn().unwrap()
+}
+
+fn coordinator_url(dir: &std::path::Path) -> String {
+    let addr = std::fs::read_to_string(dir.join("state/coordinator.addr")).unwrap();
+    format!("http://{}", addr.trim())
 }
 
 /// The pid of the launched worker `local-{i}` of the job whose coordinator is at `url`.
@@ -74,13 +82,7 @@ fn killed_worker_is_restarted_and_every_instance_is_used_once() {
     wait_for("the first checkpoint", LONG, || {
         !checkpoints(&dir).is_empty()
     });
-    let url = format!(
-        "http://{}",
-        std::fs::read_to_string(dir.join("state/coordinator.addr"))
-            .unwrap()
-            .trim()
-    );
-    let pid = worker_pid(&url, 1).expect("worker local-1 is running");
+    let pid = worker_pid(&coordinator_url(&dir), 1).expect("worker local-1 is running");
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
@@ -305,5 +307,53 @@ fn interrupted_job_resumes_bit_identically_past_a_corrupt_checkpoint() {
         String::from_utf8_lossy(&again.stderr)
     );
     std::fs::remove_dir_all(base).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A generation fails while rank 0's checkpoint is still arriving (its upload is held for 3 s
+/// after the first chunk): the new generation waits for it and resumes from it, instead of
+/// starting from an older checkpoint (here: from scratch) and redoing those steps.
+#[test]
+fn a_new_generation_waits_for_a_checkpoint_still_arriving() {
+    let dir = job_dir("upload-wait", 2, 2, "max_restarts = 3", "epochs = 1", 32);
+    let mut child = launch_cmd(&dir, &["--set", "checkpoint.every_steps=5"])
+        .env("TANDEM_TEST_UPLOAD_PAUSE_MS", "3000")
+        .spawn()
+        .unwrap();
+    // Rank 0 sends its logged steps before every checkpoint: step 5 in metrics.jsonl means
+    // the first checkpoint's upload has begun.
+    wait_for("step 5 in metrics.jsonl", LONG, || {
+        std::fs::read_to_string(dir.join("state/metrics.jsonl"))
+            .is_ok_and(|m| m.contains("\"step\":5,") || m.contains("\"step\":5}"))
+    });
+    assert!(checkpoints(&dir).is_empty(), "the upload was not held");
+    // Kill the worker that is not rank 0 (ranks follow the join order), so the upload goes on.
+    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
+    let rank0_addr = log
+        .lines()
+        .find_map(|l| l.split("peers=[\"").nth(1)?.split('"').next())
+        .expect("the assignment is logged")
+        .to_string();
+    let rank0 = log
+        .lines()
+        .find(|l| l.contains("worker joined") && l.contains(&format!("ring={rank0_addr}")))
+        .and_then(|l| l.split("worker=local-").nth(1)?.chars().next())
+        .expect("rank 0's worker joined");
+    let other = if rank0 == '0' { 1 } else { 0 };
+    let pid = worker_pid(&coordinator_url(&dir), other).expect("the other worker is running");
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let status = wait_with_timeout(&mut child, LONG);
+    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("checkpoint upload is still arriving"), "{log}");
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    assert_eq!(
+        s["history"][1]["start_checkpoint"], "stage0-step000005",
+        "{s:#}"
+    );
+    assert_exactly_once(&s);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -88,6 +88,8 @@ struct Driver {
     /// When the current stage's first generation was assigned, and the coordinator's CPU
     /// time then (for the stage's `wall_s` and `coordinator_cpu_s`).
     stage_clock: Option<(Instant, Option<f64>)>,
+    /// Until when a quorum waits for checkpoint uploads still in flight.
+    upload_wait: Option<Instant>,
 }
 
 impl Driver {
@@ -193,8 +195,40 @@ impl Driver {
         AfterFailure::Restart
     }
 
+    /// Whether to hold a new generation back because a checkpoint (of the generation that just
+    /// failed) is still arriving: it is newer than any the new generation could start from.
+    /// Bounded by `cluster.collective_timeout_s`.
+    fn waiting_for_uploads(&mut self) -> bool {
+        let in_flight = self
+            .shared
+            .uploads
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if in_flight == 0 {
+            self.upload_wait = None;
+            return false;
+        }
+        let limit = Duration::from_secs_f64(self.shared.cfg.cluster.collective_timeout_s);
+        let until = *self.upload_wait.get_or_insert_with(|| {
+            tracing::info!(
+                in_flight,
+                "a checkpoint upload is still arriving: the new generation waits for it (at most {:.0} s)",
+                limit.as_secs_f64()
+            );
+            Instant::now() + limit
+        });
+        if Instant::now() < until {
+            return true;
+        }
+        tracing::warn!(
+            "the checkpoint upload did not finish within {:.0} s: starting without it",
+            limit.as_secs_f64()
+        );
+        false
+    }
+
     /// Starts a generation: ranks in join order, peers, the checkpoint to resume from.
     fn assign(&mut self) -> anyhow::Result<()> {
+        self.upload_wait = None;
         self.stage_clock
             .get_or_insert_with(|| (Instant::now(), crate::util::process_cpu_seconds()));
         let start_checkpoint = self.resume_point();
@@ -315,6 +349,7 @@ pub(super) async fn drive(
         quorum_since: None,
         join_deadline: Instant::now() + Duration::from_secs_f64(c.join_timeout_s),
         stage_clock: None,
+        upload_wait: None,
     };
     tokio::pin!(shutdown);
     loop {
@@ -440,7 +475,9 @@ pub(super) async fn drive(
             let n = shared.state.lock().unwrap().members.len();
             if n >= c.min_workers {
                 let since = *d.quorum_since.get_or_insert_with(Instant::now);
-                if n >= c.max_workers || since.elapsed() >= Duration::from_secs_f64(c.join_window_s)
+                if (n >= c.max_workers
+                    || since.elapsed() >= Duration::from_secs_f64(c.join_window_s))
+                    && !d.waiting_for_uploads()
                 {
                     d.assign()?;
                 }

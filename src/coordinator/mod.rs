@@ -184,6 +184,7 @@ pub async fn run(
         }),
         events: events_tx,
         started: Instant::now(),
+        uploads: Default::default(),
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

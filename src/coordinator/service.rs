@@ -229,12 +229,14 @@ impl Coordinator for Service {
         let mut hashes: Vec<String> = vec![];
         let mut current: Option<(String, Vec<u8>)> = None;
         let mut name = String::new();
+        let mut in_flight = None;
         while let Some(c) = stream.next().await {
             let c = c?;
             if name.is_empty() {
                 self.check_job(&c.job_id)?;
                 self.check_generation(c.generation)?;
                 name = c.name.clone();
+                in_flight = Some(super::state::UploadGuard::new(&self.shared.uploads));
             } else if c.name != name {
                 return Err(Status::invalid_argument(
                     "checkpoint name changed within one upload",
@@ -272,6 +274,7 @@ impl Coordinator for Service {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
         tracing::info!(checkpoint = %name, dir = %dir.display(), "checkpoint stored");
+        drop(in_flight); // stored: a waiting rendezvous may go on when it sees the event
         let _ = self.shared.events.send(Event::Checkpoint(name.clone()));
         Ok(Response::new(proto::PutCheckpointResponse {
             stored_as: name,

@@ -114,6 +114,26 @@ pub struct Shared {
     pub started: Instant,
     /// state_dir/metrics.jsonl.
     pub metrics: Mutex<super::metrics_log::MetricsLog>,
+    /// Checkpoint uploads accepted and still streaming (see [`UploadGuard`]).
+    pub uploads: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one checkpoint upload in flight in [`Shared::uploads`] while it lives: a new
+/// generation is not assigned while a checkpoint of the failed one is still arriving, so it
+/// starts from the newest state instead of redoing those steps.
+pub struct UploadGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> UploadGuard<'a> {
+    pub fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        UploadGuard(counter)
+    }
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Shared {

@@ -134,8 +134,21 @@ pub async fn put_checkpoint(
     files: &[(String, Vec<u8>)],
 ) -> anyhow::Result<()> {
     let chunks = crate::coordinator::checkpoint_chunks(job_id, generation, name, files);
+    // Test hook: TANDEM_TEST_UPLOAD_PAUSE_MS holds the stream after its first chunk, so a
+    // test can fail a generation while a checkpoint is still arriving.
+    let pause = std::env::var("TANDEM_TEST_UPLOAD_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let stream =
+        tokio_stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {
+            if let (1, Some(p)) = (i, pause) {
+                tokio::time::sleep(p).await;
+            }
+            c
+        });
     client
-        .put_checkpoint(tokio_stream::iter(chunks))
+        .put_checkpoint(stream)
         .await
         .with_context(|| format!("uploading checkpoint {name}"))?;
     Ok(())
