@@ -310,14 +310,14 @@ fn interrupted_job_resumes_bit_identically_past_a_corrupt_checkpoint() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// A generation fails while rank 0's checkpoint is still arriving (its upload is held for 3 s
-/// after the first chunk): the new generation waits for it and resumes from it, instead of
-/// starting from an older checkpoint (here: from scratch) and redoing those steps.
+/// A generation fails while rank 0's checkpoint is still arriving (its first upload is held
+/// for 10 s after the first chunk): the new generation waits for it and resumes from it,
+/// instead of starting from an older checkpoint (here: from scratch) and redoing those steps.
 #[test]
 fn a_new_generation_waits_for_a_checkpoint_still_arriving() {
     let dir = job_dir("upload-wait", 2, 2, "max_restarts = 3", "epochs = 1", 32);
     let mut child = launch_cmd(&dir, &["--set", "checkpoint.every_steps=5"])
-        .env("TANDEM_TEST_UPLOAD_PAUSE_MS", "3000")
+        .env("TANDEM_TEST_UPLOAD_PAUSE_MS", "10000")
         .spawn()
         .unwrap();
     // Rank 0 sends its logged steps before every checkpoint: step 5 in metrics.jsonl means

@@ -2,7 +2,7 @@
 //! against one large batch, a tiny model that learns a repetitive corpus, and bf16 mixed
 //! precision against f32.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use rand::Rng;
 use tandem::bench::synthetic_batch;
 use tandem::comm::Local;
@@ -281,14 +281,20 @@ fn bf16_mixed_precision_tracks_f32_on_one_batch() {
         cos > 0.99 && (ratio - 1.0).abs() < 0.05,
         "cos {cos} norm ratio {ratio}"
     );
-    // Master weights stay f32: every parameter, and so every gradient, is f32.
-    for s in m16.store.specs() {
-        assert_eq!(
-            m16.store.get(&s.name).unwrap().dtype(),
-            DType::F32,
-            "{}",
-            s.name
-        );
+    // Every tensor's gradient arrives through the casts and points the same way (tensors
+    // whose true gradient is ~0, as the attention key bias's, are noise on both sides).
+    let total = g32.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    for (i, spec) in m16.store.specs().iter().enumerate() {
+        let r = m16.store.range(i);
+        let part = g32[r.clone()]
+            .iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if part > 1e-4 * total {
+            let (cos, _) = compare(&g32[r.clone()], &g16[r]);
+            assert!(cos > 0.95, "{}: gradient cosine {cos}", spec.name);
+        }
     }
 }
 

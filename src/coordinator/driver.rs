@@ -90,6 +90,8 @@ struct Driver {
     stage_clock: Option<(Instant, Option<f64>)>,
     /// Until when a quorum waits for checkpoint uploads still in flight.
     upload_wait: Option<Instant>,
+    /// The member that was rank 0 (the uploader) of the latest generation.
+    uploader: Option<u64>,
 }
 
 impl Driver {
@@ -203,7 +205,11 @@ impl Driver {
             .shared
             .uploads
             .load(std::sync::atomic::Ordering::SeqCst);
-        if in_flight == 0 {
+        let uploader_here = self
+            .uploader
+            .is_some_and(|id| self.shared.state.lock().unwrap().members.contains_key(&id));
+        // An uploader that left or was evicted (stalled) will not finish: do not wait for it.
+        if in_flight == 0 || !uploader_here {
             self.upload_wait = None;
             return false;
         }
@@ -247,6 +253,7 @@ impl Driver {
             .map(|id| st.members[id].ring_addr.clone())
             .collect();
         let world = ids.len() as u32;
+        self.uploader = ids.first().copied();
         let stage_index = st.stage_index;
         let inputs = shared.prepared.stages[stage_index as usize].clone();
         let encoder_checkpoint = match (stage_index, &inputs.imported) {
@@ -350,6 +357,7 @@ pub(super) async fn drive(
         join_deadline: Instant::now() + Duration::from_secs_f64(c.join_timeout_s),
         stage_clock: None,
         upload_wait: None,
+        uploader: None,
     };
     tokio::pin!(shutdown);
     loop {

@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -230,13 +230,25 @@ impl Coordinator for Service {
         let mut current: Option<(String, Vec<u8>)> = None;
         let mut name = String::new();
         let mut in_flight = None;
-        while let Some(c) = stream.next().await {
+        // A stream that stops sending (its worker stalled or vanished) fails after this long
+        // instead of holding a waiting rendezvous.
+        let idle = Duration::from_secs_f64(self.shared.cfg.cluster.collective_timeout_s);
+        loop {
+            let next = tokio::time::timeout(idle, stream.next())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "checkpoint upload {name:?}: no data for {:.0} s (collective_timeout_s)",
+                        idle.as_secs_f64()
+                    ))
+                })?;
+            let Some(c) = next else { break };
             let c = c?;
             if name.is_empty() {
                 self.check_job(&c.job_id)?;
                 self.check_generation(c.generation)?;
                 name = c.name.clone();
-                in_flight = Some(super::state::UploadGuard::new(&self.shared.uploads));
+                in_flight = Some(super::state::UploadGuard::new(self.shared.clone()));
             } else if c.name != name {
                 return Err(Status::invalid_argument(
                     "checkpoint name changed within one upload",
@@ -268,13 +280,16 @@ impl Coordinator for Service {
         }
         let shared = self.shared.clone();
         let n2 = name.clone();
-        let dir =
-            tokio::task::spawn_blocking(move || shared.store.commit_hashed(&n2, &files, &hashes))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
+        // The guard goes with the commit: a cancelled RPC does not end the wait before the
+        // checkpoint is on disk (the rendezvous reads the store itself).
+        let dir = tokio::task::spawn_blocking(move || {
+            let _in_flight = in_flight;
+            shared.store.commit_hashed(&n2, &files, &hashes)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
         tracing::info!(checkpoint = %name, dir = %dir.display(), "checkpoint stored");
-        drop(in_flight); // stored: a waiting rendezvous may go on when it sees the event
         let _ = self.shared.events.send(Event::Checkpoint(name.clone()));
         Ok(Response::new(proto::PutCheckpointResponse {
             stored_as: name,

@@ -85,9 +85,9 @@ pub struct JobState {
     /// Rank 0's latest progress report.
     pub last: Option<proto::ProgressReport>,
     pub message: String,
-    /// The current stage's training window as the coordinator sees it: rank 0's first and
-    /// latest in-progress reports (time, the coordinator's CPU seconds then).
-    pub train_window: Option<[(Instant, f64); 2]>,
+    /// The current stage's training window as the coordinator sees it: rank 0's first report
+    /// and its report of the highest step (time, the coordinator's CPU seconds, step).
+    pub train_window: Option<[(Instant, f64, u64); 2]>,
 }
 
 impl JobState {
@@ -96,8 +96,12 @@ impl JobState {
         if stage_index != self.stage_index || step == 0 {
             return;
         }
+        let seen = self.train_window.map_or(0, |w| w[1].2);
+        if step <= seen {
+            return; // the same step again (a heartbeat during the final upload): not training
+        }
         if let Some(cpu) = crate::util::process_cpu_seconds() {
-            let now = (Instant::now(), cpu);
+            let now = (Instant::now(), cpu, step);
             self.train_window.get_or_insert([now, now])[1] = now;
         }
     }
@@ -118,21 +122,26 @@ pub struct Shared {
     pub uploads: std::sync::atomic::AtomicUsize,
 }
 
-/// Counts one checkpoint upload in flight in [`Shared::uploads`] while it lives: a new
-/// generation is not assigned while a checkpoint of the failed one is still arriving, so it
-/// starts from the newest state instead of redoing those steps.
-pub struct UploadGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+/// Counts one checkpoint upload in flight in [`Shared::uploads`] while it lives (from its
+/// first accepted chunk until it is stored or fails): a new generation is not assigned while
+/// a checkpoint of the failed one is still arriving, so it starts from the newest state
+/// instead of redoing those steps.
+pub struct UploadGuard(std::sync::Arc<Shared>);
 
-impl<'a> UploadGuard<'a> {
-    pub fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        UploadGuard(counter)
+impl UploadGuard {
+    pub fn new(shared: std::sync::Arc<Shared>) -> Self {
+        shared
+            .uploads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        UploadGuard(shared)
     }
 }
 
-impl Drop for UploadGuard<'_> {
+impl Drop for UploadGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .uploads
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

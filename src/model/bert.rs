@@ -195,8 +195,9 @@ pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor
     match dropout_mask(x.elem_count(), p, rng) {
         None => Ok(x.clone()),
         Some(mask) => {
-            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-            Ok(x.mul(&mask)?)
+            // In f32 (1/(1-p) is not exact in bf16), back to the input's dtype.
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+            Ok(x.to_dtype(DType::F32)?.mul(&mask)?.to_dtype(x.dtype())?)
         }
     }
 }

@@ -134,11 +134,13 @@ pub async fn put_checkpoint(
     files: &[(String, Vec<u8>)],
 ) -> anyhow::Result<()> {
     let chunks = crate::coordinator::checkpoint_chunks(job_id, generation, name, files);
-    // Test hook: TANDEM_TEST_UPLOAD_PAUSE_MS holds the stream after its first chunk, so a
-    // test can fail a generation while a checkpoint is still arriving.
+    // Test hook: TANDEM_TEST_UPLOAD_PAUSE_MS holds this process's first upload after its
+    // first chunk, so a test can fail a generation while a checkpoint is still arriving.
+    static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let pause = std::env::var("TANDEM_TEST_UPLOAD_PAUSE_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
+        .filter(|_| !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst))
         .map(Duration::from_millis);
     let stream =
         tokio_stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {

@@ -6,6 +6,8 @@ use super::*;
 pub(super) const DIAL_DOMAIN: &[u8] = b"tandem-ring/v1/dial";
 pub(super) const ACCEPT_DOMAIN: &[u8] = b"tandem-ring/v1/accept";
 pub(super) const STATUS_OK: u8 = 0;
+/// How long a handshake over the local socket may take before the dialler tries TCP.
+const LOCAL_PATIENCE: Duration = Duration::from_secs(10);
 pub(super) const STATUS_GENERATION: u8 = 1;
 pub(super) const STATUS_RANKS: u8 = 2;
 pub(super) const STATUS_TOKEN: u8 = 3;
@@ -168,8 +170,9 @@ pub(super) fn accept_handshake(
 
 /// Connects to rank `to`, retrying with backoff (the peer may not listen yet, or a stale
 /// process may hold its address) until `deadline` or `cancel`. A peer at a loopback address is
-/// dialled over its local socket first (see `stream.rs`); after a refusal there, the next
-/// attempt goes over TCP, so a foreign process holding the local name cannot lock us out.
+/// dialled over its local socket first (see `stream.rs`); after a refusal or no answer there,
+/// the next attempt goes over TCP, so a foreign process holding the local name cannot lock us
+/// out.
 pub(super) fn dial(
     cfg: &RingConfig,
     to: usize,
@@ -210,8 +213,17 @@ pub(super) fn dial(
             }
         };
         try_local = cfg.transport == Transport::Auto;
+        // Over the local socket the answer must come within LOCAL_PATIENCE (a third of the
+        // timeout at most): a process squatting the name never answers, and the next attempt
+        // then goes over TCP. A peer that is merely late is reached over TCP then.
+        let patience = LOCAL_PATIENCE.min(cfg.timeout / 3);
+        let until = if was_local {
+            deadline.min(Instant::now() + patience)
+        } else {
+            deadline
+        };
         match stream {
-            Ok(s) => match dial_handshake(s, cfg, to, deadline) {
+            Ok(s) => match dial_handshake(s, cfg, to, until) {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     let via = if was_local { " (local socket)" } else { "" };

@@ -630,6 +630,43 @@ mod tests {
         }
     }
 
+    /// Rank 1's local-socket name is squatted by a process that never answers: rank 0 waits a
+    /// third of the timeout there, then reaches rank 1 over TCP; rank 1 reaches rank 0 over
+    /// its local socket.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_squatted_local_name_falls_back_to_tcp() {
+        use std::net::TcpListener;
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+        let tcp: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<SocketAddr> = tcp.iter().map(|l| l.local_addr().unwrap()).collect();
+        let name = UnixAddr::from_abstract_name(stream::local_name(peers[1])).unwrap();
+        let _squatter = UnixListener::bind_addr(&name).unwrap();
+        let start = Instant::now();
+        let ranks: Vec<_> = tcp
+            .into_iter()
+            .map(RingListener::from)
+            .enumerate()
+            .map(|(rank, l)| {
+                let mut cfg = RingConfig::new(rank, 2, peers.clone(), "squat", 1);
+                cfg.timeout = Duration::from_secs(6);
+                thread::spawn(move || {
+                    let mut ring = Ring::connect(cfg, l).unwrap();
+                    let mut v = vec![rank as f32 + 1.0];
+                    ring.all_reduce_sum(&mut v).unwrap();
+                    (ring.transport(), v[0])
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap(), ("mixed", 3.0));
+        }
+        assert!(start.elapsed() < Duration::from_secs(6));
+    }
+
     #[test]
     fn hmac_matches_rfc4231() {
         let mac = hmac(b"Jefe", &[b"what do ya want ", b"for nothing?"]);

@@ -5,7 +5,9 @@
 //! the same authenticated handshake and wire format.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+#[cfg(target_os = "linux")]
+use std::net::IpAddr;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 #[cfg(target_os = "linux")]
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
@@ -104,17 +106,30 @@ impl Write for &Stream {
     }
 }
 
-/// The abstract-namespace name of the local companion of a ring listener on `port`. A TCP
-/// port is held by one listener per network namespace, and so is this name.
+/// The abstract-namespace name of the local companion of the ring listener that peers reach
+/// at `addr` (a loopback address). It carries the whole address: only the process that holds
+/// that TCP address (or the wildcard covering it) binds the name.
 #[cfg(target_os = "linux")]
-fn local_name(port: u16) -> String {
-    format!("tandem-ring/{port}")
+pub(super) fn local_name(addr: SocketAddr) -> String {
+    format!("tandem-ring/{addr}")
 }
 
-/// Whether a ring listener bound to `ip` can be reached over loopback (so local peers may
-/// use its companion socket).
-fn loopback_reachable(ip: IpAddr) -> bool {
-    ip.is_loopback() || ip.is_unspecified()
+/// The loopback address at which peers reach a ring listener bound to `bound`, if any: the
+/// address itself, or for a wildcard bind the loopback address of its family.
+#[cfg(target_os = "linux")]
+fn loopback_face(bound: SocketAddr) -> Option<SocketAddr> {
+    let ip = bound.ip();
+    if ip.is_loopback() {
+        return Some(bound);
+    }
+    if !ip.is_unspecified() {
+        return None;
+    }
+    let lo: IpAddr = match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    Some(SocketAddr::new(lo, bound.port()))
 }
 
 /// Where a rank accepts its ring connection: the TCP listener whose address the coordinator
@@ -177,23 +192,21 @@ impl RingListener {
 }
 
 /// Binds the Unix-domain companion when the address is reachable over loopback. A name that
-/// is taken (two listeners on one port at different loopback addresses) leaves this one
-/// TCP-only: a peer that reaches the other listener is refused by the handshake and retries
-/// over TCP.
+/// is taken (only by a process squatting it: the TCP address is ours) leaves this listener
+/// TCP-only; a peer reaching the squatter is refused or times out there (see `dial`) and
+/// retries over TCP.
 impl From<TcpListener> for RingListener {
     fn from(tcp: TcpListener) -> RingListener {
         #[cfg(target_os = "linux")]
         {
             use std::os::linux::net::SocketAddrExt;
             let local = tcp.local_addr().ok().and_then(|a| {
-                if !loopback_reachable(a.ip()) {
-                    return None;
-                }
-                let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(a.port()));
+                let face = loopback_face(a)?;
+                let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(face));
                 match name.and_then(|n| UnixListener::bind_addr(&n)) {
                     Ok(l) => Some(l),
                     Err(e) => {
-                        tracing::debug!(%a, "no local companion for the ring listener: {e}");
+                        tracing::warn!(%a, "no local-socket companion for the ring listener (local peers will use TCP): {e}");
                         None
                     }
                 }
@@ -214,7 +227,7 @@ pub(super) fn connect_local(addr: SocketAddr) -> Option<Stream> {
         if !addr.ip().is_loopback() {
             return None;
         }
-        let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(addr.port()));
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(addr));
         name.and_then(|n| UnixStream::connect_addr(&n))
             .ok()
             .map(Stream::Local)
@@ -250,15 +263,32 @@ mod tests {
         assert_eq!(s.kind(), "local");
         // The same port on a non-loopback address is never dialled locally.
         assert!(connect_local(SocketAddr::new([10, 0, 0, 1].into(), addr.port())).is_none());
-        // A second listener cannot take the same name: it stays TCP-only.
-        let tcp2 = TcpListener::bind(SocketAddr::new([127, 0, 0, 2].into(), addr.port()));
-        if let Ok(tcp2) = tcp2 {
-            assert!(!RingListener::from(tcp2).has_local());
+        // The name carries the address: another loopback address on the same port has its own.
+        let other = SocketAddr::new([127, 0, 0, 2].into(), addr.port());
+        if let Ok(tcp2) = TcpListener::bind(other) {
+            let l2 = RingListener::from(tcp2);
+            assert!(l2.has_local());
+            assert!(connect_local(other).is_some());
         }
         drop(l);
         assert!(
             connect_local(addr).is_none(),
             "the name goes with the listener"
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn wildcard_listener_is_reached_at_localhost_and_a_squatted_name_leaves_tcp() {
+        use std::os::linux::net::SocketAddrExt;
+        let l = RingListener::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(connect_local(SocketAddr::new([127, 0, 0, 1].into(), port)).is_some());
+        // Someone else holds the name of our address: we stay TCP-only rather than fail.
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let name = local_name(tcp.local_addr().unwrap());
+        let squat = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
+        let _squatter = UnixListener::bind_addr(&squat).unwrap();
+        assert!(!RingListener::from(tcp).has_local());
     }
 }
