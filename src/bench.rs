@@ -160,9 +160,7 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
         }
     }
     let med = |f: fn(&crate::train::step::PhaseTimes) -> f64| {
-        let mut v: Vec<f64> = phases.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        util::median(&phases.iter().map(f).collect::<Vec<_>>())
     };
     let phases = crate::train::step::PhaseTimes {
         forward_ms: med(|p| p.forward_ms),
@@ -172,8 +170,8 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
         allreduce_ms: med(|p| p.allreduce_ms),
         optimizer_ms: med(|p| p.optimizer_ms),
     };
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = times[times.len() / 2];
+    let median = util::median(&times);
+    times.sort_by(f64::total_cmp);
     let flops = 3.0 * pretraining_forward_flops(&cfg, batch, seq);
     Ok(StepBench {
         preset,
@@ -223,10 +221,6 @@ impl AllreduceBench {
         let join = |v: Vec<String>| v.join(",");
         let ports_arg = join(ports.iter().map(|p| p.to_string()).collect());
         let sizes_arg = join(self.sizes.iter().map(|s| s.to_string()).collect());
-        let transport = match self.transport {
-            crate::comm::ring::Transport::Auto => "auto",
-            crate::comm::ring::Transport::Tcp => "tcp",
-        };
         let exe = std::env::current_exe()?;
         let mut children: Vec<std::process::Child> = (0..world)
             .map(|r| {
@@ -235,7 +229,7 @@ impl AllreduceBench {
                     .args(["--ports", &ports_arg, "--sizes", &sizes_arg])
                     .args(["--iters", &self.iters.to_string()])
                     .args(["--chunk-bytes", &self.chunk_bytes.to_string()])
-                    .args(["--transport", transport])
+                    .args(["--transport", self.transport.as_str()])
                     .env("TANDEM_TOKEN", "bench")
                     .stdout(if r == 0 {
                         std::process::Stdio::inherit()
@@ -393,27 +387,14 @@ pub struct ScalingOptions {
     pub rounds: usize,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// One run of the short job through `tandem launch` with `n` workers: its stage summary.
 async fn scaling_run(
     o: &ScalingOptions,
+    preset: &str,
     dir: &std::path::Path,
     corpus: &std::path::Path,
     n: usize,
 ) -> anyhow::Result<crate::coordinator::StageSummary> {
-    let preset = serde_json::to_value(o.preset)?
-        .as_str()
-        .unwrap_or("tiny")
-        .to_string();
     let (seq, batch, steps) = (o.seq, o.batch, o.steps);
     let state = dir.join(format!("w{n}"));
     let _ = std::fs::remove_dir_all(&state);
@@ -473,8 +454,8 @@ pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
     let (mut r1, mut rn, mut b1, mut bn) = (vec![], vec![], vec![], vec![]);
     let (mut cpu, mut share, mut share_training) = (vec![], vec![], vec![]);
     for round in 0..o.rounds {
-        let one = scaling_run(&o, &dir, &corpus, 1).await?;
-        let many = scaling_run(&o, &dir, &corpus, n).await?;
+        let one = scaling_run(&o, &preset_name, &dir, &corpus, 1).await?;
+        let many = scaling_run(&o, &preset_name, &dir, &corpus, n).await?;
         r1.push(one.samples_per_s as f64);
         rn.push(many.samples_per_s as f64);
         if let (Some(c), Some(w)) = (many.coordinator_cpu_s, many.wall_s) {
@@ -495,24 +476,24 @@ pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let efficiency = median(&rn) / (n as f64 * median(&r1));
-    let machine_efficiency = median(&bn) / (n as f64 * median(&b1));
+    let efficiency = util::median(&rn) / (n as f64 * util::median(&r1));
+    let machine_efficiency = util::median(&bn) / (n as f64 * util::median(&b1));
     Ok(ScalingBench {
-        samples_per_s_1: median(&r1),
-        samples_per_s_n: median(&rn),
+        samples_per_s_1: util::median(&r1),
+        samples_per_s_n: util::median(&rn),
         efficiency,
         efficiency_rounds: r1
             .iter()
             .zip(&rn)
             .map(|(a, b)| b / (n as f64 * a))
             .collect(),
-        bare_samples_per_s_1: median(&b1),
-        bare_samples_per_s_n: median(&bn),
+        bare_samples_per_s_1: util::median(&b1),
+        bare_samples_per_s_n: util::median(&bn),
         machine_efficiency,
         runtime_efficiency: efficiency / machine_efficiency,
-        coordinator_cpu_s: median(&cpu),
-        coordinator_cpu_share: median(&share),
-        coordinator_cpu_share_training: median(&share_training),
+        coordinator_cpu_s: util::median(&cpu),
+        coordinator_cpu_share: util::median(&share),
+        coordinator_cpu_share_training: util::median(&share_training),
         options: o,
     })
 }

@@ -415,17 +415,8 @@ pub(super) async fn drive(
                         .with_context(|| {
                             format!("stage {current} finished without a usable final checkpoint")
                         })?;
-                    let mut s = stage_summary(&shared, g, &final_files, &d.record.history);
-                    if let Some((wall, cpu)) = d.stage_clock.take() {
-                        s.wall_s = Some(wall.elapsed().as_secs_f64());
-                        s.coordinator_cpu_s = cpu
-                            .zip(crate::util::process_cpu_seconds())
-                            .map(|(a, b)| b - a);
-                    }
-                    if let Some([a, b]) = shared.state.lock().unwrap().train_window.take() {
-                        s.training_window_s = Some((b.0 - a.0).as_secs_f64());
-                        s.coordinator_cpu_training_s = Some(b.1 - a.1);
-                    }
+                    let clock = d.stage_clock.take();
+                    let s = stage_summary(&shared, g, &final_files, &d.record.history, clock);
                     let identical = s.replicas_identical;
                     let fps = s.param_fingerprints.clone();
                     d.stages.push(s);
@@ -514,8 +505,14 @@ fn stage_summary(
     g: &Generation,
     final_files: &[(String, Vec<u8>)],
     history: &[GenerationRecord],
+    clock: Option<(Instant, Option<f64>)>,
 ) -> StageSummary {
-    let st = shared.state.lock().unwrap();
+    let mut st = shared.state.lock().unwrap();
+    // The coordinator's own cost: over the whole stage, and over rank 0's training window.
+    let cpu_now = crate::util::process_cpu_seconds();
+    let wall_s = clock.map(|(t, _)| t.elapsed().as_secs_f64());
+    let coordinator_cpu_s = clock.and_then(|(_, c)| Some(cpu_now? - c?));
+    let window = st.train_window.take();
     let stage = &shared.cfg.stages[st.stage_index as usize];
     // Rank 0's final report carries the global metrics averaged over the last steps.
     let r0 = &g.done[&0];
@@ -579,10 +576,10 @@ fn stage_summary(
         epochs_ledger: ledger,
         metrics: serde_json::from_str(&r0.metrics_json).unwrap_or_default(),
         majority_baseline: shared.prepared.stages[st.stage_index as usize].majority_baseline,
-        wall_s: None,
-        coordinator_cpu_s: None,
-        training_window_s: None,
-        coordinator_cpu_training_s: None,
+        wall_s,
+        coordinator_cpu_s,
+        training_window_s: window.map(|[a, b]| (b.0 - a.0).as_secs_f64()),
+        coordinator_cpu_training_s: window.map(|[a, b]| b.1 - a.1),
     }
 }
 

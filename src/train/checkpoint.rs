@@ -63,6 +63,14 @@ pub struct StageTotals {
 }
 
 impl StageTotals {
+    /// Adds one committed step's global counts.
+    pub fn add(&mut self, s: &crate::train::StepStats) {
+        self.tokens += s.tokens;
+        self.masked += s.mlm_tokens;
+        self.examples += s.examples;
+        self.is_next += s.is_next;
+    }
+
     /// Masked positions per non-padding token (`None` before any token).
     pub fn masked_fraction(&self) -> Option<f64> {
         (self.tokens > 0).then(|| self.masked as f64 / self.tokens as f64)

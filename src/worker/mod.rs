@@ -198,8 +198,6 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     result
 }
 
-/// Sends the latest progress every second: the coordinator's liveness signal, decoupled from
-/// step time, so the training thread never waits on an RPC for progress.
 /// Sends the current progress report (nothing before the first assignment or after the
 /// stage's final report). The logged steps it carried are then in metrics.jsonl and leave the
 /// queue (by step number: the heartbeat and the training thread may both be sending), unless
@@ -224,6 +222,8 @@ pub(crate) async fn send_progress(
     Ok(())
 }
 
+/// Sends the latest progress every second: the coordinator's liveness signal, decoupled from
+/// step time, so the training thread never waits on an RPC for progress.
 async fn heartbeat_loop(mut client: Client, progress: Arc<Mutex<proto::ProgressReport>>) {
     // TANDEM_HEARTBEAT_S changes the interval (used to measure the coordinator's overhead).
     let every = std::env::var("TANDEM_HEARTBEAT_S")

@@ -374,10 +374,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             let data_ms = t_data.elapsed().as_secs_f64() * 1e3;
             let stats = trainer.train_step(&micro, &mut traced)?;
             last_step_end = Instant::now();
-            state.totals.tokens += stats.tokens;
-            state.totals.masked += stats.mlm_tokens;
-            state.totals.examples += stats.examples;
-            state.totals.is_next += stats.is_next;
+            state.totals.add(&stats);
             if trainer.step > 2 {
                 time_split.add(data_ms, &trainer.phases);
             }

@@ -548,8 +548,7 @@ pub fn bench_rank(
             ring.all_reduce_sum(&mut buf)?;
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        ms.sort_by(f64::total_cmp);
-        out.push((bytes, ms[ms.len() / 2]));
+        out.push((bytes, crate::util::median(&ms)));
     }
     Ok((ring.transport(), out))
 }

@@ -23,16 +23,23 @@ pub enum Transport {
     Tcp,
 }
 
+impl Transport {
+    /// The name in configs and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
 impl std::str::FromStr for Transport {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Transport::Auto),
-            "tcp" => Ok(Transport::Tcp),
-            _ => Err(format!(
-                "unknown ring transport {s:?}: expected auto or tcp"
-            )),
-        }
+        [Transport::Auto, Transport::Tcp]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown ring transport {s:?}: expected auto or tcp"))
     }
 }
 
