@@ -6,10 +6,14 @@
 #      precision) against its dense bf16 tensor-core peak;
 #   2. a short 1-GPU job (the bundled default, pre-training then fine-tuning) and the same job
 #      on the CPU with the same seed: the pre-training loss of every step must agree to
-#      GPU_CHECK_RTOL (cuBLAS and tandem's CPU kernels round differently);
-#   3. two workers sharing the GPU (their gradients meet in the host TCP ring; NCCL is not
-#      built yet), against two CPU workers: same data split, same dropout masks, so the loss
-#      must agree to the same tolerance. (Not against the 1-worker run: the data partitions
+#      GPU_CHECK_RTOL (cuBLAS and tandem's CPU kernels round differently). On the GPU the
+#      worker sums gradients with NCCL (a communicator of one rank: the bootstrap, the
+#      all-reduce on the device and its completion wait all run) and updates on the device;
+#      the script checks the worker's log says so;
+#   3. two workers sharing the GPU, against two CPU workers: same data split, same dropout
+#      masks, so the loss must agree to the same tolerance. NCCL refuses two ranks on one GPU,
+#      so these use `cluster.gpu_collective = "ring"` (gradients meet in the host ring; the
+#      update still runs on the device). (Not against the 1-worker run: the data partitions
 #      and the dropout seeds depend on the world size.)
 #   4. the 1-GPU job again in bf16 mixed precision (`model.precision = "bf16"`) against the f32
 #      run on the same device: its loss must agree to GPU_CHECK_BF16_RTOL.
@@ -19,8 +23,10 @@
 #                    scripts/build-cuda.sh when missing)
 # Environment:
 #   GPU_CHECK_DEVICE     device to test (default cuda:0; `cpu` is a dry run on a machine without
-#                        a GPU: the "device" runs then use the composed candle ops the GPU runs,
-#                        TANDEM_FUSED_KERNELS=0, against the fused CPU kernels)
+#                        a GPU: the "device" runs then use the composed candle ops and the
+#                        on-device update a GPU runs, TANDEM_FUSED_KERNELS=0 and
+#                        TANDEM_DEVICE_UPDATE=1, against the fused CPU kernels and the host
+#                        update; NCCL is not exercised)
 #   GPU_CHECK_STEPS      pre-training steps of the jobs (default 30)
 #   GPU_CHECK_PRESET     bench step preset (default base)
 #   GPU_CHECK_RTOL       loss agreement, relative (default 0.01)
@@ -97,11 +103,12 @@ mfu16=$(mfu_of "$gflops16" "$peak16")
 log "$PRESET b32 s128 bf16: $ms16 ms/step, $gflops16 GFLOP/s, MFU (bf16 peak ${peak16:-?} TFLOP/s) $mfu16"
 
 # 2. and 3. The bundled job on the device, on the CPU, and with two workers on the device.
-run_job() { # run_job NAME DEVICE WORKERS [PRECISION]
-    local fused=1
-    if [ "$DEVICE" = cpu ] && [ "${1#gpu}" != "$1" ]; then fused=0; fi
-    TANDEM_FUSED_KERNELS=$fused "$BIN" launch configs/local.toml --workers "$3" --device "$2" --max-steps "$STEPS" \
-        --set "model.precision=${4:-f32}" --state-dir "$WORK/$1" --no-progress >"$WORK/$1.log" 2>&1 || {
+run_job() { # run_job NAME DEVICE WORKERS [PRECISION] [GPU_COLLECTIVE]
+    local fused=1 device_update=0
+    if [ "$DEVICE" = cpu ] && [ "${1#gpu}" != "$1" ]; then fused=0 device_update=1; fi
+    TANDEM_FUSED_KERNELS=$fused TANDEM_DEVICE_UPDATE=$device_update "$BIN" launch configs/local.toml --workers "$3" --device "$2" --max-steps "$STEPS" \
+        --set "model.precision=${4:-f32}" --set "cluster.gpu_collective=${5:-nccl}" \
+        --state-dir "$WORK/$1" --no-progress >"$WORK/$1.log" 2>&1 || {
         tail -n 30 "$WORK/$1.log" >&2
         log "the $1 job failed"
         exit 1
@@ -118,7 +125,7 @@ max_rel() { # max_rel A B: largest relative loss difference over the steps both 
 }
 run_job gpu1 "$DEVICE" 1
 run_job cpu1 cpu 1
-run_job gpu2 "$DEVICE" 2
+run_job gpu2 "$DEVICE" 2 f32 ring
 run_job cpu2 cpu 2
 run_job gpu1bf16 "$DEVICE" 1 bf16
 vs_cpu=$(max_rel gpu1 cpu1)
@@ -131,13 +138,20 @@ within() { # within D TOL
     [ "$1" != none ] && awk -v d="$1" -v t="$2" 'BEGIN { exit !(d <= t) }'
 }
 ok=true
+# On a GPU the 1-worker job must have gone through NCCL.
+nccl=false
+grep -q "NCCL communicator ready" "$WORK/gpu1.log" && nccl=true
+if [ "$DEVICE" != cpu ] && [ "$nccl" != true ]; then
+    log "the 1-GPU job did not use NCCL (no \"NCCL communicator ready\" in its log)"
+    ok=false
+fi
 within "$vs_cpu" "$RTOL" || ok=false
 within "$vs_cpu2" "$RTOL" || ok=false
 within "$vs_f32" "$BF16_RTOL" || ok=false
 grep -h "mean time per step" "$WORK"/gpu1.log "$WORK"/gpu2.log >&2 || true
 
-result=$(printf '{"date":"%s","card":"%s","device":"%s","base_ms_per_step":%s,"base_gflops":%s,"peak_fp32_tflops":%s,"mfu_fp32":%s,"bf16_ms_per_step":%s,"bf16_gflops":%s,"peak_bf16_tflops":%s,"mfu_bf16":%s,"steps":%s,"loss_rel_diff_1_worker":"%s","loss_rel_diff_2_workers":"%s","loss_rel_diff_bf16":"%s","rtol":%s,"bf16_rtol":%s,"ok":%s}' \
-    "$(date -u +%FT%TZ)" "$card" "$DEVICE" "$ms" "$gflops" "${peak:-null}" "$mfu" "$ms16" "$gflops16" "${peak16:-null}" "$mfu16" "$STEPS" "$vs_cpu" "$vs_cpu2" "$vs_f32" "$RTOL" "$BF16_RTOL" "$ok")
+result=$(printf '{"date":"%s","card":"%s","device":"%s","base_ms_per_step":%s,"base_gflops":%s,"peak_fp32_tflops":%s,"mfu_fp32":%s,"bf16_ms_per_step":%s,"bf16_gflops":%s,"peak_bf16_tflops":%s,"mfu_bf16":%s,"steps":%s,"loss_rel_diff_1_worker":"%s","loss_rel_diff_2_workers":"%s","loss_rel_diff_bf16":"%s","nccl":%s,"rtol":%s,"bf16_rtol":%s,"ok":%s}' \
+    "$(date -u +%FT%TZ)" "$card" "$DEVICE" "$ms" "$gflops" "${peak:-null}" "$mfu" "$ms16" "$gflops16" "${peak16:-null}" "$mfu16" "$STEPS" "$vs_cpu" "$vs_cpu2" "$vs_f32" "$nccl" "$RTOL" "$BF16_RTOL" "$ok")
 echo "$result"
 if [ -n "${OUT:-}" ]; then
     echo "$result" >"$OUT/gpu-check.json"

@@ -86,6 +86,11 @@ pub struct ClusterSection {
     /// every other peer) or `tcp` (always TCP).
     #[serde(default)]
     pub ring_transport: crate::comm::ring::Transport,
+    /// How workers on GPUs sum gradients: `nccl` (default: on the GPUs, through NCCL; each
+    /// worker needs a GPU of its own) or `ring` (through the host and the ring, for workers
+    /// sharing a GPU). Workers on CPUs always use the ring.
+    #[serde(default)]
+    pub gpu_collective: GpuCollective,
     /// Gradient bucket size for the all-reduce, in MiB (PyTorch DDP's default is 25).
     #[serde(default = "d_bucket")]
     pub bucket_mib: f64,
@@ -103,6 +108,14 @@ pub struct ClusterSection {
     /// batch and the learning rate scale with the world size, linearly).
     #[serde(default)]
     pub resize_policy: ResizePolicy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuCollective {
+    #[default]
+    Nccl,
+    Ring,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -631,9 +631,10 @@ fn cpu_smoke_topology_completes_on_loopback() {
 }
 
 /// scripts/gpu-check.sh, dry run on this CPU (GPU_CHECK_DEVICE=cpu): its "device" jobs run the
-/// composed candle ops a GPU runs (TANDEM_FUSED_KERNELS=0) against the fused CPU kernels, so
-/// the script's logic is exercised on every CI run and the composed path must train the same
-/// trajectory, step by step, with one and with two workers.
+/// composed candle ops and the on-device update a GPU runs (TANDEM_FUSED_KERNELS=0,
+/// TANDEM_DEVICE_UPDATE=1) against the fused CPU kernels and the host update, so the script's
+/// logic is exercised on every CI run and the GPU's code path must train the same trajectory,
+/// step by step, with one and with two workers, through checkpoints and fine-tuning.
 #[test]
 fn gpu_check_script_dry_run_passes_on_the_cpu() {
     let out = Command::new(repo().join("scripts/gpu-check.sh"))
@@ -656,6 +657,7 @@ fn gpu_check_script_dry_run_passes_on_the_cpu() {
             "{k} = {d}: the composed ops drift from the fused kernels"
         );
     }
+    assert_eq!(last["nccl"], false, "no NCCL on a CPU: {last}");
     assert!(last["base_gflops"].as_f64().unwrap() > 0.0);
     assert!(last["bf16_gflops"].as_f64().unwrap() > 0.0);
     // The bf16 run really ran in bf16 (its losses differ) and stayed close to f32.

@@ -1,5 +1,7 @@
 //! Exact data-parallel semantics: 2 ranks × batch b over the real TCP ring follow the same
-//! trajectory as 1 rank × batch 2b (dropout off, same seed, same examples per step).
+//! trajectory as 1 rank × batch 2b (dropout off, same seed, same examples per step); and the
+//! GPU's update path (flat device tensors, tensor-op AdamW, tensor all-reduce) does exactly
+//! what the CPU's host path does.
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -10,8 +12,9 @@ use tandem::comm::ring::{Ring, RingConfig};
 use tandem::comm::Local;
 use tandem::data::batch::PretrainBatch;
 use tandem::model::{BertConfig, PretrainModel};
+use tandem::train::checkpoint::{checkpoint_files, restore, TrainerState};
 use tandem::train::step::DEFAULT_BUCKET_ELEMS;
-use tandem::train::{AdamWConfig, Decay, Schedule, StepOptions, Trainer};
+use tandem::train::{AdamWConfig, Decay, Schedule, StepOptions, Trainer, UpdatePlace};
 
 const STEPS: usize = 5;
 
@@ -45,25 +48,9 @@ fn global_batches() -> Vec<PretrainBatch> {
         .collect()
 }
 
-#[test]
-fn two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
-    let batches = global_batches();
-    let mut single = Trainer::new(
-        PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
-        options(DEFAULT_BUCKET_ELEMS),
-    )
-    .unwrap();
-    let single_losses: Vec<f32> = batches
-        .iter()
-        .map(|b| {
-            single
-                .train_step(std::slice::from_ref(b), &mut Local)
-                .unwrap()
-                .loss
-        })
-        .collect();
-    let single_params = single.model.store.to_flat().unwrap();
-
+/// `batches` split in halves over two ranks joined by a real ring, each updating at
+/// `place`: every rank's losses and final parameters.
+fn two_ranks(batches: &[PretrainBatch], place: UpdatePlace) -> Vec<(Vec<f32>, Vec<f32>)> {
     let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -73,15 +60,16 @@ fn two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
         .enumerate()
         .map(|(rank, l)| {
             let peers = peers.clone();
-            let batches = batches.clone();
+            let batches = batches.to_vec();
             std::thread::spawn(move || {
                 let mut rc = RingConfig::new(rank, 2, peers, "equivalence", 1);
                 rc.timeout = Duration::from_secs(20);
                 let mut ring = Ring::connect(rc, l).unwrap();
                 // Small buckets: the gradient crosses the ring in many pieces.
-                let mut t = Trainer::new(
+                let mut t = Trainer::with_update_place(
                     PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
                     options(1000),
+                    place,
                 )
                 .unwrap();
                 t.broadcast_params(&mut ring, 0).unwrap();
@@ -101,9 +89,29 @@ fn two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
             })
         })
         .collect();
-    let results: Vec<(Vec<f32>, Vec<f32>)> =
-        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
 
+#[test]
+fn two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
+    let batches = global_batches();
+    let mut single = Trainer::new(
+        PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
+        options(DEFAULT_BUCKET_ELEMS),
+    )
+    .unwrap();
+    let single_losses: Vec<f32> = batches
+        .iter()
+        .map(|b| {
+            single
+                .train_step(std::slice::from_ref(b), &mut Local)
+                .unwrap()
+                .loss
+        })
+        .collect();
+    let single_params = single.model.store.to_flat().unwrap();
+
+    let results = two_ranks(&batches, UpdatePlace::Host);
     for (rank, (losses, _)) in results.iter().enumerate() {
         for (s, (a, b)) in losses.iter().zip(&single_losses).enumerate() {
             assert!(
@@ -126,4 +134,106 @@ fn two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
         worst < 1e-5,
         "2 ranks vs 1 rank: parameters differ by {worst}"
     );
+}
+
+/// One rank updating at `place` for `steps` of `batches`, clipping at `max_grad_norm`.
+fn one_rank(batches: &[PretrainBatch], place: UpdatePlace, max_grad_norm: f32) -> Trainer {
+    let mut o = options(1000);
+    o.max_grad_norm = max_grad_norm;
+    let mut t = Trainer::with_update_place(
+        PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
+        o,
+        place,
+    )
+    .unwrap();
+    for b in batches {
+        t.train_step(std::slice::from_ref(b), &mut Local).unwrap();
+    }
+    t
+}
+
+#[test]
+fn the_device_update_path_matches_the_host_path_bit_for_bit() {
+    let batches = global_batches();
+    // Clipping off, and clipping on every step (the gradient norm is well above 0.05).
+    for max_norm in [0.0, 0.05] {
+        let host = one_rank(&batches, UpdatePlace::Host, max_norm);
+        let dev = one_rank(&batches, UpdatePlace::Device, max_norm);
+        assert_eq!(host.update_place(), UpdatePlace::Host);
+        assert_eq!(dev.update_place(), UpdatePlace::Device);
+        let what = format!("after {STEPS} steps, max_grad_norm {max_norm}");
+        assert_same(
+            &host.model.store.to_flat().unwrap(),
+            &dev.model.store.to_flat().unwrap(),
+            &format!("weights {what}"),
+        );
+        assert_same(
+            &host.last_grad().unwrap(),
+            &dev.last_grad().unwrap(),
+            &format!("gradient {what}"),
+        );
+        let (a, b) = (host.adamw().unwrap(), dev.adamw().unwrap());
+        assert_same(&a.m, &b.m, &format!("first moment {what}"));
+        assert_same(&a.v, &b.v, &format!("second moment {what}"));
+        assert_eq!(a.t, b.t);
+        assert!(a.t == STEPS as u64 && a.v.iter().any(|v| *v > 0.0));
+    }
+    // The clipped run really clipped (so the comparison above covered clipping).
+    let mut t = one_rank(&batches[..1], UpdatePlace::Device, 0.05);
+    let s = t
+        .train_step(std::slice::from_ref(&batches[1]), &mut Local)
+        .unwrap();
+    assert!(s.grad_norm > 0.05, "norm {}", s.grad_norm);
+
+    // Two ranks over the ring, gradients all-reduced as tensors: the same as the host path.
+    let host = two_ranks(&batches, UpdatePlace::Host);
+    let dev = two_ranks(&batches, UpdatePlace::Device);
+    for (rank, (h, d)) in host.iter().zip(&dev).enumerate() {
+        assert_eq!(h.0, d.0, "rank {rank}: losses");
+        assert_same(&h.1, &d.1, &format!("rank {rank}: weights over the ring"));
+    }
+}
+
+/// Bit-for-bit equality, reporting the first difference instead of both buffers.
+fn assert_same(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+        panic!("{what}: element {i} differs: {} vs {}", a[i], b[i]);
+    }
+}
+
+#[test]
+fn a_device_path_checkpoint_resumes_on_the_host_path_and_back() {
+    let batches = global_batches();
+    let (head, rest) = batches.split_at(3);
+    let reference = one_rank(&batches, UpdatePlace::Host, 1.0);
+    for (from, to) in [
+        (UpdatePlace::Device, UpdatePlace::Host),
+        (UpdatePlace::Host, UpdatePlace::Device),
+    ] {
+        let first = one_rank(head, from, 1.0);
+        let mut state = TrainerState::start(0, "pretrain", 1, 1);
+        state.step = 3;
+        state.total_steps = 10;
+        let files = checkpoint_files(&first, &state).unwrap();
+        let files = files.into_iter().collect();
+        let mut o = options(1000);
+        o.max_grad_norm = 1.0;
+        // Different initial weights: everything must come from the checkpoint.
+        let mut t = Trainer::with_update_place(
+            PretrainModel::new(&cfg(), 77, &Device::Cpu).unwrap(),
+            o,
+            to,
+        )
+        .unwrap();
+        restore(&mut t, &files).unwrap();
+        for b in rest {
+            t.train_step(std::slice::from_ref(b), &mut Local).unwrap();
+        }
+        assert_same(
+            &t.model.store.to_flat().unwrap(),
+            &reference.model.store.to_flat().unwrap(),
+            &format!("{from:?} -> {to:?}"),
+        );
+    }
 }

@@ -3,8 +3,12 @@
 //! Gradients travel only here (the data plane), never over gRPC. Buffers are flat f32 in
 //! the parameter store's name order, so every rank sums the same tensors together.
 
+use candle_core::Tensor;
+
 use crate::error::Result;
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 
 pub use ring::{AbortHandle, Ring, RingConfig};
@@ -15,10 +19,39 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// Replaces `buf` on every rank by the element-wise sum of all ranks' `buf`.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// The element-wise sum over all ranks of the 1-D f32 tensor `t`, on `t`'s device. By
+    /// default through the host ([`Self::all_reduce_sum`]); a device collective (NCCL)
+    /// overrides it so that gradients stay on the GPU.
+    fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
+        let mut host = t.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut host)?;
+        Ok(Tensor::from_vec(host, t.dims(), t.device())?)
+    }
     /// Replaces `buf` on every rank by `root`'s `buf`.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+}
+
+impl<C: Collective + ?Sized> Collective for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        (**self).all_reduce_sum(buf)
+    }
+    fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
+        (**self).all_reduce_sum_tensor(t)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        (**self).broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        (**self).barrier()
+    }
 }
 
 /// The single-process group: every collective is the identity.

@@ -196,6 +196,52 @@ impl ParamStore {
         Ok(())
     }
 
+    /// All parameters, concatenated in name order, as one 1-D tensor on the store's device
+    /// (the on-device counterpart of [`Self::to_flat`]).
+    pub fn to_flat_tensor(&self) -> Result<Tensor> {
+        let parts = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        flat_cat(&parts, &self.device)
+    }
+
+    /// Copies a flat tensor (as from [`Self::to_flat_tensor`]) back into the parameters,
+    /// device to device.
+    pub fn set_from_flat_tensor(&self, flat: &Tensor) -> Result<()> {
+        assert_eq!(flat.dims(), [self.numel()], "flat parameter tensor shape");
+        for (i, v) in self.vars.iter().enumerate() {
+            let r = self.range(i);
+            let t = flat
+                .narrow(0, r.start, r.len())?
+                .reshape(self.specs[i].shape.as_slice())?;
+            v.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// The gradients in `grads` as one flat tensor on the store's device (same layout as
+    /// [`Self::to_flat_tensor`]); a parameter without a gradient is an error, as in
+    /// [`Self::accumulate_grads`].
+    pub fn flat_grads(&self, grads: &GradStore) -> Result<Tensor> {
+        let parts = self
+            .vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let g = grads.get(v.as_tensor()).ok_or_else(|| {
+                    Error::Train(format!(
+                        "parameter `{}` received no gradient: it is not used by this model's loss",
+                        self.specs[i].name
+                    ))
+                })?;
+                Ok(g.flatten_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        flat_cat(&parts, &self.device)
+    }
+
     /// name → tensor, for saving.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.specs
@@ -225,6 +271,14 @@ impl ParamStore {
             &Tensor::from_vec(v, self.specs[i].shape.as_slice(), &self.device)?,
         )
     }
+}
+
+/// `parts` concatenated into one 1-D tensor (an empty store gives an empty tensor).
+fn flat_cat(parts: &[Tensor], device: &Device) -> Result<Tensor> {
+    if parts.is_empty() {
+        return Ok(Tensor::zeros(0, DType::F32, device)?);
+    }
+    Ok(Tensor::cat(parts, 0)?)
 }
 
 fn init_values(s: &ParamSpec, std: f32, seed: u64) -> Vec<f32> {

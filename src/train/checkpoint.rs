@@ -195,7 +195,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Files> {
     let m = &trainer.model;
     let cfg_bytes = m.cfg.to_hf_json(crate::model::pretrain::ARCHITECTURE);
-    store_files(&m.store, cfg_bytes, &trainer.opt, state)
+    store_files(&m.store, cfg_bytes, &*trainer.adamw()?, state)
 }
 
 /// The files of a checkpoint of any model: weights (HF names), its `config.json`, the
@@ -238,7 +238,9 @@ pub fn store_files(
 /// Restores weights, optimiser moments and step counters from checkpoint files.
 pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Result<TrainerState> {
     let init_std = trainer.model.cfg.initializer_range;
-    let state = restore_store(&trainer.model.store, &mut trainer.opt, init_std, files)?;
+    let mut adam = trainer.adamw()?.into_owned();
+    let state = restore_store(&trainer.model.store, &mut adam, init_std, files)?;
+    trainer.set_adamw(adam)?;
     trainer.step = state.step;
     trainer.reload_params()?;
     trainer.options.schedule.total_steps = state.total_steps.max(1);

@@ -10,14 +10,15 @@
 //! 4. refuse a non-finite gradient, clip by global norm, AdamW at the scheduled rate, and
 //!    write the new weights back into the model.
 
-use candle_core::Tensor;
+use candle_core::{backprop::GradStore, Tensor};
 
-use super::optim::{clip_global_norm, AdamW, AdamWConfig};
+use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
+use super::update::{UpdatePlace, Updater};
 use crate::comm::Collective;
 use crate::data::batch::PretrainBatch;
-use crate::error::{Error, Result};
-use crate::model::PretrainModel;
+use crate::error::Result;
+use crate::model::{ParamStore, PretrainModel};
 use crate::util;
 
 /// Default gradient bucket: ~25 MB of f32, as PyTorch DDP.
@@ -59,11 +60,9 @@ pub struct StepStats {
 /// Model, optimiser and the flat buffers of one replica.
 pub struct Trainer {
     pub model: PretrainModel,
-    pub opt: AdamW,
     pub options: StepOptions,
-    /// Master copy of the parameters, updated in place by AdamW.
-    params: Vec<f32>,
-    grad: Vec<f32>,
+    /// Master weights, gradient and AdamW state (on the host or on the model's device).
+    update: Updater,
     /// Optimiser steps taken.
     pub step: u64,
     /// Where the last step's time went.
@@ -111,24 +110,48 @@ pub struct LossSums {
     pub nsp_correct: u64,
 }
 
+/// Where a backward pass's gradients are added: a flat host buffer (in the store's layout)
+/// or a replica's [`Updater`].
+pub trait GradSink {
+    fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()>;
+}
+
+impl GradSink for [f32] {
+    fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()> {
+        store.accumulate_grads(grads, self)
+    }
+}
+
+impl GradSink for Vec<f32> {
+    fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()> {
+        store.accumulate_grads(grads, self)
+    }
+}
+
+impl GradSink for Updater {
+    fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()> {
+        self.accumulate(store, grads)
+    }
+}
+
 /// Forward and backward of `Σ_mlm · w_mlm + Σ_nsp · w_nsp`, adding the gradient into `grad`.
-pub fn forward_backward(
+pub fn forward_backward<S: GradSink + ?Sized>(
     m: &PretrainModel,
     batch: &PretrainBatch,
     weights: (f64, f64),
     dropout: Option<&mut rand_chacha::ChaCha8Rng>,
-    grad: &mut [f32],
+    grad: &mut S,
 ) -> Result<LossSums> {
     forward_backward_timed(m, batch, weights, dropout, grad, &mut PhaseTimes::default())
 }
 
 /// [`forward_backward`], adding the time of each part to `times`.
-pub fn forward_backward_timed(
+pub fn forward_backward_timed<S: GradSink + ?Sized>(
     m: &PretrainModel,
     batch: &PretrainBatch,
     weights: (f64, f64),
     dropout: Option<&mut rand_chacha::ChaCha8Rng>,
-    grad: &mut [f32],
+    grad: &mut S,
     times: &mut PhaseTimes,
 ) -> Result<LossSums> {
     let mut rng = dropout;
@@ -142,7 +165,7 @@ pub fn forward_backward_timed(
     let t1 = std::time::Instant::now();
     let grads = loss.backward()?;
     let t2 = std::time::Instant::now();
-    m.store.accumulate_grads(&grads, grad)?;
+    grad.add_grads(&m.store, &grads)?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
     times.forward_ms += ms(t0, t1);
     times.backward_ms += ms(t1, t2);
@@ -155,41 +178,6 @@ pub fn forward_backward_timed(
         nsp_count: out.nsp_count as u64,
         nsp_correct: out.nsp_correct as u64,
     })
-}
-
-/// Sums the flat gradient over all ranks, in buckets of `bucket_elems` floats.
-pub fn all_reduce_buckets(
-    comm: &mut dyn Collective,
-    grad: &mut [f32],
-    bucket_elems: usize,
-) -> Result<()> {
-    for bucket in grad.chunks_mut(bucket_elems.max(1)) {
-        comm.all_reduce_sum(bucket)?;
-    }
-    Ok(())
-}
-
-/// The update every model shares after the all-reduce: refuse a non-finite gradient, clip by
-/// global norm, AdamW at `lr`, write the weights back into `store`. Returns the norm before
-/// clipping.
-pub fn apply_update(
-    grad: &mut [f32],
-    params: &mut [f32],
-    opt: &mut AdamW,
-    store: &crate::model::ParamStore,
-    max_grad_norm: f32,
-    lr: f32,
-    step: u64,
-) -> Result<f32> {
-    let norm = clip_global_norm(grad, max_grad_norm);
-    if !norm.is_finite() {
-        return Err(Error::Train(format!(
-            "non-finite gradient norm ({norm}) at step {step}; the step was not applied"
-        )));
-    }
-    opt.step(params, grad, lr);
-    store.set_from_flat(params)?;
-    Ok(norm)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -205,37 +193,57 @@ fn inv(x: f64) -> f64 {
 }
 
 impl Trainer {
+    /// A trainer that updates where the model lives ([`UpdatePlace::for_device`]).
     pub fn new(model: PretrainModel, options: StepOptions) -> Result<Self> {
-        let params = model.store.to_flat()?;
-        let opt = AdamW::new(options.adamw, &model.store);
-        let n = params.len();
+        let place = UpdatePlace::for_device(model.store.device());
+        Self::with_update_place(model, options, place)
+    }
+
+    /// A trainer whose update runs at `place` (the device path on a CPU model is how the
+    /// tests check it against the host path).
+    pub fn with_update_place(
+        model: PretrainModel,
+        options: StepOptions,
+        place: UpdatePlace,
+    ) -> Result<Self> {
+        let update = Updater::new(&model.store, options.adamw, place)?;
         Ok(Trainer {
             model,
-            opt,
             options,
-            params,
-            grad: vec![0.0; n],
+            update,
             step: 0,
             phases: PhaseTimes::default(),
         })
     }
 
-    /// The flat gradient of the last step (after all-reduce, before clipping).
-    pub fn last_grad(&self) -> &[f32] {
-        &self.grad
+    pub fn update_place(&self) -> UpdatePlace {
+        self.update.place()
+    }
+
+    /// The flat gradient of the last step (after all-reduce, before clipping), on the host.
+    pub fn last_grad(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        self.update.grad()
+    }
+
+    /// The optimiser state, on the host (for checkpoints).
+    pub fn adamw(&self) -> Result<std::borrow::Cow<'_, AdamW>> {
+        self.update.adamw(&self.model.store)
+    }
+
+    /// Replaces the optimiser state (from a checkpoint).
+    pub fn set_adamw(&mut self, state: AdamW) -> Result<()> {
+        self.update.set_adamw(state, &self.model.store)
     }
 
     /// Re-reads the master copy of the parameters from the model (after weights were loaded
     /// into the store from outside).
     pub fn reload_params(&mut self) -> Result<()> {
-        self.params = self.model.store.to_flat()?;
-        Ok(())
+        self.update.reload_params(&self.model.store)
     }
 
     /// Copies `root`'s weights to every rank (used once at start so replicas are identical).
     pub fn broadcast_params(&mut self, comm: &mut dyn Collective, root: usize) -> Result<()> {
-        comm.broadcast(&mut self.params, root)?;
-        self.model.store.set_from_flat(&self.params)
+        self.update.broadcast_params(comm, root, &self.model.store)
     }
 
     /// One optimiser step over `micro` (this rank's micro-batches), as described above.
@@ -254,7 +262,7 @@ impl Trainer {
         let sync_ms = t_counts.elapsed().as_secs_f64() * 1e3;
         let weights = (inv(counts[0] as f64), inv(counts[1] as f64));
 
-        self.grad.iter_mut().for_each(|g| *g = 0.0);
+        self.update.zero_grad()?;
         let mut local = LossSums::default();
         let mut times = PhaseTimes::default();
         for (i, b) in micro.iter().enumerate() {
@@ -265,7 +273,7 @@ impl Trainer {
                 b,
                 weights,
                 dropout,
-                &mut self.grad,
+                &mut self.update,
                 &mut times,
             )?;
             local.mlm_sum += s.mlm_sum;
@@ -274,7 +282,7 @@ impl Trainer {
             local.nsp_correct += s.nsp_correct;
         }
         let t_reduce = std::time::Instant::now();
-        all_reduce_buckets(comm, &mut self.grad, self.options.bucket_elems)?;
+        self.update.all_reduce(comm, self.options.bucket_elems)?;
         let mut sums = [
             local.mlm_sum as f32,
             local.nsp_sum as f32,
@@ -289,15 +297,9 @@ impl Trainer {
         times.allreduce_ms = (t_opt - t_reduce).as_secs_f64() * 1e3;
 
         let lr = self.options.schedule.lr(self.step);
-        let grad_norm = apply_update(
-            &mut self.grad,
-            &mut self.params,
-            &mut self.opt,
-            &self.model.store,
-            self.options.max_grad_norm,
-            lr,
-            self.step,
-        )?;
+        let grad_norm =
+            self.update
+                .apply(&self.model.store, self.options.max_grad_norm, lr, self.step)?;
         self.step += 1;
         times.optimizer_ms = t_opt.elapsed().as_secs_f64() * 1e3;
         self.phases = times;

@@ -12,7 +12,7 @@ use anyhow::Context;
 use candle_core::Tensor;
 
 use super::client;
-use super::train::{connect_ring, report_done, set_phase, Ctx};
+use super::train::{connect_collective, report_done, set_phase, Ctx};
 
 use crate::comm::Collective;
 use crate::config::{JobConfig, StageKind};
@@ -29,8 +29,8 @@ use crate::train::checkpoint::{
     checkpoint_name, restore_store, store_files, DataCursor, LedgerRange, TrainerState,
 };
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::step::{all_reduce_buckets, apply_update};
 use crate::train::Schedule;
+use crate::train::{UpdatePlace, Updater};
 use crate::util;
 
 /// A stage's featurised data.
@@ -290,12 +290,12 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     let _ = std::fs::remove_dir_all(&scratch);
     let head = data.head();
     let labels = data.label_names();
-    let mut ring = connect_ring(&a, &ctx, &cfg)?;
+    let mut ring = connect_collective(&a, &ctx, &cfg)?;
 
     // The model: resume this stage, or start it from the encoder checkpoint.
     set_phase(&ctx, "initialising model");
     let mut c = ctx.client.clone();
-    let (mut model, mut adam, mut state) = if !a.init_checkpoint.is_empty() {
+    let (mut model, adam, mut state) = if !a.init_checkpoint.is_empty() {
         let files: HashMap<String, Vec<u8>> = ctx
             .rt
             .block_on(client::get_checkpoint(
@@ -357,10 +357,13 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         (model, adam, state)
     };
     model.set_precision(super::train::precision(&cfg, &ctx, rank));
-    let mut params = model.store.to_flat()?;
-    ring.broadcast(&mut params, 0)?;
-    model.store.set_from_flat(&params)?;
-    let mut grad = vec![0f32; params.len()];
+    let mut update = Updater::new(
+        &model.store,
+        adam.cfg,
+        UpdatePlace::for_device(model.store.device()),
+    )?;
+    update.set_adamw(adam, &model.store)?;
+    update.broadcast_params(&mut ring, 0, &model.store)?;
 
     let n = data.n_train();
     let per_step = stage.batch_size * stage.grad_accum * world;
@@ -408,7 +411,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             let mut count = [micro.iter().map(labelled).sum::<usize>() as f32];
             ring.all_reduce_sum(&mut count)?;
             let w = if count[0] > 0.0 { 1.0 / count[0] } else { 0.0 };
-            grad.iter_mut().for_each(|g| *g = 0.0);
+            update.zero_grad()?;
             let mut sums = [
                 0f32,
                 0.0,
@@ -425,22 +428,14 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
                 let out = model.forward(b, &mut Some(&mut rng))?;
                 let loss = out.loss_sum.mul(&Tensor::new(w, out.loss_sum.device())?)?;
                 let grads = loss.backward()?;
-                model.store.accumulate_grads(&grads, &mut grad)?;
+                update.accumulate(&model.store, &grads)?;
                 sums[0] += out.loss_sum.to_scalar::<f32>()?;
                 sums[1] += out.correct as f32;
             }
-            all_reduce_buckets(&mut ring, &mut grad, bucket)?;
+            update.all_reduce(&mut ring, bucket)?;
             ring.all_reduce_sum(&mut sums)?;
             let lr = schedule.lr(state.step);
-            apply_update(
-                &mut grad,
-                &mut params,
-                &mut adam,
-                &model.store,
-                stage.max_grad_norm,
-                lr,
-                state.step,
-            )?;
+            update.apply(&model.store, stage.max_grad_norm, lr, state.step)?;
             state.step += 1;
             examples += sums[2] as u64;
             loss_window.push(sums[0] * w);
@@ -506,7 +501,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             let files = store_files(
                 &model.store,
                 task_config_json(&model, &labels)?,
-                &adam,
+                &*update.adamw(&model.store)?,
                 &state,
             )?;
             let mut c = ctx.client.clone();
@@ -533,7 +528,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         let files = store_files(
             &model.store,
             task_config_json(&model, &labels)?,
-            &adam,
+            &*update.adamw(&model.store)?,
             &state,
         )?;
         let mut c = ctx.client.clone();

@@ -15,7 +15,7 @@ use super::client::{self, Client};
 use super::feed::{self, FeedMsg, FeedSpec, Partition};
 use crate::comm::ring::{AbortHandle, Ring, RingConfig, RingListener};
 use crate::comm::Collective;
-use crate::config::{JobConfig, ResizePolicy};
+use crate::config::{GpuCollective, JobConfig, ResizePolicy};
 use crate::data::instances::collate;
 use crate::data::shard::{plan_epoch, ShardIndex};
 use crate::data::tokenizer::Tokenizer;
@@ -93,6 +93,33 @@ pub(super) fn connect_ring(
     Ok(ring)
 }
 
+/// The generation's collective: the ring, wrapped in NCCL for the gradients of a model on a
+/// GPU unless `cluster.gpu_collective = "ring"`.
+pub(super) fn connect_collective(
+    a: &proto::Assignment,
+    ctx: &Ctx,
+    cfg: &JobConfig,
+) -> anyhow::Result<Box<dyn Collective>> {
+    let ring = connect_ring(a, ctx, cfg)?;
+    if ctx.device.is_cuda() && cfg.cluster.gpu_collective == GpuCollective::Nccl {
+        set_phase(ctx, "connecting NCCL");
+        return nccl(ring, ctx, cfg);
+    }
+    Ok(Box::new(ring))
+}
+
+#[cfg(feature = "cuda")]
+fn nccl(ring: Ring, ctx: &Ctx, cfg: &JobConfig) -> anyhow::Result<Box<dyn Collective>> {
+    let timeout = Duration::from_secs_f64(cfg.cluster.collective_timeout_s);
+    let c = crate::comm::nccl::Nccl::new(ring, &ctx.device, timeout, ctx.abort.clone())?;
+    Ok(Box::new(c))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl(_: Ring, _: &Ctx, _: &JobConfig) -> anyhow::Result<Box<dyn Collective>> {
+    anyhow::bail!("NCCL needs a build with the `cuda` feature (scripts/build-cuda.sh)")
+}
+
 pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let cfg = JobConfig::from_json(&a.job_config_json)?;
     if cfg
@@ -132,7 +159,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         ..Default::default()
     };
 
-    let mut ring = connect_ring(&a, &ctx, &cfg)?;
+    let mut ring = connect_collective(&a, &ctx, &cfg)?;
 
     set_phase(&ctx, "initialising model");
     let mut model = PretrainModel::new(&model_cfg, seed, &ctx.device)?;
@@ -154,6 +181,12 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         dropout: true,
     };
     let mut trainer = Trainer::new(model, options)?;
+    tracing::info!(
+        rank,
+        device = ?ctx.device,
+        update = ?trainer.update_place(),
+        "model ready"
+    );
     let mut state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
     if a.init_checkpoint.is_empty() {
         // Identical starting weights on every rank, whatever happened before.
@@ -305,7 +338,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         let cut = |consumed: &[u64],
                    mark: &mut Vec<u64>,
                    state: &mut TrainerState,
-                   ring: &mut Ring|
+                   ring: &mut dyn Collective|
          -> anyhow::Result<()> {
             let mut c: Vec<f32> = (0..parts)
                 .map(|p| {
@@ -366,7 +399,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             // Collectives of the step name themselves in the progress phase, so a stall is
             // reported as e.g. "all-reduce 3 of step 41 (6553600 floats)".
             let mut traced = Traced {
-                inner: &mut ring,
+                inner: &mut *ring,
                 ctx: &ctx,
                 step: trainer.step + 1,
                 calls: 0,
@@ -513,7 +546,7 @@ pub(super) fn report_done(
 
 /// A collective that records which call of the step is in flight in the progress phase.
 struct Traced<'a> {
-    inner: &'a mut Ring,
+    inner: &'a mut dyn Collective,
     ctx: &'a Ctx,
     step: u64,
     calls: usize,

@@ -1,0 +1,297 @@
+//! NCCL between GPU workers (feature `cuda`), through cudarc's NCCL bindings.
+//!
+//! [`Nccl`] wraps the generation's ring: gradient tensors on the GPU are summed by
+//! `ncclAllReduce` on the model's CUDA stream and never leave the device; everything else (the
+//! few floats of counts and statistics, the start-up broadcast, barriers) stays on the ring,
+//! which is also how the communicator is bootstrapped: rank 0 creates the NCCL unique id and
+//! broadcasts it over the ring (authenticated with the job token and generation), then every
+//! rank joins the communicator. Peers must be on distinct GPUs (NCCL refuses two ranks on one
+//! device; workers sharing a GPU use `cluster.gpu_collective = "ring"`).
+//!
+//! Failure semantics match the ring's: every all-reduce is waited for with a deadline
+//! (`cluster.collective_timeout_s`) while watching the worker's abort flag and NCCL's
+//! asynchronous error; on any of them the communicator is aborted (`ncclCommAbort`, which
+//! also releases a kernel stuck waiting for a dead peer) and the call returns an error, so a
+//! dead peer produces an error, never a hang. An aborted communicator refuses further use;
+//! the next generation builds a new one. Building one is bounded the same way.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::nccl::{result, sys};
+use candle_core::{CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
+
+use super::Collective;
+use crate::error::{Error, Result};
+
+/// A communicator handle; aborted (never destroyed, which could wait for a dead peer) when
+/// dropped.
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: an NCCL communicator may be used from any thread; tandem issues its operations from
+// one thread at a time (the Mutex in `Nccl`), and `ncclCommAbort` is documented as safe to
+// call while another thread is blocked in an operation of the same communicator.
+unsafe impl Send for RawComm {}
+unsafe impl Sync for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is not used after this.
+        unsafe {
+            let _ = result::comm_abort(self.0);
+        }
+    }
+}
+
+/// NCCL for GPU tensors, the wrapped collective (the ring) for everything else.
+pub struct Nccl<C: Collective> {
+    inner: C,
+    /// `None` once aborted.
+    comm: Mutex<Option<Arc<RawComm>>>,
+    stream: Arc<CudaStream>,
+    timeout: Duration,
+    abort: Arc<AtomicBool>,
+}
+
+impl<C: Collective> Nccl<C> {
+    /// Builds the communicator of `inner`'s group on `device` (collective: every rank of the
+    /// group must call it). `abort` is the worker's abort flag; `timeout` bounds every
+    /// all-reduce.
+    pub fn new(
+        mut inner: C,
+        device: &Device,
+        timeout: Duration,
+        abort: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let (rank, world) = (inner.rank(), inner.world_size());
+        let err = |msg: String| Error::Comm { rank, msg };
+        let Device::Cuda(dev) = device else {
+            return Err(err(format!("NCCL needs a CUDA device, not {device:?}")));
+        };
+        let stream = dev.cuda_stream();
+        // The unique id, from rank 0 to all: 128 bytes, one per f32 (exact small integers).
+        let mut bytes = [0f32; 128];
+        if rank == 0 {
+            let id = result::get_uniqueid().map_err(|e| {
+                err(format!(
+                    "ncclGetUniqueId: {e:?} (is libnccl.so.2 installed?)"
+                ))
+            })?;
+            for (b, c) in bytes.iter_mut().zip(id.internal) {
+                *b = c as u8 as f32;
+            }
+        }
+        inner.broadcast(&mut bytes, 0)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (c, b) in internal.iter_mut().zip(bytes) {
+            *c = b as u8 as std::ffi::c_char;
+        }
+        // ncclCommInitRank blocks until every rank has joined; it runs on a helper thread so
+        // that a peer that died in between cannot hang this one: past the deadline, or on
+        // abort, the helper is left behind (blocked; it holds nothing of ours) and the call
+        // fails like any other collective.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ctx = stream.context().clone();
+        std::thread::Builder::new()
+            .name(format!("nccl-init-{rank}"))
+            .spawn(move || {
+                let r = ctx
+                    .bind_to_thread()
+                    .map_err(|e| format!("binding the CUDA context: {e:?}"));
+                let r = r.and_then(|()| {
+                    let mut comm = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
+                    // SAFETY: `comm` is written by NCCL before it is read; the id is the
+                    // group's.
+                    unsafe {
+                        result::comm_init_rank(
+                            comm.as_mut_ptr(),
+                            world as i32,
+                            sys::ncclUniqueId { internal },
+                            rank as i32,
+                        )
+                        .map(|_| RawComm(comm.assume_init()))
+                        .map_err(|e| format!("ncclCommInitRank: {e:?}"))
+                    }
+                });
+                let _ = tx.send(r);
+            })
+            .map_err(|e| err(format!("starting the NCCL init thread: {e}")))?;
+        let start = Instant::now();
+        let comm = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) => {
+                    return Err(err(format!(
+                        "{e} (rank {rank} of {world}); ranks on one GPU cannot share a \
+                         communicator (use cluster.gpu_collective = \"ring\" there)"
+                    )))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(err("the NCCL init thread died".into()))
+                }
+            }
+            if abort.load(Ordering::SeqCst) {
+                return Err(err("aborted while building the NCCL communicator".into()));
+            }
+            if start.elapsed() > timeout {
+                return Err(err(format!(
+                    "the NCCL communicator was not ready within {timeout:?} (a peer is gone)"
+                )));
+            }
+        };
+        tracing::info!(rank, world, "NCCL communicator ready");
+        Ok(Nccl {
+            inner,
+            comm: Mutex::new(Some(Arc::new(comm))),
+            stream,
+            timeout,
+            abort,
+        })
+    }
+
+    /// Waits for the stream's work so far, watching the deadline, the abort flag and NCCL's
+    /// asynchronous errors; aborts the communicator on any of them.
+    fn wait(&self, comm: &RawComm) -> Result<()> {
+        let rank = self.inner.rank();
+        let err = |msg: String| Error::Comm { rank, msg };
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| err(format!("recording a CUDA event: {e:?}")))?;
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(self.fail(err(format!("CUDA error in all-reduce: {e:?}")))),
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator; `state` is written by NCCL.
+            unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
+            if state != sys::ncclResult_t::ncclSuccess && state != sys::ncclResult_t::ncclInProgress
+            {
+                return Err(self.fail(err(format!("NCCL asynchronous error {state:?}"))));
+            }
+            if self.abort.load(Ordering::SeqCst) {
+                return Err(self.fail(err("all-reduce aborted".into())));
+            }
+            if start.elapsed() > self.timeout {
+                return Err(self.fail(err(format!(
+                    "NCCL all-reduce did not complete within {:?} (a peer is gone or stalled)",
+                    self.timeout
+                ))));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// Retires the communicator and returns `e`: it is aborted (releasing any kernel still
+    /// waiting for a peer) when the caller's last reference goes, on the way out of the
+    /// failed all-reduce.
+    fn fail(&self, e: Error) -> Error {
+        self.comm.lock().unwrap().take();
+        e
+    }
+}
+
+/// `ncclAllReduce(sum)` of a contiguous f32 tensor into a new buffer, as a candle op.
+struct AllReduce {
+    comm: Arc<RawComm>,
+    stream: Arc<CudaStream>,
+}
+
+impl CustomOp1 for AllReduce {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the NCCL all-reduce runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((o1, o2)) = l.contiguous_offsets() else {
+            candle_core::bail!("the NCCL all-reduce needs a contiguous tensor")
+        };
+        let n = o2 - o1;
+        let src = s.as_cuda_slice::<f32>()?.slice(o1..o2);
+        // SAFETY: every element is written by the all-reduce before anything reads it.
+        let mut dst = unsafe { s.device.alloc::<f32>(n)? };
+        {
+            let (src_ptr, _src_sync) = src.device_ptr(&self.stream);
+            let (dst_ptr, _dst_sync) = dst.device_ptr_mut(&self.stream);
+            // SAFETY: both buffers hold `n` f32 on this communicator's device and stream.
+            unsafe {
+                result::all_reduce(
+                    src_ptr as *const c_void,
+                    dst_ptr as *mut c_void,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm.0,
+                    self.stream.cu_stream() as _,
+                )
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(dst, s.device.clone()),
+            l.shape().clone(),
+        ))
+    }
+}
+
+impl<C: Collective> Collective for Nccl<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.inner.all_reduce_sum(buf)
+    }
+    fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
+        if !t.device().is_cuda() {
+            let mut host = t.to_vec1::<f32>()?;
+            self.inner.all_reduce_sum(&mut host)?;
+            return Ok(Tensor::from_vec(host, t.dims(), t.device())?);
+        }
+        let rank = self.inner.rank();
+        let comm = self
+            .comm
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| Error::Comm {
+                rank,
+                msg: "the NCCL communicator was aborted by an earlier failure".into(),
+            })?;
+        let op = AllReduce {
+            comm: comm.clone(),
+            stream: self.stream.clone(),
+        };
+        let out = t
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?;
+        self.wait(&comm)?;
+        Ok(out)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.inner.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.inner.barrier()
+    }
+}

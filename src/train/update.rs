@@ -1,0 +1,296 @@
+//! Where a replica keeps its master weights, gradient and optimiser state, and the update
+//! it applies after the all-reduce.
+//!
+//! Two places, one arithmetic:
+//! - **host** (CPU models): flat `Vec<f32>` buffers and the in-place [`AdamW`] — the fastest
+//!   there is on a CPU, and what the ring all-reduce reads directly;
+//! - **device** (GPU models): flat tensors on the model's device and the same AdamW written as
+//!   tensor ops, so gradients never leave the GPU: they are concatenated there, summed there
+//!   (NCCL, through [`Collective::all_reduce_sum_tensor`]), clipped and applied there, and
+//!   written back into the parameters device to device. On a GPU the host path would copy
+//!   every gradient down and every weight up each step and run AdamW on one CPU core.
+//!
+//! The device path performs the host path's floating-point operations in the same order, so
+//! on the CPU (where it runs in the tests) the two give bit-identical weights.
+
+use std::borrow::Cow;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor};
+
+use super::optim::{clip_global_norm, AdamW, AdamWConfig};
+use crate::comm::Collective;
+use crate::error::{Error, Result};
+use crate::model::ParamStore;
+
+/// Where the update runs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdatePlace {
+    Host,
+    Device,
+}
+
+impl UpdatePlace {
+    /// The host for CPU models, the device for accelerators. `TANDEM_DEVICE_UPDATE=1` takes
+    /// the device path on the CPU too (with `TANDEM_FUSED_KERNELS=0`, a CPU run then does what
+    /// a GPU run does: scripts/gpu-check.sh's dry run).
+    pub fn for_device(device: &Device) -> Self {
+        static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced =
+            *FORCED.get_or_init(|| std::env::var("TANDEM_DEVICE_UPDATE").is_ok_and(|v| v == "1"));
+        if device.is_cpu() && !forced {
+            UpdatePlace::Host
+        } else {
+            UpdatePlace::Device
+        }
+    }
+}
+
+/// Master weights, gradient accumulator and optimiser of one replica.
+pub enum Updater {
+    Host {
+        params: Vec<f32>,
+        grad: Vec<f32>,
+        opt: AdamW,
+    },
+    Device {
+        params: Tensor,
+        grad: Tensor,
+        opt: DeviceAdamW,
+    },
+}
+
+impl Updater {
+    /// Starts from the store's current weights, with zero moments.
+    pub fn new(store: &ParamStore, cfg: AdamWConfig, place: UpdatePlace) -> Result<Self> {
+        let opt = AdamW::new(cfg, store);
+        Ok(match place {
+            UpdatePlace::Host => {
+                let params = store.to_flat()?;
+                let grad = vec![0.0; params.len()];
+                Updater::Host { params, grad, opt }
+            }
+            UpdatePlace::Device => Updater::Device {
+                params: store.to_flat_tensor()?,
+                grad: Tensor::zeros(store.numel(), DType::F32, store.device())?,
+                opt: DeviceAdamW::from_host(&opt, store)?,
+            },
+        })
+    }
+
+    pub fn place(&self) -> UpdatePlace {
+        match self {
+            Updater::Host { .. } => UpdatePlace::Host,
+            Updater::Device { .. } => UpdatePlace::Device,
+        }
+    }
+
+    /// Clears the gradient accumulator (start of a step).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        match self {
+            Updater::Host { grad, .. } => grad.iter_mut().for_each(|g| *g = 0.0),
+            Updater::Device { grad, .. } => *grad = grad.zeros_like()?,
+        }
+        Ok(())
+    }
+
+    /// Adds one backward pass's gradients into the accumulator.
+    pub fn accumulate(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()> {
+        match self {
+            Updater::Host { grad, .. } => store.accumulate_grads(grads, grad),
+            Updater::Device { grad, .. } => {
+                *grad = grad.add(&store.flat_grads(grads)?)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sums the accumulated gradient over all ranks, in buckets of `bucket_elems` floats.
+    pub fn all_reduce(&mut self, comm: &mut dyn Collective, bucket_elems: usize) -> Result<()> {
+        let bucket = bucket_elems.max(1);
+        match self {
+            Updater::Host { grad, .. } => {
+                for b in grad.chunks_mut(bucket) {
+                    comm.all_reduce_sum(b)?;
+                }
+            }
+            Updater::Device { grad, .. } => {
+                let n = grad.dim(0)?;
+                let mut parts = Vec::with_capacity(n.div_ceil(bucket));
+                for start in (0..n).step_by(bucket) {
+                    let b = grad.narrow(0, start, bucket.min(n - start))?;
+                    parts.push(comm.all_reduce_sum_tensor(&b)?);
+                }
+                if !parts.is_empty() {
+                    *grad = Tensor::cat(&parts, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a non-finite gradient, clips by global norm (`max_grad_norm`, 0 = off), takes
+    /// an AdamW step at `lr` and writes the new weights into `store`. Returns the norm before
+    /// clipping.
+    pub fn apply(
+        &mut self,
+        store: &ParamStore,
+        max_grad_norm: f32,
+        lr: f32,
+        step: u64,
+    ) -> Result<f32> {
+        let norm = match self {
+            Updater::Host { params, grad, opt } => {
+                let norm = clip_global_norm(grad, max_grad_norm);
+                check_finite(norm, step)?;
+                opt.step(params, grad, lr);
+                store.set_from_flat(params)?;
+                norm
+            }
+            Updater::Device { params, grad, opt } => {
+                // Sum of squares in f64, as the host path (`global_norm`) accumulates.
+                let sq = grad.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+                let norm = sq.to_scalar::<f64>()?.sqrt() as f32;
+                check_finite(norm, step)?;
+                if max_grad_norm > 0.0 && norm > max_grad_norm {
+                    let s = max_grad_norm / (norm + 1e-6);
+                    *grad = grad.affine(s as f64, 0.0)?;
+                }
+                *params = opt.step(params, grad, lr)?;
+                store.set_from_flat_tensor(params)?;
+                norm
+            }
+        };
+        Ok(norm)
+    }
+
+    /// Copies `root`'s weights to every rank and into `store`.
+    pub fn broadcast_params(
+        &mut self,
+        comm: &mut dyn Collective,
+        root: usize,
+        store: &ParamStore,
+    ) -> Result<()> {
+        match self {
+            Updater::Host { params, .. } => {
+                comm.broadcast(params, root)?;
+                store.set_from_flat(params)
+            }
+            Updater::Device { params, .. } => {
+                let mut host = params.to_vec1::<f32>()?;
+                comm.broadcast(&mut host, root)?;
+                *params = Tensor::from_vec(host, params.dims(), params.device())?;
+                store.set_from_flat_tensor(params)
+            }
+        }
+    }
+
+    /// Re-reads the master weights from `store` (after weights were loaded into it).
+    pub fn reload_params(&mut self, store: &ParamStore) -> Result<()> {
+        match self {
+            Updater::Host { params, .. } => *params = store.to_flat()?,
+            Updater::Device { params, .. } => *params = store.to_flat_tensor()?,
+        }
+        Ok(())
+    }
+
+    /// The optimiser state on the host (for checkpoints): borrowed on the host path, copied
+    /// down from the device on the device path.
+    pub fn adamw(&self, store: &ParamStore) -> Result<Cow<'_, AdamW>> {
+        match self {
+            Updater::Host { opt, .. } => Ok(Cow::Borrowed(opt)),
+            Updater::Device { opt, .. } => Ok(Cow::Owned(opt.to_host(store)?)),
+        }
+    }
+
+    /// Replaces the optimiser state (from a checkpoint).
+    pub fn set_adamw(&mut self, state: AdamW, store: &ParamStore) -> Result<()> {
+        match self {
+            Updater::Host { opt, .. } => *opt = state,
+            Updater::Device { opt, .. } => *opt = DeviceAdamW::from_host(&state, store)?,
+        }
+        Ok(())
+    }
+
+    /// The accumulated (after `all_reduce`: summed) gradient, on the host.
+    pub fn grad(&self) -> Result<Cow<'_, [f32]>> {
+        match self {
+            Updater::Host { grad, .. } => Ok(Cow::Borrowed(grad)),
+            Updater::Device { grad, .. } => Ok(Cow::Owned(grad.to_vec1::<f32>()?)),
+        }
+    }
+}
+
+fn check_finite(norm: f32, step: u64) -> Result<()> {
+    if norm.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Train(format!(
+            "non-finite gradient norm ({norm}) at step {step}; the step was not applied"
+        )))
+    }
+}
+
+/// [`AdamW`] as tensor ops over flat tensors on the model's device.
+pub struct DeviceAdamW {
+    pub cfg: AdamWConfig,
+    m: Tensor,
+    v: Tensor,
+    t: u64,
+    /// 1 where the parameter takes weight decay, 0 where not (biases, LayerNorm).
+    decays: Tensor,
+}
+
+impl DeviceAdamW {
+    /// The host state `opt` moved to `store`'s device.
+    pub fn from_host(opt: &AdamW, store: &ParamStore) -> Result<Self> {
+        let n = store.numel();
+        let mut decays = vec![0f32; n];
+        for (i, spec) in store.specs().iter().enumerate() {
+            if spec.decays() {
+                decays[store.range(i)].fill(1.0);
+            }
+        }
+        let dev = store.device();
+        Ok(DeviceAdamW {
+            cfg: opt.cfg,
+            m: Tensor::from_slice(&opt.m, n, dev)?,
+            v: Tensor::from_slice(&opt.v, n, dev)?,
+            t: opt.t,
+            decays: Tensor::from_vec(decays, n, dev)?,
+        })
+    }
+
+    /// The state copied to the host (`store` is the model the state belongs to).
+    pub fn to_host(&self, store: &ParamStore) -> Result<AdamW> {
+        let mut opt = AdamW::new(self.cfg, store);
+        opt.m = self.m.to_vec1()?;
+        opt.v = self.v.to_vec1()?;
+        opt.t = self.t;
+        Ok(opt)
+    }
+
+    /// One update; returns the new parameters. Operation for operation the host
+    /// [`AdamW::step`] (`affine(a, 0)` is an exact `a · x`; the shrink factor
+    /// `decays · (−lr·wd) + 1` is exactly the host's `1 − lr·wd`, or 1).
+    pub fn step(&mut self, params: &Tensor, grad: &Tensor, lr: f32) -> Result<Tensor> {
+        self.t += 1;
+        let c = self.cfg;
+        let bc1 = 1.0 - (c.beta1 as f64).powi(self.t as i32);
+        let bc2 = 1.0 - (c.beta2 as f64).powi(self.t as i32);
+        let step_size = (lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let one_minus = |b: f32| (1.0 - b) as f64;
+        self.m = (self.m.affine(c.beta1 as f64, 0.0)? + grad.affine(one_minus(c.beta1), 0.0)?)?;
+        self.v = (self.v.affine(c.beta2 as f64, 0.0)?
+            + grad.affine(one_minus(c.beta2), 0.0)?.mul(grad)?)?;
+        let bc2_sqrt = Tensor::new(bc2_sqrt, params.device())?;
+        let denom = self
+            .v
+            .sqrt()?
+            .broadcast_div(&bc2_sqrt)?
+            .affine(1.0, c.eps as f64)?;
+        let update = self.m.affine(step_size as f64, 0.0)?.div(&denom)?;
+        let shrink = self.decays.affine(-((lr * c.weight_decay) as f64), 1.0)?;
+        Ok(params.mul(&shrink)?.sub(&update)?)
+    }
+}
