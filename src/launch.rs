@@ -126,7 +126,19 @@ pub async fn run(
 ) -> anyhow::Result<i32> {
     // A device the workers cannot use fails here, not after every worker's restarts.
     let devices = crate::util::worker_devices(&opts.device)?;
-    let cfg = effective_config(&opts)?;
+    let mut cfg = effective_config(&opts)?;
+    if let Some(gpu) = crate::util::shared_gpu(&devices, cfg.cluster.max_workers) {
+        if cfg.cluster.gpu_collective == crate::config::GpuCollective::Nccl {
+            // NCCL refuses two ranks on one GPU: their gradients meet in the ring instead.
+            cfg.cluster.gpu_collective = crate::config::GpuCollective::Ring;
+            if !opts.quiet {
+                eprintln!(
+                    "tandem launch: workers share {gpu}; NCCL needs a GPU per worker, so \
+                     gradients go through the ring (cluster.gpu_collective = \"ring\")"
+                );
+            }
+        }
+    }
     let state_dir = cfg.job.state_dir.clone();
     if !opts.resume {
         if let Some(r) = crate::coordinator::JobRecord::load(&state_dir)? {

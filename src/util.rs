@@ -114,6 +114,24 @@ pub fn worker_devices(spec: &str) -> Result<Vec<String>> {
     Ok(list)
 }
 
+/// The first GPU that two of `n` workers would share when worker `i` takes entry `i mod len`
+/// of `devices` (as [`worker_devices`] deals them): NCCL wants one GPU per rank.
+pub fn shared_gpu(devices: &[String], n: usize) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..n {
+        let d = devices[i % devices.len()].as_str();
+        let gpu = match d {
+            "cpu" => continue,
+            "cuda" => "cuda:0",
+            d => d,
+        };
+        if !seen.insert(gpu) {
+            return Some(gpu.to_string());
+        }
+    }
+    None
+}
+
 /// Checks a `--device` name without opening the device: `None` for the CPU, else the GPU index.
 pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
     let ordinal = match name {
@@ -164,6 +182,24 @@ pub fn set_threads(threads: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_gpu_finds_two_workers_on_one_gpu() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(shared_gpu(&v(&["cpu"]), 4), None);
+        assert_eq!(shared_gpu(&v(&["cuda:0"]), 1), None);
+        assert_eq!(shared_gpu(&v(&["cuda:0"]), 2), Some("cuda:0".into()));
+        assert_eq!(shared_gpu(&v(&["cuda:0", "cuda:1"]), 2), None);
+        assert_eq!(
+            shared_gpu(&v(&["cuda:0", "cuda:1"]), 3),
+            Some("cuda:0".into())
+        );
+        assert_eq!(
+            shared_gpu(&v(&["cuda", "cuda:0"]), 2),
+            Some("cuda:0".into())
+        );
+        assert_eq!(shared_gpu(&v(&["cpu", "cuda:1"]), 3), None);
+    }
 
     #[test]
     fn devices_are_parsed_with_clear_errors() {

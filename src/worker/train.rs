@@ -409,7 +409,9 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             last_step_end = Instant::now();
             state.totals.add(&stats);
             if trainer.step > 2 {
-                time_split.add(data_ms, &trainer.phases);
+                let tokens = micro.iter().map(|b| b.token_count()).sum::<usize>();
+                let masked = micro.iter().map(|b| b.mlm_count()).sum::<usize>();
+                time_split.add(data_ms, &trainer.phases, tokens, masked);
             }
             examples += stats.examples;
             if trainer.step == 2 {
@@ -722,17 +724,30 @@ struct TimeSplit {
     steps: u64,
     data_ms: f64,
     phases: crate::train::step::PhaseTimes,
+    /// This rank's non-padding and masked tokens (its work differs from its peers' with them).
+    tokens: usize,
+    masked: usize,
 }
 
 impl TimeSplit {
-    fn add(&mut self, data_ms: f64, p: &crate::train::step::PhaseTimes) {
+    fn add(
+        &mut self,
+        data_ms: f64,
+        p: &crate::train::step::PhaseTimes,
+        tokens: usize,
+        masked: usize,
+    ) {
         self.steps += 1;
         self.data_ms += data_ms;
         self.phases += p;
+        self.tokens += tokens;
+        self.masked += masked;
     }
 
     /// Logs the mean milliseconds per step of each part: waiting for data, waiting for the
-    /// other ranks at the step's start, forward, backward, all-reduce and the optimiser.
+    /// other ranks at the step's start, forward, backward, all-reduce and the optimiser; and
+    /// the rank's mean non-padding and masked tokens per step (a rank with more of them is
+    /// the one the others wait for in the all-reduce).
     fn log(&self, rank: usize) {
         if self.steps == 0 {
             return;
@@ -748,6 +763,8 @@ impl TimeSplit {
             sync_ms = format!("{:.1}", p.sync_ms / n),
             allreduce_ms = format!("{:.1}", p.allreduce_ms / n),
             optimizer_ms = format!("{:.1}", (p.pack_ms + p.optimizer_ms) / n),
+            tokens = format!("{:.0}", self.tokens as f64 / n),
+            masked = format!("{:.0}", self.masked as f64 / n),
             "mean time per step"
         );
     }
