@@ -18,6 +18,16 @@ pub struct AdamWConfig {
     pub weight_decay: f32,
 }
 
+impl AdamWConfig {
+    /// The step size `lr / (1 − β1ᵗ)` and `√(1 − β2ᵗ)` of step `t` (from 1), as PyTorch
+    /// computes them (in f64, then f32).
+    pub fn bias_corrected(&self, lr: f32, t: u64) -> (f32, f32) {
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t as i32);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t as i32);
+        ((lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig {
@@ -64,10 +74,7 @@ impl AdamW {
         assert_eq!(params.len(), self.m.len());
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - (c.beta1 as f64).powi(self.t as i32);
-        let bc2 = 1.0 - (c.beta2 as f64).powi(self.t as i32);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
+        let (step_size, bc2_sqrt) = c.bias_corrected(lr, self.t);
         for (range, decays) in &self.decay {
             let shrink = if *decays {
                 1.0 - lr * c.weight_decay

@@ -275,10 +275,7 @@ impl DeviceAdamW {
     pub fn step(&mut self, params: &Tensor, grad: &Tensor, lr: f32) -> Result<Tensor> {
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - (c.beta1 as f64).powi(self.t as i32);
-        let bc2 = 1.0 - (c.beta2 as f64).powi(self.t as i32);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
+        let (step_size, bc2_sqrt) = c.bias_corrected(lr, self.t);
         let one_minus = |b: f32| (1.0 - b) as f64;
         self.m = (self.m.affine(c.beta1 as f64, 0.0)? + grad.affine(one_minus(c.beta1), 0.0)?)?;
         self.v = (self.v.affine(c.beta2 as f64, 0.0)?
