@@ -126,6 +126,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             advertise_host,
             connect_timeout_s,
         } => {
+            if device != "cpu" && std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+                // NCCL connects peers inside the (bounded) communicator set-up instead of
+                // lazily in the first all-reduce (src/comm/nccl.rs). Set before any thread.
+                std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
+            }
             tandem::util::set_threads(threads);
             let token = std::env::var("TANDEM_TOKEN")
                 .ok()

@@ -23,9 +23,16 @@ pub trait Collective: Send {
     /// default through the host ([`Self::all_reduce_sum`]); a device collective (NCCL)
     /// overrides it so that gradients stay on the GPU.
     fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
-        let mut host = t.to_vec1::<f32>()?;
+        // A bucket is a view of the whole gradient; candle would copy all of the storage down
+        // to read it, so copy the bucket out first.
+        let mut host = t.force_contiguous()?.to_vec1::<f32>()?;
         self.all_reduce_sum(&mut host)?;
         Ok(Tensor::from_vec(host, t.dims(), t.device())?)
+    }
+    /// [`Self::all_reduce_sum_tensor`] of several buckets; a device collective enqueues them
+    /// all and waits once.
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        ts.iter().map(|t| self.all_reduce_sum_tensor(t)).collect()
     }
     /// Replaces `buf` on every rank by `root`'s `buf`.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
@@ -45,6 +52,9 @@ impl<C: Collective + ?Sized> Collective for Box<C> {
     }
     fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
         (**self).all_reduce_sum_tensor(t)
+    }
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        (**self).all_reduce_sum_tensors(ts)
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         (**self).broadcast(buf, root)

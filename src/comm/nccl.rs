@@ -8,6 +8,12 @@
 //! rank joins the communicator. Peers must be on distinct GPUs (NCCL refuses two ranks on one
 //! device; workers sharing a GPU use `cluster.gpu_collective = "ring"`).
 //!
+//! NCCL is issued from the training thread, onto the stream candle uses there (candle's
+//! per-thread default stream), so it is ordered with the model's kernels without events.
+//! The worker sets `NCCL_RUNTIME_CONNECT=0` (unless set), so that NCCL connects its peers
+//! inside `ncclCommInitRank`, which is bounded below, and not lazily inside the first
+//! all-reduce's host call, which could not be.
+//!
 //! Failure semantics match the ring's: every all-reduce is waited for with a deadline
 //! (`cluster.collective_timeout_s`) while watching the worker's abort flag and NCCL's
 //! asynchronous error; on any of them the communicator is aborted (`ncclCommAbort`, which
@@ -113,7 +119,15 @@ impl<C: Collective> Nccl<C> {
                             rank as i32,
                         )
                         .map(|_| RawComm(comm.assume_init()))
-                        .map_err(|e| format!("ncclCommInitRank: {e:?}"))
+                        .map_err(|e| {
+                            let hint = if e.0 == sys::ncclResult_t::ncclInvalidUsage {
+                                "; two ranks on one GPU cannot share a communicator (use \
+                                 cluster.gpu_collective = \"ring\" there)"
+                            } else {
+                                ""
+                            };
+                            format!("ncclCommInitRank: {e:?}{hint}")
+                        })
                     }
                 });
                 let _ = tx.send(r);
@@ -123,12 +137,7 @@ impl<C: Collective> Nccl<C> {
         let comm = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ok(c)) => break c,
-                Ok(Err(e)) => {
-                    return Err(err(format!(
-                        "{e} (rank {rank} of {world}); ranks on one GPU cannot share a \
-                         communicator (use cluster.gpu_collective = \"ring\" there)"
-                    )))
-                }
+                Ok(Err(e)) => return Err(err(format!("{e} (rank {rank} of {world})"))),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(err("the NCCL init thread died".into()))
@@ -165,17 +174,21 @@ impl<C: Collective> Nccl<C> {
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
         loop {
-            match event.try_is_complete() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
+            let done = match event.try_is_complete() {
+                Ok(done) => done,
                 Err(e) => return Err(self.fail(err(format!("CUDA error in all-reduce: {e:?}")))),
-            }
+            };
+            // Also after completion: NCCL's kernels end early on an internal error.
             let mut state = sys::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator; `state` is written by NCCL.
-            unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
-            if state != sys::ncclResult_t::ncclSuccess && state != sys::ncclResult_t::ncclInProgress
-            {
-                return Err(self.fail(err(format!("NCCL asynchronous error {state:?}"))));
+            let r = unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
+            for s in [r, state] {
+                if s != sys::ncclResult_t::ncclSuccess && s != sys::ncclResult_t::ncclInProgress {
+                    return Err(self.fail(err(format!("NCCL asynchronous error {s:?}"))));
+                }
+            }
+            if done {
+                return Ok(());
             }
             if self.abort.load(Ordering::SeqCst) {
                 return Err(self.fail(err("all-reduce aborted".into())));
@@ -262,10 +275,20 @@ impl<C: Collective> Collective for Nccl<C> {
         self.inner.all_reduce_sum(buf)
     }
     fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
-        if !t.device().is_cuda() {
-            let mut host = t.to_vec1::<f32>()?;
-            self.inner.all_reduce_sum(&mut host)?;
-            return Ok(Tensor::from_vec(host, t.dims(), t.device())?);
+        let mut out = self.all_reduce_sum_tensors(std::slice::from_ref(t))?;
+        Ok(out.pop().expect("one bucket in, one out"))
+    }
+    /// Enqueues every bucket on the stream, then waits once.
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        if ts.iter().any(|t| !t.device().is_cuda()) {
+            return ts
+                .iter()
+                .map(|t| {
+                    let mut host = t.force_contiguous()?.to_vec1::<f32>()?;
+                    self.inner.all_reduce_sum(&mut host)?;
+                    Ok(Tensor::from_vec(host, t.dims(), t.device())?)
+                })
+                .collect();
         }
         let rank = self.inner.rank();
         let comm = self
@@ -281,10 +304,14 @@ impl<C: Collective> Collective for Nccl<C> {
             comm: comm.clone(),
             stream: self.stream.clone(),
         };
-        let out = t
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?
-            .apply_op1_no_bwd(&op)?;
+        let out = ts
+            .iter()
+            .map(|t| {
+                t.to_dtype(candle_core::DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&op)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         self.wait(&comm)?;
         Ok(out)
     }

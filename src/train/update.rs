@@ -17,7 +17,7 @@ use std::borrow::Cow;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 
-use super::optim::{clip_global_norm, AdamW, AdamWConfig};
+use super::optim::{clip_global_norm, AdamW, AdamWConfig, NORM_CHUNK};
 use crate::comm::Collective;
 use crate::error::{Error, Result};
 use crate::model::ParamStore;
@@ -114,12 +114,8 @@ impl Updater {
                 }
             }
             Updater::Device { grad, .. } => {
-                let n = grad.dim(0)?;
-                let mut parts = Vec::with_capacity(n.div_ceil(bucket));
-                for start in (0..n).step_by(bucket) {
-                    let b = grad.narrow(0, start, bucket.min(n - start))?;
-                    parts.push(comm.all_reduce_sum_tensor(&b)?);
-                }
+                let buckets = chunks(grad, bucket)?;
+                let parts = comm.all_reduce_sum_tensors(&buckets)?;
                 if !parts.is_empty() {
                     *grad = Tensor::cat(&parts, 0)?;
                 }
@@ -147,9 +143,7 @@ impl Updater {
                 norm
             }
             Updater::Device { params, grad, opt } => {
-                // Sum of squares in f64, as the host path (`global_norm`) accumulates.
-                let sq = grad.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-                let norm = sq.to_scalar::<f64>()?.sqrt() as f32;
+                let norm = device_norm(grad)?;
                 check_finite(norm, step)?;
                 if max_grad_norm > 0.0 && norm > max_grad_norm {
                     let s = max_grad_norm / (norm + 1e-6);
@@ -218,6 +212,33 @@ impl Updater {
             Updater::Device { grad, .. } => Ok(Cow::Owned(grad.to_vec1::<f32>()?)),
         }
     }
+}
+
+/// [`super::optim::global_norm`] of a flat tensor, on its device: sums of squares in f64 over
+/// the same chunks (so the two agree to the bit, and the f64 copy is one chunk at a time), the
+/// chunks' sums read back in one copy and added in order.
+pub fn device_norm(grad: &Tensor) -> Result<f32> {
+    let partial = chunks(grad, NORM_CHUNK)?
+        .iter()
+        .map(|c| c.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if partial.is_empty() {
+        return Ok(super::optim::global_norm(&[]));
+    }
+    let sq = Tensor::stack(&partial, 0)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .sum::<f64>();
+    Ok(sq.sqrt() as f32)
+}
+
+/// `t` (1-D) as consecutive views of `size` elements (the last one shorter).
+fn chunks(t: &Tensor, size: usize) -> Result<Vec<Tensor>> {
+    let n = t.dim(0)?;
+    (0..n)
+        .step_by(size.max(1))
+        .map(|start| Ok(t.narrow(0, start, size.min(n - start))?))
+        .collect()
 }
 
 fn check_finite(norm: f32, step: u64) -> Result<()> {
@@ -289,5 +310,23 @@ impl DeviceAdamW {
         let update = self.m.affine(step_size as f64, 0.0)?.div(&denom)?;
         let shrink = self.decays.affine(-((lr * c.weight_decay) as f64), 1.0)?;
         Ok(params.mul(&shrink)?.sub(&update)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::global_norm;
+    use rand::Rng;
+
+    #[test]
+    fn the_device_norm_is_the_host_norm_to_the_bit_over_several_chunks() {
+        let mut rng = crate::util::rng(&[7]);
+        for n in [0, 1, 1000, NORM_CHUNK, 2 * NORM_CHUNK + 12345] {
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-2f32..1e-2)).collect();
+            let t = Tensor::from_slice(&v, n, &Device::Cpu).unwrap();
+            let (host, dev) = (global_norm(&v), device_norm(&t).unwrap());
+            assert_eq!(host.to_bits(), dev.to_bits(), "n = {n}: {host} vs {dev}");
+        }
     }
 }
