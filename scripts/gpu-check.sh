@@ -20,7 +20,9 @@
 #
 # Usage: scripts/gpu-check.sh [TANDEM_BINARY]
 #   TANDEM_BINARY    a `--features cuda` build (default target/cuda/release/tandem, built with
-#                    scripts/build-cuda.sh when missing)
+#                    scripts/build-cuda.sh when missing). It may come from another machine:
+#                    build it where there is time (no GPU or driver needed) and copy it over;
+#                    its CUDA libraries are then taken from PyTorch's wheels if installed
 # Environment:
 #   GPU_CHECK_DEVICE     device to test (default cuda:0; `cpu` is a dry run on a machine without
 #                        a GPU: the "device" runs then use the composed candle ops and the
@@ -54,6 +56,22 @@ if [ ! -x "$BIN" ]; then
     }
     log "building the CUDA binary (scripts/build-cuda.sh)"
     scripts/build-cuda.sh
+fi
+
+# The binary links CUDA's libraries (runtime, cuBLAS, NVRTC, cuRAND, NCCL) dynamically and
+# finds them through the rpath of the machine it was built on. Elsewhere (a binary built with
+# scripts/build-cuda.sh and carried to a GPU machine), use PyTorch's CUDA wheels if present.
+if command -v ldd >/dev/null && ldd "$BIN" 2>/dev/null | grep -q 'not found'; then
+    site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+    for d in "$site"/nvidia/*/lib; do
+        [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+    export LD_LIBRARY_PATH
+    if ldd "$BIN" | grep 'not found' >&2; then
+        log "libraries of $BIN not found (above); set LD_LIBRARY_PATH to a CUDA 13 install"
+        exit 2
+    fi
+    log "CUDA libraries from $site/nvidia"
 fi
 
 card=cpu
