@@ -105,8 +105,10 @@ fn killed_worker_is_restarted_and_every_instance_is_used_once() {
         "{s:#}"
     );
     assert_exactly_once(&s);
-    // The stage ran under every generation, and metrics.jsonl shows the replay: steps after
-    // the checkpoint appear once per generation that trained them.
+    // The stage ran under several generations, and metrics.jsonl shows the replay: steps after
+    // the checkpoint appear once per generation that trained them. A generation may fail
+    // before its first step (one assigned while a killed worker's disconnect was not yet
+    // noticed fails at once), so only the first and the last must have logged steps.
     let gens = s["stages"][0]["generations"].as_array().unwrap();
     assert!(gens.len() >= 2, "{s:#}");
     let metrics = std::fs::read_to_string(dir.join("state/metrics.jsonl")).unwrap();
@@ -114,7 +116,7 @@ fn killed_worker_is_restarted_and_every_instance_is_used_once() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    for g in gens {
+    for g in [&gens[0], gens.last().unwrap()] {
         assert!(
             lines.iter().any(|v| &v["generation"] == g),
             "no logged step of generation {g}"

@@ -507,3 +507,33 @@ fn abort_handle_unblocks_a_blocked_all_reduce() {
     assert!(e.contains("aborted") && e.contains("rank 1"), "{e}");
     assert!(again.contains("aborted"), "{again}");
 }
+
+#[test]
+fn an_abort_stops_joining_a_ring_whose_peer_never_comes() {
+    // Rank 1 of 2 never shows up (its address is bound and silent); rank 0 would wait for it
+    // until its 30 s timeout, but the worker's abort flag ends the wait at once.
+    for transport in [Transport::Auto, Transport::Tcp] {
+        let (mut ls, peers) = listeners(2);
+        let _silent = ls.pop().unwrap();
+        let mut cfg = config(0, &peers, 1 << 20, Duration::from_secs(30));
+        cfg.transport = transport;
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = abort.clone();
+        let t0 = Instant::now();
+        let setter = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let err = Ring::connect_abortable(cfg, ls.pop().unwrap(), abort)
+            .err()
+            .expect("no ring without rank 1")
+            .to_string();
+        setter.join().unwrap();
+        let took = t0.elapsed();
+        assert!(err.contains("aborted"), "{transport:?}: {err}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{transport:?}: the abort took {took:?}"
+        );
+    }
+}

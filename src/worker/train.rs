@@ -69,7 +69,9 @@ pub(super) fn connect_ring(
                 .with_context(|| format!("cannot resolve peer address {p:?}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let ring = Ring::connect(
+    // Abortable: an abort directive (the generation failed) must not wait out the timeout
+    // here for a peer that is gone.
+    let ring = Ring::connect_abortable(
         RingConfig {
             rank,
             world_size: world,
@@ -81,6 +83,7 @@ pub(super) fn connect_ring(
             transport: cfg.cluster.ring_transport,
         },
         ctx.listener.try_clone()?,
+        ctx.abort.clone(),
     )?;
     *ctx.ring_abort.lock().unwrap() = Some(ring.abort_handle());
     tracing::info!(

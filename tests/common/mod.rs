@@ -220,18 +220,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One WordPiece vocabulary for every test job (trained once per test binary, to save time).
+/// One WordPiece vocabulary for every test job: trained once, kept in cargo's target/tmp under
+/// a name that follows the bundled corpus's bytes (so a changed corpus trains a new one), and
+/// put in place by a rename (so a killed run leaves no half-written vocabulary behind).
 fn shared_tokenizer() -> String {
     static TOK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = TOK.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("tandem-test-tokenizer-{}", std::process::id()));
+        let corpus = repo().join("configs/data/corpus");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let mut bytes = Vec::new();
+        for f in &files {
+            bytes.extend(f.file_name().unwrap().as_encoded_bytes());
+            bytes.extend(std::fs::read(f).unwrap());
+        }
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "test-tokenizer-1000-{:016x}",
+            tandem::util::fnv1a(&bytes)
+        ));
         if !dir.join("tokenizer.json").exists() {
+            let tmp = dir.with_extension(format!("part-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
             let out = Command::new(bin())
                 .args(["tokenizer", "train", "--vocab-size", "1000", "--corpus"])
-                .arg(repo().join("configs/data/corpus"))
+                .arg(&corpus)
                 .arg("--out")
-                .arg(&dir)
+                .arg(&tmp)
                 .output()
                 .unwrap();
             assert!(
@@ -239,6 +256,10 @@ fn shared_tokenizer() -> String {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Another test binary may have won the race: then its copy is as good.
+            if std::fs::rename(&tmp, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
         }
         dir
     });

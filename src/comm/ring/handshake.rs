@@ -169,7 +169,7 @@ pub(super) fn accept_handshake(
 }
 
 /// Connects to rank `to`, retrying with backoff (the peer may not listen yet, or a stale
-/// process may hold its address) until `deadline` or `cancel`. A peer at a loopback address is
+/// process may hold its address) until `deadline`, `cancel` or `abort`. A peer at a loopback address is
 /// dialled over its local socket first (see `stream.rs`); after a refusal or no answer there,
 /// the next attempt goes over TCP, so a foreign process holding the local name cannot lock us
 /// out.
@@ -178,6 +178,7 @@ pub(super) fn dial(
     to: usize,
     deadline: Instant,
     cancel: &AtomicBool,
+    abort: &AtomicBool,
 ) -> Result<Stream, String> {
     let addr = cfg.peers[to];
     let mut backoff = Duration::from_millis(5);
@@ -187,7 +188,9 @@ pub(super) fn dial(
     let mut try_local = cfg.transport == Transport::Auto;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let gave_up = if cancel.load(Ordering::SeqCst) {
+        let gave_up = if abort.load(Ordering::SeqCst) {
+            Some(format!("connecting to rank {to} at {addr} was aborted"))
+        } else if cancel.load(Ordering::SeqCst) {
             Some(format!("connecting to rank {to} at {addr} was cancelled"))
         } else if left.is_zero() {
             let t = secs(cfg.timeout);
@@ -240,13 +243,15 @@ pub(super) fn dial(
     }
 }
 
-/// Accepts the authenticated connection from rank `from`; handshakes run on their own threads
-/// so a silent or hostile connection cannot hold the listener up.
+/// Accepts the authenticated connection from rank `from` (until `deadline` or `abort`);
+/// handshakes run on their own threads so a silent or hostile connection cannot hold the
+/// listener up.
 pub(super) fn accept_from(
     cfg: &RingConfig,
     listener: &RingListener,
     from: usize,
     deadline: Instant,
+    abort: &AtomicBool,
 ) -> Result<Stream, String> {
     listener
         .set_nonblocking(true)
@@ -263,6 +268,9 @@ pub(super) fn accept_from(
                     last = Some(e);
                 }
             }
+        }
+        if abort.load(Ordering::SeqCst) {
+            return Err(format!("waiting for rank {from} was aborted"));
         }
         if Instant::now() >= deadline {
             let last = last

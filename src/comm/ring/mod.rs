@@ -327,6 +327,16 @@ impl Ring {
     /// bound by this rank at `peers[rank]` (a `TcpListener` converts, binding its local
     /// companion then: bind a [`RingListener`] early so local peers never miss it).
     pub fn connect(cfg: RingConfig, listener: impl Into<RingListener>) -> Result<Ring> {
+        Self::connect_abortable(cfg, listener, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// [`Self::connect`] that gives up as soon as `abort` is set (by another thread: the
+    /// worker's abort directive), instead of waiting out the timeout for a peer that is gone.
+    pub fn connect_abortable(
+        cfg: RingConfig,
+        listener: impl Into<RingListener>,
+        abort: Arc<AtomicBool>,
+    ) -> Result<Ring> {
         cfg.validate()?;
         let listener = listener.into();
         let (rank, n) = (cfg.rank, cfg.world_size);
@@ -352,14 +362,25 @@ impl Ring {
         let deadline = Instant::now() + cfg.timeout;
         let cancel = Arc::new(AtomicBool::new(false));
         let dialer = {
-            let (cfg, cancel) = (cfg.clone(), cancel.clone());
-            thread::spawn(move || dial(&cfg, next, deadline, &cancel))
+            let (cfg, cancel, abort) = (cfg.clone(), cancel.clone(), abort.clone());
+            thread::spawn(move || dial(&cfg, next, deadline, &cancel, &abort))
         };
-        let recv = accept_from(&cfg, &listener, prev, deadline);
+        let recv = accept_from(&cfg, &listener, prev, deadline, &abort);
         // The caller may keep the listener for later generations: leave it as it came.
         let _ = listener.set_nonblocking(false);
         if recv.is_err() {
             cancel.store(true, Ordering::SeqCst);
+        }
+        if abort.load(Ordering::SeqCst) {
+            // Not waiting for the dialer: it may be inside a handshake with a silent peer, and
+            // ends by itself at its deadline (dropping the handle detaches it).
+            return Err(comm_err(
+                rank,
+                format!(
+                    "joining the ring of generation {} was aborted",
+                    cfg.generation
+                ),
+            ));
         }
         let send = dialer
             .join()
