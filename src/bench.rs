@@ -451,6 +451,8 @@ pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
         .unwrap_or("tiny")
         .to_string();
     let n = o.workers;
+    // Throughput of n workers over n times that of one.
+    let eff = |one: f64, many: f64| many / (n as f64 * one);
     let (mut r1, mut rn, mut b1, mut bn) = (vec![], vec![], vec![], vec![]);
     let (mut cpu, mut share, mut share_training) = (vec![], vec![], vec![]);
     for round in 0..o.rounds {
@@ -471,24 +473,21 @@ pub async fn scaling(o: ScalingOptions) -> anyhow::Result<ScalingBench> {
             round,
             samples_per_s_1 = r1[round],
             samples_per_s_n = rn[round],
-            efficiency = rn[round] / (n as f64 * r1[round]),
+            efficiency = eff(r1[round], rn[round]),
             "scaling round done"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let efficiency = util::median(&rn) / (n as f64 * util::median(&r1));
-    let machine_efficiency = util::median(&bn) / (n as f64 * util::median(&b1));
+    let (m1, mn) = (util::median(&r1), util::median(&rn));
+    let (bare_1, bare_n) = (util::median(&b1), util::median(&bn));
+    let (efficiency, machine_efficiency) = (eff(m1, mn), eff(bare_1, bare_n));
     Ok(ScalingBench {
-        samples_per_s_1: util::median(&r1),
-        samples_per_s_n: util::median(&rn),
+        samples_per_s_1: m1,
+        samples_per_s_n: mn,
         efficiency,
-        efficiency_rounds: r1
-            .iter()
-            .zip(&rn)
-            .map(|(a, b)| b / (n as f64 * a))
-            .collect(),
-        bare_samples_per_s_1: util::median(&b1),
-        bare_samples_per_s_n: util::median(&bn),
+        efficiency_rounds: r1.iter().zip(&rn).map(|(a, b)| eff(*a, *b)).collect(),
+        bare_samples_per_s_1: bare_1,
+        bare_samples_per_s_n: bare_n,
         machine_efficiency,
         runtime_efficiency: efficiency / machine_efficiency,
         coordinator_cpu_s: util::median(&cpu),

@@ -118,33 +118,30 @@ pub fn worker_devices(spec: &str) -> Result<Vec<String>> {
 /// of `devices` (as [`worker_devices`] deals them): NCCL wants one GPU per rank.
 pub fn shared_gpu(devices: &[String], n: usize) -> Option<String> {
     let mut seen = std::collections::HashSet::new();
-    for i in 0..n {
-        let d = devices[i % devices.len()].as_str();
-        let gpu = match d {
-            "cpu" => continue,
-            "cuda" => "cuda:0",
-            d => d,
-        };
-        if !seen.insert(gpu) {
-            return Some(gpu.to_string());
-        }
+    (0..n)
+        .filter_map(|i| parse_ordinal(&devices[i % devices.len()]).ok().flatten())
+        .find(|gpu| !seen.insert(*gpu))
+        .map(|gpu| format!("cuda:{gpu}"))
+}
+
+/// The GPU index a `--device` name means (`None` for the CPU), by its spelling alone.
+fn parse_ordinal(name: &str) -> Result<Option<usize>> {
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => Err(Error::Device(format!(
+                "device {name:?}: expected cpu, cuda or cuda:N (N a GPU index)"
+            ))),
+        },
     }
-    None
 }
 
 /// Checks a `--device` name without opening the device: `None` for the CPU, else the GPU index.
 pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
-    let ordinal = match name {
-        "cpu" => return Ok(None),
-        "cuda" => 0,
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => {
-                return Err(Error::Device(format!(
-                    "device {name:?}: expected cpu, cuda or cuda:N (N a GPU index)"
-                )))
-            }
-        },
+    let Some(ordinal) = parse_ordinal(name)? else {
+        return Ok(None);
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::Device(format!(

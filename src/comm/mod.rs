@@ -23,6 +23,9 @@ pub trait Collective: Send {
     /// default through the host ([`Self::all_reduce_sum`]); a device collective (NCCL)
     /// overrides it so that gradients stay on the GPU.
     fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(t.clone()); // the sum over one rank: no trip through the host
+        }
         // A bucket is a view of the whole gradient; candle would copy all of the storage down
         // to read it, so copy the bucket out first.
         let mut host = t.force_contiguous()?.to_vec1::<f32>()?;

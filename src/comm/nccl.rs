@@ -23,7 +23,7 @@
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 struct RawComm(sys::ncclComm_t);
 
 // SAFETY: an NCCL communicator may be used from any thread; tandem issues its operations from
-// one thread at a time (the Mutex in `Nccl`), and `ncclCommAbort` is documented as safe to
+// one thread at a time (`Nccl`'s `&mut self` methods), and `ncclCommAbort` is documented as safe to
 // call while another thread is blocked in an operation of the same communicator.
 unsafe impl Send for RawComm {}
 unsafe impl Sync for RawComm {}
@@ -56,7 +56,7 @@ impl Drop for RawComm {
 pub struct Nccl<C: Collective> {
     inner: C,
     /// `None` once aborted.
-    comm: Mutex<Option<Arc<RawComm>>>,
+    comm: Option<Arc<RawComm>>,
     stream: Arc<CudaStream>,
     timeout: Duration,
     abort: Arc<AtomicBool>,
@@ -133,29 +133,26 @@ impl<C: Collective> Nccl<C> {
                 let _ = tx.send(r);
             })
             .map_err(|e| err(format!("starting the NCCL init thread: {e}")))?;
-        let start = Instant::now();
-        let comm = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Ok(c)) => break c,
-                Ok(Err(e)) => return Err(err(format!("{e} (rank {rank} of {world})"))),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(err("the NCCL init thread died".into()))
-                }
+        let comm = poll(timeout, &abort, || match rx.try_recv() {
+            Ok(r) => r.map(Some),
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Err("the NCCL init thread died".into())
             }
-            if abort.load(Ordering::SeqCst) {
-                return Err(err("aborted while building the NCCL communicator".into()));
-            }
-            if start.elapsed() > timeout {
-                return Err(err(format!(
+        })
+        .map_err(|why| {
+            err(match why {
+                GaveUp::Failed(e) => format!("{e} (rank {rank} of {world})"),
+                GaveUp::Aborted => "aborted while building the NCCL communicator".into(),
+                GaveUp::TimedOut => format!(
                     "the NCCL communicator was not ready within {timeout:?} (a peer is gone)"
-                )));
-            }
-        };
+                ),
+            })
+        })?;
         tracing::info!(rank, world, "NCCL communicator ready");
         Ok(Nccl {
             inner,
-            comm: Mutex::new(Some(Arc::new(comm))),
+            comm: Some(Arc::new(comm)),
             stream,
             timeout,
             abort,
@@ -163,53 +160,72 @@ impl<C: Collective> Nccl<C> {
     }
 
     /// Waits for the stream's work so far, watching the deadline, the abort flag and NCCL's
-    /// asynchronous errors; aborts the communicator on any of them.
-    fn wait(&self, comm: &RawComm) -> Result<()> {
+    /// asynchronous errors; on any of them retires the communicator (it is aborted, releasing
+    /// any kernel still waiting for a peer, when the caller's last reference goes).
+    fn wait(&mut self, comm: &RawComm) -> Result<()> {
         let rank = self.inner.rank();
-        let err = |msg: String| Error::Comm { rank, msg };
-        let event = self
-            .stream
-            .record_event(None)
-            .map_err(|e| err(format!("recording a CUDA event: {e:?}")))?;
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(20);
-        loop {
-            let done = match event.try_is_complete() {
-                Ok(done) => done,
-                Err(e) => return Err(self.fail(err(format!("CUDA error in all-reduce: {e:?}")))),
-            };
+        let event = self.stream.record_event(None).map_err(|e| Error::Comm {
+            rank,
+            msg: format!("recording a CUDA event: {e:?}"),
+        })?;
+        let done = poll(self.timeout, &self.abort, || {
+            let done = event
+                .try_is_complete()
+                .map_err(|e| format!("CUDA error in all-reduce: {e:?}"))?;
             // Also after completion: NCCL's kernels end early on an internal error.
             let mut state = sys::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator; `state` is written by NCCL.
             let r = unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
             for s in [r, state] {
                 if s != sys::ncclResult_t::ncclSuccess && s != sys::ncclResult_t::ncclInProgress {
-                    return Err(self.fail(err(format!("NCCL asynchronous error {s:?}"))));
+                    return Err(format!("NCCL asynchronous error {s:?}"));
                 }
             }
-            if done {
-                return Ok(());
-            }
-            if self.abort.load(Ordering::SeqCst) {
-                return Err(self.fail(err("all-reduce aborted".into())));
-            }
-            if start.elapsed() > self.timeout {
-                return Err(self.fail(err(format!(
+            Ok(done.then_some(()))
+        });
+        done.map_err(|why| {
+            self.comm = None;
+            let msg = match why {
+                GaveUp::Failed(e) => e,
+                GaveUp::Aborted => "all-reduce aborted".into(),
+                GaveUp::TimedOut => format!(
                     "NCCL all-reduce did not complete within {:?} (a peer is gone or stalled)",
                     self.timeout
-                ))));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
-        }
+                ),
+            };
+            Error::Comm { rank, msg }
+        })
     }
+}
 
-    /// Retires the communicator and returns `e`: it is aborted (releasing any kernel still
-    /// waiting for a peer) when the caller's last reference goes, on the way out of the
-    /// failed all-reduce.
-    fn fail(&self, e: Error) -> Error {
-        self.comm.lock().unwrap().take();
-        e
+/// Why [`poll`] gave up.
+enum GaveUp {
+    Failed(String),
+    Aborted,
+    TimedOut,
+}
+
+/// Calls `step` until it yields a value or an error, `abort` is set or `timeout` has passed,
+/// pausing between calls (20 µs, doubling up to 1 ms).
+fn poll<T>(
+    timeout: Duration,
+    abort: &AtomicBool,
+    mut step: impl FnMut() -> std::result::Result<Option<T>, String>,
+) -> std::result::Result<T, GaveUp> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        if let Some(v) = step().map_err(GaveUp::Failed)? {
+            return Ok(v);
+        }
+        if abort.load(Ordering::SeqCst) {
+            return Err(GaveUp::Aborted);
+        }
+        if start.elapsed() > timeout {
+            return Err(GaveUp::TimedOut);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
     }
 }
 
@@ -281,25 +297,12 @@ impl<C: Collective> Collective for Nccl<C> {
     /// Enqueues every bucket on the stream, then waits once.
     fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
         if ts.iter().any(|t| !t.device().is_cuda()) {
-            return ts
-                .iter()
-                .map(|t| {
-                    let mut host = t.force_contiguous()?.to_vec1::<f32>()?;
-                    self.inner.all_reduce_sum(&mut host)?;
-                    Ok(Tensor::from_vec(host, t.dims(), t.device())?)
-                })
-                .collect();
+            return self.inner.all_reduce_sum_tensors(ts);
         }
-        let rank = self.inner.rank();
-        let comm = self
-            .comm
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or_else(|| Error::Comm {
-                rank,
-                msg: "the NCCL communicator was aborted by an earlier failure".into(),
-            })?;
+        let comm = self.comm.clone().ok_or_else(|| Error::Comm {
+            rank: self.inner.rank(),
+            msg: "the NCCL communicator was aborted by an earlier failure".into(),
+        })?;
         let op = AllReduce {
             comm: comm.clone(),
             stream: self.stream.clone(),

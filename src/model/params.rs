@@ -181,14 +181,8 @@ impl ParamStore {
     /// without a gradient is an error: it would leave a hole in every rank's buckets.
     pub fn accumulate_grads(&self, grads: &GradStore, flat: &mut [f32]) -> Result<()> {
         assert_eq!(flat.len(), self.numel(), "flat gradient buffer length");
-        for (i, v) in self.vars.iter().enumerate() {
-            let g = grads.get(v.as_tensor()).ok_or_else(|| {
-                Error::Train(format!(
-                    "parameter `{}` received no gradient: it is not used by this model's loss",
-                    self.specs[i].name
-                ))
-            })?;
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..self.vars.len() {
+            let g = self.grad_of(i, grads)?.flatten_all()?.to_vec1::<f32>()?;
             for (d, s) in flat[self.range(i)].iter_mut().zip(&g) {
                 *d += s;
             }
@@ -225,21 +219,21 @@ impl ParamStore {
     /// [`Self::to_flat_tensor`]); a parameter without a gradient is an error, as in
     /// [`Self::accumulate_grads`].
     pub fn flat_grads(&self, grads: &GradStore) -> Result<Tensor> {
-        let parts = self
-            .vars
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let g = grads.get(v.as_tensor()).ok_or_else(|| {
-                    Error::Train(format!(
-                        "parameter `{}` received no gradient: it is not used by this model's loss",
-                        self.specs[i].name
-                    ))
-                })?;
-                Ok(g.flatten_all()?)
-            })
+        let parts = (0..self.vars.len())
+            .map(|i| Ok(self.grad_of(i, grads)?.flatten_all()?))
             .collect::<Result<Vec<_>>>()?;
         flat_cat(&parts, &self.device)
+    }
+
+    /// Parameter `i`'s gradient in `grads`; none is an error (it would leave a hole in every
+    /// rank's buckets).
+    fn grad_of<'g>(&self, i: usize, grads: &'g GradStore) -> Result<&'g Tensor> {
+        grads.get(self.vars[i].as_tensor()).ok_or_else(|| {
+            Error::Train(format!(
+                "parameter `{}` received no gradient: it is not used by this model's loss",
+                self.specs[i].name
+            ))
+        })
     }
 
     /// name → tensor, for saving.

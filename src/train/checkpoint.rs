@@ -238,7 +238,8 @@ pub fn store_files(
 /// Restores weights, optimiser moments and step counters from checkpoint files.
 pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Result<TrainerState> {
     let init_std = trainer.model.cfg.initializer_range;
-    let mut adam = trainer.adamw()?.into_owned();
+    // restore_store replaces every moment and the step count: start from a blank state.
+    let mut adam = AdamW::new(trainer.options.adamw, &trainer.model.store);
     let state = restore_store(&trainer.model.store, &mut adam, init_std, files)?;
     trainer.set_adamw(adam)?;
     trainer.step = state.step;

@@ -62,7 +62,11 @@ pub enum Updater {
 impl Updater {
     /// Starts from the store's current weights, with zero moments.
     pub fn new(store: &ParamStore, cfg: AdamWConfig, place: UpdatePlace) -> Result<Self> {
-        let opt = AdamW::new(cfg, store);
+        Self::with_state(store, AdamW::new(cfg, store), place)
+    }
+
+    /// Starts from the store's current weights and the optimiser state `opt` (a checkpoint's).
+    pub fn with_state(store: &ParamStore, opt: AdamW, place: UpdatePlace) -> Result<Self> {
         Ok(match place {
             UpdatePlace::Host => {
                 let params = store.to_flat()?;
@@ -114,11 +118,12 @@ impl Updater {
                 }
             }
             Updater::Device { grad, .. } => {
-                let buckets = chunks(grad, bucket)?;
-                let parts = comm.all_reduce_sum_tensors(&buckets)?;
-                if !parts.is_empty() {
-                    *grad = Tensor::cat(&parts, 0)?;
-                }
+                let mut parts = comm.all_reduce_sum_tensors(&chunks(grad, bucket)?)?;
+                *grad = match parts.len() {
+                    0 => return Ok(()),
+                    1 => parts.pop().expect("one part"),
+                    _ => Tensor::cat(&parts, 0)?,
+                };
             }
         }
         Ok(())

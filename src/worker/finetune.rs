@@ -357,12 +357,8 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         (model, adam, state)
     };
     model.set_precision(super::train::precision(&cfg, &ctx, rank));
-    let mut update = Updater::new(
-        &model.store,
-        adam.cfg,
-        UpdatePlace::for_device(model.store.device()),
-    )?;
-    update.set_adamw(adam, &model.store)?;
+    let place = UpdatePlace::for_device(model.store.device());
+    let mut update = Updater::with_state(&model.store, adam, place)?;
     update.broadcast_params(&mut ring, 0, &model.store)?;
 
     let n = data.n_train();

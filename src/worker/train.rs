@@ -749,8 +749,8 @@ impl TimeSplit {
 
     /// Logs the mean milliseconds per step of each part: waiting for data, waiting for the
     /// other ranks at the step's start, forward, backward, all-reduce and the optimiser; and
-    /// the rank's mean non-padding and masked tokens per step (a rank with more of them is
-    /// the one the others wait for in the all-reduce).
+    /// the rank's mean non-padding and masked tokens per step (to tell an imbalance of the
+    /// ranks' data from one of their machines).
     fn log(&self, rank: usize) {
         if self.steps == 0 {
             return;

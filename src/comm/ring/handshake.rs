@@ -188,9 +188,7 @@ pub(super) fn dial(
     let mut try_local = cfg.transport == Transport::Auto;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let gave_up = if abort.load(Ordering::SeqCst) {
-            Some(format!("connecting to rank {to} at {addr} was aborted"))
-        } else if cancel.load(Ordering::SeqCst) {
+        let gave_up = if cancel.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst) {
             Some(format!("connecting to rank {to} at {addr} was cancelled"))
         } else if left.is_zero() {
             let t = secs(cfg.timeout);
