@@ -348,10 +348,13 @@ fn epoch_plans_differ_by_epoch_and_not_by_rerun() {
     assert!(index.shards.len() >= 20, "{}", index.shards.len());
     let p0 = plan_epoch(&index, 42, 0, 4);
     assert_eq!(p0, plan_epoch(&index, 42, 0, 4));
-    assert_ne!(p0.per_rank, plan_epoch(&index, 42, 1, 4).per_rank);
-    assert_ne!(p0.per_rank, plan_epoch(&index, 43, 0, 4).per_rank);
+    assert_ne!(p0.order, plan_epoch(&index, 42, 1, 4).order);
+    assert_ne!(p0.order, plan_epoch(&index, 43, 0, 4).order);
     let one = plan_epoch(&index, 42, 0, 1);
-    let mut ids = one.per_rank[0].clone();
+    // The reading order does not depend on the world size; only its cut into runs does.
+    assert_eq!(one.order, p0.order);
+    assert_eq!(one.run(0), &one.order[..]);
+    let mut ids = one.order.clone();
     assert_ne!(
         ids,
         (0..index.shards.len() as u32).collect::<Vec<_>>(),
@@ -477,13 +480,23 @@ proptest! {
         let index = fake_index(&sizes);
         let plan = plan_epoch(&index, seed, epoch, world);
         prop_assert_eq!(plan.per_rank.len(), world);
-        let mut seen: Vec<u32> = plan.per_rank.iter().flatten().copied().collect();
+        // The runs are consecutive pieces of the order, which holds every shard once.
+        prop_assert_eq!(plan.per_rank[0].start, 0);
+        prop_assert_eq!(plan.per_rank[world - 1].end, sizes.len());
+        for w in plan.per_rank.windows(2) {
+            prop_assert_eq!(w[0].end, w[1].start);
+        }
+        let mut seen = plan.order.clone();
         seen.sort();
         prop_assert_eq!(seen, (0..sizes.len() as u32).collect::<Vec<_>>());
-        let loads: Vec<u64> = plan.per_rank.iter().map(|r| r.iter().map(|&i| sizes[i as usize]).sum()).collect();
+        prop_assert_eq!(&plan.order, &plan_epoch(&index, seed, epoch, 1).order);
+        // Each run's bytes are within one (largest) shard of the mean.
+        let loads: Vec<u64> = (0..world).map(|r| plan.run(r).iter().map(|&i| sizes[i as usize]).sum()).collect();
         prop_assert_eq!(&loads, &plan.rank_bytes);
-        let (max, min) = (*loads.iter().max().unwrap(), *loads.iter().min().unwrap());
-        prop_assert!(max - min <= *sizes.iter().max().unwrap(), "loads {:?}", loads);
+        let (total, big) = (sizes.iter().sum::<u64>() as f64, *sizes.iter().max().unwrap() as f64);
+        for l in &loads {
+            prop_assert!((*l as f64 - total / world as f64).abs() <= big, "loads {:?}", loads);
+        }
         prop_assert_eq!(&plan, &plan_epoch(&index, seed, epoch, world));
     }
 }

@@ -359,3 +359,56 @@ fn a_new_generation_waits_for_a_checkpoint_still_arriving() {
     assert_exactly_once(&s);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A worker lost for good mid-epoch: the next generation has one rank fewer and resumes from
+/// the last checkpoint, whose cursor keeps the epoch's three partitions (dealt over two ranks
+/// now); every instance is still used exactly once and the replicas end identical.
+#[test]
+fn a_lost_worker_shrinks_the_world_mid_epoch_and_no_instance_is_lost() {
+    let cluster = "max_restarts = 3\njoin_window_s = 2";
+    let dir = job_dir("shrink", 2, 3, cluster, "epochs = 2", 32);
+    let toml =
+        std::fs::read_to_string(dir.join("job.toml")).unwrap() + "[checkpoint]\nevery_steps = 3\n";
+    std::fs::write(dir.join("job.toml"), toml).unwrap();
+    let log = dir.join("coordinator.log");
+    let token = "shrink-token";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (mut coord, url) = coordinator(&dir, &listen, token, false, &log);
+    let mut workers: Vec<_> = (0..3)
+        .map(|i| {
+            worker(
+                &url,
+                token,
+                &format!("w{i}"),
+                &dir.join(format!("w{i}.log")),
+            )
+        })
+        .collect();
+    wait_for("a checkpoint", LONG, || !checkpoints(&dir).is_empty());
+    let _ = workers[2].kill();
+    let _ = workers[2].wait();
+    let status = wait_with_timeout(&mut coord, LONG);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    let history = s["history"].as_array().unwrap();
+    assert_eq!(history[0]["world_size"], 3, "{s:#}");
+    let last = history.last().unwrap();
+    assert_eq!(last["world_size"], 2, "{s:#}");
+    assert!(
+        last["start_checkpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("stage0-step"),
+        "the smaller world resumes mid-stage: {s:#}"
+    );
+    let stage = &s["stages"][0];
+    assert_eq!(stage["replicas_identical"], true, "{s:#}");
+    assert_eq!(stage["param_hashes"].as_array().unwrap().len(), 2, "{s:#}");
+    assert_exactly_once(&s);
+    for w in &mut workers[..2] {
+        assert!(wait_with_timeout(w, Duration::from_secs(30)).success());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod corpus;
+pub mod epoch;
 pub mod finetune;
 pub mod instances;
 pub mod shard;

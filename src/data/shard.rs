@@ -471,36 +471,65 @@ pub fn parse_shard(
     Ok(docs)
 }
 
-/// Which shards each rank reads in one epoch, in reading order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One epoch's shards: every shard once in an order shuffled by (seed, epoch) — the same for
+/// any world size — and that order cut into `world_size` contiguous runs of about equal bytes.
+/// A run is which shards a rank tokenizes at the epoch's start to count their instances; what
+/// it then trains on is a contiguous range of the epoch's instances, balanced by those counts
+/// (`data::epoch`), which mostly covers the same shards.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EpochPlan {
     pub seed: u64,
     pub epoch: u64,
-    pub per_rank: Vec<Vec<u32>>,
-    /// Bytes assigned to each rank.
+    /// Shard ids in reading order.
+    pub order: Vec<u32>,
+    /// Each rank's run: positions in `order`.
+    pub per_rank: Vec<std::ops::Range<usize>>,
+    /// Bytes in each rank's run.
     pub rank_bytes: Vec<u64>,
 }
 
-/// Assigns every shard to exactly one of `world_size` ranks: the shards in a permutation
-/// drawn from (seed, epoch), each given to the least-loaded rank (by bytes; ties to the
-/// lower rank; `world_size` must be ≥ 1). This list scheduling keeps any two ranks' loads within one shard's bytes:
-/// when the fullest rank took its last shard it was the emptiest.
+impl EpochPlan {
+    /// The shard ids of `rank`'s run, in order.
+    pub fn run(&self, rank: usize) -> &[u32] {
+        &self.order[self.per_rank[rank].clone()]
+    }
+}
+
+/// Plans an epoch (`world_size` must be ≥ 1). Each cut is the shard boundary nearest to its
+/// ideal byte offset, so every run's bytes are within one shard's bytes of the mean.
 pub fn plan_epoch(index: &ShardIndex, seed: u64, epoch: u64, world_size: usize) -> EpochPlan {
     assert!(world_size > 0, "plan_epoch: world size must be at least 1");
     let mut order: Vec<u32> = (0..index.shards.len() as u32).collect();
     order.shuffle(&mut crate::util::rng(&[seed, epoch, PLAN_STREAM]));
-    let mut per_rank = vec![Vec::new(); world_size];
-    let mut rank_bytes = vec![0u64; world_size];
-    for id in order {
-        let r = (0..world_size)
-            .min_by_key(|&r| (rank_bytes[r], r))
-            .unwrap_or(0);
-        per_rank[r].push(id);
-        rank_bytes[r] += index.shards[id as usize].bytes;
+    // prefix[i]: bytes of the first i shards of the order.
+    let mut prefix = Vec::with_capacity(order.len() + 1);
+    prefix.push(0u64);
+    for &id in &order {
+        prefix.push(prefix.last().unwrap() + index.shards[id as usize].bytes);
     }
+    let total = *prefix.last().unwrap() as u128;
+    let mut cuts = vec![0usize];
+    for r in 1..world_size {
+        let ideal = total * r as u128 / world_size as u128;
+        // First boundary at or past the ideal offset, or the one before it if that is nearer.
+        let mut i = prefix.partition_point(|&b| (b as u128) < ideal);
+        if i > 0 && i < prefix.len() && ideal - (prefix[i - 1] as u128) < prefix[i] as u128 - ideal
+        {
+            i -= 1;
+        }
+        let i = i.clamp(*cuts.last().unwrap(), order.len());
+        cuts.push(i);
+    }
+    cuts.push(order.len());
+    let per_rank: Vec<_> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
+    let rank_bytes = per_rank
+        .iter()
+        .map(|r| prefix[r.end] - prefix[r.start])
+        .collect();
     EpochPlan {
         seed,
         epoch,
+        order,
         per_rank,
         rank_bytes,
     }

@@ -112,15 +112,20 @@ impl TrainerState {
     }
 }
 
-/// The data position of a stage. An epoch's instances are split into `partitions` streams
-/// (the plan for the world size at the epoch's start); each is consumed in order, so a
-/// count per partition is an exact cursor, whatever world size resumes it.
+/// The data position of a stage. An epoch's instances form one sequence (`data::epoch`),
+/// split into `partitions` contiguous streams (balanced for the world size at the epoch's
+/// start); each is consumed in order, so a count per partition is an exact cursor, whatever
+/// world size resumes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DataCursor {
     pub epoch: u32,
     pub partitions: u32,
     /// Instances consumed per partition (empty: the epoch has not started).
     pub consumed: Vec<u64>,
+    /// Where each partition starts in the epoch's sequence, and its end (`partitions + 1`
+    /// entries; empty when the epoch has not started).
+    #[serde(default)]
+    pub bounds: Vec<u64>,
 }
 
 /// Instances `[start, end)` of one partition of one epoch, consumed in committed steps.

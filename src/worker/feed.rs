@@ -1,15 +1,17 @@
-//! The data feed of one epoch on one rank: a thread that fetches the shards of this rank's
-//! data partitions from the coordinator, parses, tokenizes and turns them into pre-training
-//! instances, so data preparation overlaps training.
+//! The data feed of one epoch on one rank: a thread that fetches shards from the coordinator,
+//! parses, tokenizes and turns them into pre-training instances, so data preparation overlaps
+//! training.
 //!
-//! It first counts every partition's instances (so all ranks can agree on the epoch's step
-//! count and the ledger's totals before the first step), then streams the instances in order,
-//! skipping those a checkpoint's cursor says were already consumed. A partition's instance
-//! stream depends only on (seed, epoch, shards), so it is the same on any rank.
+//! It first counts the instances of this rank's run of the epoch's shards (the plan's
+//! contiguous byte-balanced cut) and sends the counts; the training thread all-reduces them
+//! into every shard's count, lays the epoch out as one sequence (`data::epoch`) and sends back
+//! the ranges of it this rank trains on. The feed then streams those instances in order. A
+//! shard's instances depend only on (seed, epoch, shard), so they are the same on any rank.
 
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
+use crate::data::epoch::EpochLayout;
 use crate::data::instances::{instances_for_shard, Instance, InstanceOptions, VocabInfo};
 use crate::data::shard::ShardIndex;
 use crate::data::tokenizer::Tokenizer;
@@ -18,27 +20,40 @@ use crate::data::tokenizer::Tokenizer;
 /// beyond it they are fetched again.
 const CACHE_BYTES: usize = 256 << 20;
 
-/// One data partition of the epoch owned by this rank.
-#[derive(Debug, Clone)]
+/// The instances of the first counted shards are kept (up to this many), so the stream,
+/// which mostly starts where the counting began, does not make them again at the epoch's
+/// start while every rank waits for its first batch.
+const KEEP_INSTANCES: usize = 4096;
+
+/// A range of the epoch's instance sequence that this rank trains on.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     pub id: u32,
-    pub shards: Vec<u32>,
-    /// Instances already consumed (from the checkpoint's cursor).
-    pub skip: u64,
+    /// First position still to train on (the partition's start plus what a checkpoint's
+    /// cursor says was consumed).
+    pub start: u64,
+    pub end: u64,
 }
 
 pub enum FeedMsg {
-    /// Total instances per partition, in `partitions` order (sent first).
+    /// Instances per shard of this rank's counting run, in order (sent first).
     Count {
-        totals: Vec<u64>,
+        counts: Vec<u64>,
     },
     /// The next instance and the partition it belongs to.
     Instance(u32, Instance),
     Error(String),
 }
 
-pub struct FeedSpec {
+/// What to stream, once the counts are all known.
+pub struct Stream {
+    pub layout: Arc<EpochLayout>,
     pub partitions: Vec<Partition>,
+}
+
+pub struct FeedSpec {
+    /// Shards whose instances this rank counts, in order.
+    pub count: Vec<u32>,
     pub index: Arc<ShardIndex>,
     pub tokenizer: Arc<Tokenizer>,
     pub instances: InstanceOptions,
@@ -46,21 +61,23 @@ pub struct FeedSpec {
     pub epoch: u64,
 }
 
-/// `fetch(shard_id)` returns the shard's bytes (checksum verified).
+/// `fetch(shard_id)` returns the shard's bytes (checksum verified). The returned sender takes
+/// the stream plan; dropping it ends the feed after the count.
 pub fn spawn(
     spec: FeedSpec,
     fetch: impl FnMut(u32) -> anyhow::Result<Vec<u8>> + Send + 'static,
-) -> Receiver<FeedMsg> {
+) -> (Receiver<FeedMsg>, SyncSender<Stream>) {
     let (tx, rx) = sync_channel(1024);
+    let (plan_tx, plan_rx) = sync_channel(1);
     std::thread::Builder::new()
         .name(format!("feed-e{}", spec.epoch))
         .spawn(move || {
-            if let Err(e) = run(&spec, fetch, &tx) {
+            if let Err(e) = run(&spec, fetch, &tx, &plan_rx) {
                 let _ = tx.send(FeedMsg::Error(format!("{e:#}")));
             }
         })
         .expect("spawn feed thread");
-    rx
+    (rx, plan_tx)
 }
 
 fn shard_instances(
@@ -84,41 +101,68 @@ fn shard_instances(
 fn run(
     spec: &FeedSpec,
     mut fetch: impl FnMut(u32) -> anyhow::Result<Vec<u8>>,
-    tx: &std::sync::mpsc::SyncSender<FeedMsg>,
+    tx: &SyncSender<FeedMsg>,
+    plan: &Receiver<Stream>,
 ) -> anyhow::Result<()> {
     let vocab = VocabInfo::from_tokenizer(&spec.tokenizer);
     let mut cache: std::collections::HashMap<u32, Vec<u8>> = Default::default();
     let mut cached = 0usize;
-    let mut totals = vec![];
-    for p in &spec.partitions {
-        let mut total = 0u64;
-        for &id in &p.shards {
-            let bytes = fetch(id)?;
-            let inst = shard_instances(spec, &vocab, id, &bytes)?;
-            total += inst.len() as u64;
-            if cached + bytes.len() <= CACHE_BYTES {
-                cached += bytes.len();
-                cache.insert(id, bytes);
-            }
+    let mut kept: std::collections::HashMap<u32, Vec<Instance>> = Default::default();
+    let mut kept_n = 0usize;
+    let mut counts = Vec::with_capacity(spec.count.len());
+    for &id in &spec.count {
+        let bytes = fetch(id)?;
+        let inst = shard_instances(spec, &vocab, id, &bytes)?;
+        counts.push(inst.len() as u64);
+        if kept_n + inst.len() <= KEEP_INSTANCES {
+            kept_n += inst.len();
+            kept.insert(id, inst);
         }
-        totals.push(total);
+        if cached + bytes.len() <= CACHE_BYTES {
+            cached += bytes.len();
+            cache.insert(id, bytes);
+        }
     }
-    if tx.send(FeedMsg::Count { totals }).is_err() {
+    if tx.send(FeedMsg::Count { counts }).is_err() {
         return Ok(());
     }
-    for p in &spec.partitions {
-        let mut index = 0u64;
-        for &id in &p.shards {
-            let bytes = match cache.remove(&id) {
-                Some(b) => b,
-                None => fetch(id)?,
+    let Ok(Stream { layout, partitions }) = plan.recv() else {
+        return Ok(());
+    };
+    // Kept instances of shards outside this rank's partitions are not needed.
+    let wanted: std::collections::HashSet<u32> = partitions
+        .iter()
+        .flat_map(|p| layout.pieces(p.start, p.end))
+        .map(|piece| piece.shard)
+        .collect();
+    kept.retain(|id, _| wanted.contains(id));
+    for p in &partitions {
+        for piece in layout.pieces(p.start, p.end) {
+            let inst = match kept.remove(&piece.shard) {
+                Some(inst) => inst,
+                None => {
+                    let fetched;
+                    let bytes = match cache.get(&piece.shard) {
+                        Some(b) => b,
+                        None => {
+                            fetched = fetch(piece.shard)?;
+                            &fetched
+                        }
+                    };
+                    shard_instances(spec, &vocab, piece.shard, bytes)?
+                }
             };
-            let inst = shard_instances(spec, &vocab, id, &bytes)?;
-            for i in inst {
-                if index >= p.skip && tx.send(FeedMsg::Instance(p.id, i)).is_err() {
+            anyhow::ensure!(
+                inst.len() >= piece.to,
+                "shard {} yielded {} instances, {} were counted",
+                piece.shard,
+                inst.len(),
+                piece.to
+            );
+            for i in inst.into_iter().take(piece.to).skip(piece.from) {
+                if tx.send(FeedMsg::Instance(p.id, i)).is_err() {
                     return Ok(());
                 }
-                index += 1;
             }
         }
     }

@@ -485,8 +485,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         epoch += 1;
         state.cursor = DataCursor {
             epoch,
-            partitions: 0,
-            consumed: vec![],
+            ..Default::default()
         };
         let improved = best.is_none_or(|(b, _)| score > b);
         if improved {

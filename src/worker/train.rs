@@ -12,10 +12,11 @@ use anyhow::Context;
 use candle_core::Device;
 
 use super::client::{self, Client};
-use super::feed::{self, FeedMsg, FeedSpec, Partition};
+use super::feed::{self, FeedMsg, FeedSpec, Partition, Stream};
 use crate::comm::ring::{AbortHandle, Ring, RingConfig, RingListener};
 use crate::comm::Collective;
 use crate::config::{GpuCollective, JobConfig, ResizePolicy};
+use crate::data::epoch::{balanced_bounds, EpochLayout};
 use crate::data::instances::collate;
 use crate::data::shard::{plan_epoch, ShardIndex};
 use crate::data::tokenizer::Tokenizer;
@@ -50,6 +51,41 @@ pub(super) fn set_phase(ctx: &Ctx, phase: &str) {
 /// `G mod world` ranks take one more).
 fn quota(global: usize, world: usize, rank: usize) -> usize {
     global / world + usize::from(rank < global % world)
+}
+
+/// A mid-epoch cursor from a checkpoint must describe this epoch's sequence: partition bounds
+/// from 0 to its instance count, one consumed count per partition.
+fn check_cursor(c: &DataCursor, epoch_total: u64) -> anyhow::Result<()> {
+    let parts = c.partitions as usize;
+    anyhow::ensure!(
+        !c.bounds.is_empty(),
+        "the checkpoint's data cursor (epoch {}) has no partition bounds: it was written by an \
+         older tandem, whose partitions were lists of shards; resume it with that version, \
+         or restart the stage",
+        c.epoch
+    );
+    let fits = c.bounds.len() == parts + 1
+        && c.consumed.len() == parts
+        && c.bounds[0] == 0
+        && c.bounds.windows(2).all(|w| w[0] <= w[1]);
+    anyhow::ensure!(
+        fits,
+        "the checkpoint's data cursor (epoch {}) is malformed: {} partitions, bounds {:?}, \
+         consumed {:?}",
+        c.epoch,
+        parts,
+        c.bounds,
+        c.consumed
+    );
+    let planned = *c.bounds.last().unwrap();
+    anyhow::ensure!(
+        planned == epoch_total,
+        "the checkpoint's data cursor is for {planned} instances in epoch {}, but the corpus \
+         now yields {epoch_total}: the corpus, the tokenizer or data.instances changed since \
+         the checkpoint was written",
+        c.epoch
+    );
+    Ok(())
 }
 
 /// Connects this rank to the generation's ring and registers its abort handle.
@@ -250,33 +286,15 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         .then_some(cfg.data.instances.max_seq_length);
     let mut epoch = state.cursor.epoch;
     let mut finished_early = false;
-    while epoch < stage.epochs && !finished_early {
-        // Partitions of this epoch: the plan for the world size at the epoch's start (kept
-        // when resuming mid-epoch, even with another world size), dealt round-robin.
-        let resuming = state.cursor.epoch == epoch && !state.cursor.consumed.is_empty();
-        let (parts, consumed0) = if resuming {
-            (
-                state.cursor.partitions as usize,
-                state.cursor.consumed.clone(),
-            )
-        } else {
-            (world, vec![0u64; world])
-        };
-        let plan = plan_epoch(&index, seed, epoch as u64, parts);
-        let mine: Vec<Partition> = (0..parts)
-            .filter(|p| p % world == rank)
-            .map(|p| Partition {
-                id: p as u32,
-                shards: plan.per_rank[p].clone(),
-                skip: consumed0[p],
-            })
-            .collect();
-        set_phase(&ctx, "preparing data");
+    // The feed of an epoch (see `feed`): it counts this rank's run of the epoch's shards at
+    // once, then waits for the stream plan.
+    let spawn_feed = |epoch: u32| {
+        let plan = plan_epoch(&index, seed, epoch as u64, world);
         let (fetch_client, rt) = (ctx.client.clone(), ctx.rt.clone());
         let (jid, generation) = (job_id.clone(), a.generation);
-        let rx = feed::spawn(
+        let feed = feed::spawn(
             FeedSpec {
-                partitions: mine.clone(),
+                count: plan.run(rank).to_vec(),
                 index: index.clone(),
                 tokenizer: tokenizer.clone(),
                 instances: cfg.data.instances.clone(),
@@ -292,27 +310,81 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 ))
             },
         );
-        let totals_mine = match rx.recv() {
-            Ok(FeedMsg::Count { totals, .. }) => totals,
+        (plan, feed)
+    };
+    // The next epoch's feed, started near the end of the current one so that its counting
+    // pass overlaps training instead of stalling every rank at the epoch's start.
+    let mut next_feed = None;
+    while epoch < stage.epochs && !finished_early {
+        // The epoch as one sequence of instances: every rank counts the instances of its run
+        // of the plan's shards, and the counts are all-reduced into every shard's count.
+        set_phase(&ctx, "preparing data");
+        let (plan, (rx, stream_tx)) = match next_feed.take() {
+            Some((e, f)) if e == epoch => f,
+            _ => spawn_feed(epoch),
+        };
+        let counts_mine = match rx.recv() {
+            Ok(FeedMsg::Count { counts }) => counts,
             Ok(FeedMsg::Error(e)) => anyhow::bail!("data for epoch {epoch}: {e}"),
             _ => anyhow::bail!("data feed for epoch {epoch} ended unexpectedly"),
         };
-        // Every rank learns every partition's size and every rank's remaining share; the
-        // epoch lasts as long as the largest share, and ranks that run out take part with
-        // empty batches (no duplicates, no dropped tail).
-        let mut v = vec![0f32; parts + world];
-        for (p, t) in mine.iter().zip(&totals_mine) {
-            v[p.id as usize] = *t as f32;
-            v[parts + rank] += (*t - p.skip.min(*t)) as f32;
+        let mut v = vec![0f32; plan.order.len()];
+        for (pos, &c) in plan.per_rank[rank].clone().zip(&counts_mine) {
+            // Counts travel as f32 (the ring's type): exact below 2^24.
+            anyhow::ensure!(
+                c < 1 << 24,
+                "shard {} yields {c} instances this epoch; at most 2^24 are supported \
+                 (use a smaller data.shard_size)",
+                plan.order[pos]
+            );
+            v[pos] = c as f32;
         }
         ring.all_reduce_sum(&mut v)?;
-        let totals: Vec<u64> = v[..parts].iter().map(|x| *x as u64).collect();
+        let counts: Vec<u64> = v.iter().map(|x| *x as u64).collect();
+        let layout = Arc::new(EpochLayout::new(plan.order, &counts));
+        let epoch_total = layout.total();
+        // Partitions: contiguous ranges of the sequence, balanced by instance counts for the
+        // world size at the epoch's start (kept when resuming mid-epoch, even with another
+        // world size), dealt round-robin.
+        let resuming = state.cursor.epoch == epoch && !state.cursor.consumed.is_empty();
+        let (bounds, consumed0) = if resuming {
+            let c = &state.cursor;
+            check_cursor(c, epoch_total)?;
+            (c.bounds.clone(), c.consumed.clone())
+        } else {
+            let quotas: Vec<usize> = (0..world).map(|r| quota(global, world, r)).collect();
+            (balanced_bounds(epoch_total, &quotas), vec![0u64; world])
+        };
+        let parts = bounds.len() - 1;
+        let totals: Vec<u64> = bounds.windows(2).map(|w| w[1] - w[0]).collect();
+        let mine: Vec<Partition> = (0..parts)
+            .filter(|p| p % world == rank)
+            .map(|p| Partition {
+                id: p as u32,
+                start: bounds[p] + consumed0[p].min(totals[p]),
+                end: bounds[p + 1],
+            })
+            .collect();
+        // A feed that failed has sent its error, which the first step reads.
+        let _ = stream_tx.send(Stream {
+            layout,
+            partitions: mine,
+        });
+        // The epoch lasts as long as the largest remaining share (all equal on a fresh
+        // epoch); ranks that run out take part with empty batches (no duplicates, no
+        // dropped tail).
         let steps_in_epoch = (0..world)
-            .map(|r| (v[parts + r] as u64).div_ceil(quota(global, world, r) as u64))
+            .map(|r| {
+                let left: u64 = (r..parts)
+                    .step_by(world)
+                    .map(|p| totals[p] - consumed0[p].min(totals[p]))
+                    .sum();
+                left.div_ceil(quota(global, world, r) as u64)
+            })
             .max()
             .unwrap_or(0);
         if !state.planned.iter().any(|(e, _)| *e == epoch) {
-            state.planned.push((epoch, totals.iter().sum()));
+            state.planned.push((epoch, epoch_total));
         }
         if state.total_steps == 0 {
             let mut total = steps_in_epoch * stage.epochs as u64;
@@ -370,12 +442,23 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 epoch,
                 partitions: parts as u32,
                 consumed: cursor,
+                bounds: bounds.clone(),
             };
             Ok(())
         };
-        for _ in 0..steps_in_epoch {
+        // Steps before the epoch's end at which the next epoch's feed starts counting.
+        let lead = (steps_in_epoch / 4).clamp(1, 256);
+        for k in 0..steps_in_epoch {
             if ctx.abort.load(Ordering::SeqCst) {
                 anyhow::bail!("aborted by the coordinator");
+            }
+            let stage_goes_on = trainer.step + steps_in_epoch - k < state.total_steps;
+            if next_feed.is_none()
+                && steps_in_epoch - k <= lead
+                && epoch + 1 < stage.epochs
+                && stage_goes_on
+            {
+                next_feed = Some((epoch + 1, spawn_feed(epoch + 1)));
             }
             let t_data = Instant::now();
             let mut micro = vec![];
@@ -410,6 +493,18 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             let data_ms = t_data.elapsed().as_secs_f64() * 1e3;
             let stats = trainer.train_step(&micro, &mut traced)?;
             last_step_end = Instant::now();
+            let ph = &trainer.phases;
+            tracing::debug!(
+                rank,
+                step = trainer.step,
+                data_ms = format!("{data_ms:.1}"),
+                sync_ms = format!("{:.1}", ph.sync_ms),
+                forward_ms = format!("{:.1}", ph.forward_ms),
+                backward_ms = format!("{:.1}", ph.backward_ms),
+                allreduce_ms = format!("{:.1}", ph.allreduce_ms),
+                optimizer_ms = format!("{:.1}", ph.optimizer_ms),
+                "step time"
+            );
             state.totals.add(&stats);
             if trainer.step > 2 {
                 let tokens = micro.iter().map(|b| b.token_count()).sum::<usize>();
@@ -494,8 +589,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             epoch += 1;
             state.cursor = DataCursor {
                 epoch,
-                partitions: 0,
-                consumed: vec![],
+                ..Default::default()
             };
         }
     }
@@ -770,5 +864,38 @@ impl TimeSplit {
             masked = format!("{:.0}", self.masked as f64 / n),
             "mean time per step"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mid_epoch_cursor_must_describe_this_epoch() {
+        let c = DataCursor {
+            epoch: 3,
+            partitions: 2,
+            consumed: vec![5, 7],
+            bounds: vec![0, 50, 100],
+        };
+        check_cursor(&c, 100).unwrap();
+        let e = check_cursor(&c, 101).unwrap_err().to_string();
+        assert!(
+            e.contains("100 instances in epoch 3") && e.contains("now yields 101"),
+            "{e}"
+        );
+        let old = DataCursor {
+            bounds: vec![],
+            ..c.clone()
+        };
+        let e = check_cursor(&old, 100).unwrap_err().to_string();
+        assert!(e.contains("older tandem"), "{e}");
+        let bad = DataCursor {
+            bounds: vec![0, 100],
+            ..c
+        };
+        let e = check_cursor(&bad, 100).unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
     }
 }
