@@ -94,6 +94,13 @@ pub struct ClusterSection {
     /// Gradient bucket size for the all-reduce, in MiB (PyTorch DDP's default is 25).
     #[serde(default = "d_bucket")]
     pub bucket_mib: f64,
+    /// Pre-training on CPU workers: shard the optimiser step over the ranks (ZeRO stage 1).
+    /// The gradient is reduce-scattered, each rank clips and applies AdamW to its own part
+    /// of the parameters only, and the new parameters are all-gathered: the same bytes on
+    /// the wire as an all-reduce, 1/N of the optimiser's work per rank. `false`: every rank
+    /// updates all parameters. GPU workers (NCCL all-reduce) always do the latter.
+    #[serde(default = "d_true")]
+    pub shard_optimizer: bool,
     /// Workers report progress every this many steps; rank 0 also logs those steps to
     /// state_dir/metrics.jsonl.
     #[serde(default = "d_one_u64")]

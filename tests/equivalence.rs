@@ -51,6 +51,29 @@ fn global_batches() -> Vec<PretrainBatch> {
 /// `batches` split in halves over two ranks joined by a real ring, each updating at
 /// `place`: every rank's losses and final parameters.
 fn two_ranks(batches: &[PretrainBatch], place: UpdatePlace) -> Vec<(Vec<f32>, Vec<f32>)> {
+    two_ranks_run(batches, place, false, 1.0)
+        .into_iter()
+        .map(|r| (r.losses, r.params))
+        .collect()
+}
+
+/// How one rank of [`two_ranks_run`] ended.
+struct RankEnd {
+    losses: Vec<f32>,
+    params: Vec<f32>,
+    /// AdamW's first moment before and after `gather_state`.
+    m_before: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// [`two_ranks`], with the optimiser step `sharded` or not and clipping at `max_grad_norm`.
+fn two_ranks_run(
+    batches: &[PretrainBatch],
+    place: UpdatePlace,
+    sharded: bool,
+    max_grad_norm: f32,
+) -> Vec<RankEnd> {
     let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -66,12 +89,15 @@ fn two_ranks(batches: &[PretrainBatch], place: UpdatePlace) -> Vec<(Vec<f32>, Ve
                 rc.timeout = Duration::from_secs(20);
                 let mut ring = Ring::connect(rc, l).unwrap();
                 // Small buckets: the gradient crosses the ring in many pieces.
+                let mut o = options(1000);
+                o.max_grad_norm = max_grad_norm;
                 let mut t = Trainer::with_update_place(
                     PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
-                    options(1000),
+                    o,
                     place,
                 )
                 .unwrap();
+                t.set_sharded(sharded);
                 t.broadcast_params(&mut ring, 0).unwrap();
                 let losses: Vec<f32> = batches
                     .iter()
@@ -85,11 +111,75 @@ fn two_ranks(batches: &[PretrainBatch], place: UpdatePlace) -> Vec<(Vec<f32>, Ve
                         t.train_step(&[mine], &mut ring).unwrap().loss
                     })
                     .collect();
-                (losses, t.model.store.to_flat().unwrap())
+                let m_before = t.adamw().unwrap().m.clone();
+                t.gather_state(&mut ring).unwrap();
+                let opt = t.adamw().unwrap();
+                RankEnd {
+                    m_before,
+                    losses,
+                    params: t.model.store.to_flat().unwrap(),
+                    m: opt.m.clone(),
+                    v: opt.v.clone(),
+                }
             })
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// The sharded optimiser step (ZeRO stage 1: reduce-scatter, each rank's own part clipped
+/// and updated, all-gather): with clipping off, bit for bit the unsharded run — weights and,
+/// once gathered, both AdamW moments, on both ranks; with clipping on every step, within
+/// float rounding of it (the clipping norm's partial sums are added in another order) and
+/// still bit-identical between the ranks.
+#[test]
+fn a_sharded_optimiser_step_matches_the_unsharded_one() {
+    let batches = global_batches();
+    for max_norm in [0.0, 0.05] {
+        let plain = two_ranks_run(&batches, UpdatePlace::Host, false, max_norm);
+        let sharded = two_ranks_run(&batches, UpdatePlace::Host, true, max_norm);
+        // Each sharded rank updated its own half of the state only (the other half is still
+        // zero until gathered); the unsharded ranks updated all of it.
+        for r in 0..2 {
+            let (before, after) = (&sharded[r].m_before, &sharded[r].m);
+            let kept = (0..after.len()).filter(|&i| before[i] == after[i]).count();
+            let zero = before.iter().filter(|x| **x == 0.0).count();
+            assert!(
+                kept > after.len() / 3 && zero > after.len() / 3 && kept + zero >= after.len(),
+                "rank {r}: {kept} kept, {zero} zero of {}",
+                after.len()
+            );
+            assert_same(&plain[r].m_before, &plain[r].m, "unsharded moments");
+            assert_same(&sharded[r].params, &sharded[0].params, "ranks' weights");
+            assert_same(&sharded[r].m, &sharded[0].m, "ranks' first moments");
+            assert_same(&sharded[r].v, &sharded[0].v, "ranks' second moments");
+        }
+        let (a, b) = (&sharded[0], &plain[0]);
+        if max_norm == 0.0 {
+            assert_same(&a.params, &b.params, "sharded vs unsharded weights");
+            assert_same(&a.m, &b.m, "sharded vs unsharded first moments");
+            assert_same(&a.v, &b.v, "sharded vs unsharded second moments");
+            assert_eq!(a.losses, b.losses);
+        } else {
+            let worst = a
+                .params
+                .iter()
+                .zip(&b.params)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "clipped: weights differ by {worst}");
+            assert!(a.params != plain_start(), "the run trained");
+        }
+    }
+}
+
+/// The weights every run starts from.
+fn plain_start() -> Vec<f32> {
+    PretrainModel::new(&cfg(), 3, &Device::Cpu)
+        .unwrap()
+        .store
+        .to_flat()
+        .unwrap()
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tandem::comm::ring::{RingListener, Transport};
-use tandem::comm::{Collective, Ring, RingConfig};
+use tandem::comm::{owned_segment, Collective, Ring, RingConfig};
 
 const TOKEN: &str = "test-job-token";
 const GENERATION: u64 = 7;
@@ -186,6 +186,92 @@ fn all_reduce_is_the_sum_and_bit_identical() {
             }
         }
     }
+}
+
+/// Reduce-scatter leaves each rank's own segment summed, bit for bit what the all-reduce
+/// gives there; all-gather then hands every rank every rank's own segment; together they are
+/// the all-reduce. Also what the trait's defaults (for collectives without the two halves)
+/// do on one rank.
+#[test]
+fn reduce_scatter_then_all_gather_is_the_all_reduce() {
+    for (transport, chunk_bytes) in [(Transport::Auto, 12), (Transport::Tcp, 4096)] {
+        for n in 1..=4 {
+            let results = per_rank_via(
+                transport,
+                n,
+                chunk_bytes,
+                Duration::from_secs(10),
+                move |rank, cfg, l| {
+                    let mut ring = Ring::connect(cfg, l).unwrap();
+                    LENGTHS
+                        .iter()
+                        .map(|&len| {
+                            let mut full = data(rank, len, len as u64);
+                            ring.all_reduce_sum(&mut full).unwrap();
+                            let mut half = data(rank, len, len as u64);
+                            ring.reduce_scatter_sum(&mut half).unwrap();
+                            let own = owned_segment(len, n, rank);
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&half[own.clone()]), bits(&full[own.clone()]));
+                            // Only the own part counts: the rest may be anything.
+                            half[..own.start].fill(f32::NAN);
+                            half[own.end..].fill(f32::NAN);
+                            ring.all_gather(&mut half).unwrap();
+                            assert_eq!(bits(&half), bits(&full), "rank {rank} n {n} len {len}");
+                            (own, half)
+                        })
+                        .collect::<Vec<_>>()
+                },
+            );
+            for (k, &len) in LENGTHS.iter().enumerate() {
+                let per: Vec<Vec<f32>> = results.iter().map(|r| r[k].1.clone()).collect();
+                check_sum(&per, n, len, len as u64);
+                // The own parts tile the buffer.
+                let mut owns: Vec<_> = results.iter().map(|r| r[k].0.clone()).collect();
+                owns.sort_by_key(|r| r.start);
+                assert_eq!(owns.iter().map(|r| r.len()).sum::<usize>(), len);
+                for w in owns.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+            }
+        }
+    }
+}
+
+/// The trait's default halves (an all-reduce each) agree with the ring's own.
+#[test]
+fn default_halves_of_a_collective_agree_with_the_ring() {
+    /// A collective that only has the all-reduce (its halves are the trait's defaults).
+    struct Plain(Ring);
+    impl Collective for Plain {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> tandem::Result<()> {
+            self.0.all_reduce_sum(buf)
+        }
+        fn broadcast(&mut self, buf: &mut [f32], root: usize) -> tandem::Result<()> {
+            self.0.broadcast(buf, root)
+        }
+        fn barrier(&mut self) -> tandem::Result<()> {
+            self.0.barrier()
+        }
+    }
+    let n = 3;
+    let results = per_rank(n, 4096, Duration::from_secs(10), move |rank, cfg, l| {
+        let mut c = Plain(Ring::connect(cfg, l).unwrap());
+        let mut v = data(rank, 1001, 5);
+        c.reduce_scatter_sum(&mut v).unwrap();
+        let own = owned_segment(v.len(), n, rank);
+        v[..own.start].fill(7.0);
+        c.all_gather(&mut v).unwrap();
+        v
+    });
+    check_sum(&results, n, 1001, 5);
 }
 
 #[test]

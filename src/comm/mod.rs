@@ -37,10 +37,37 @@ pub trait Collective: Send {
     fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
         ts.iter().map(|t| self.all_reduce_sum_tensor(t)).collect()
     }
+    /// Sums `buf` over all ranks into this rank's part of it ([`owned_segment`]); the rest
+    /// of `buf` is left unspecified. With [`Self::all_gather`] after it, an all-reduce in two
+    /// halves, between which each rank works on its own part only (a sharded optimiser step).
+    /// By default a full all-reduce.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(buf)
+    }
+    /// Replaces every rank's `buf` by the concatenation of every rank's own part
+    /// ([`owned_segment`]), copied bit for bit. By default an all-reduce of `buf` with all but
+    /// the own part zeroed.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        let own = owned_segment(buf.len(), self.world_size(), self.rank());
+        buf[..own.start].fill(0.0);
+        buf[own.end..].fill(0.0);
+        self.all_reduce_sum(buf)
+    }
     /// Replaces `buf` on every rank by `root`'s `buf`.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+}
+
+/// The part of a buffer of `len` floats that `rank` of `world` holds summed after
+/// [`Collective::reduce_scatter_sum`] and contributes to [`Collective::all_gather`]: the
+/// ring's segment `rank + 1` (where its reduce-scatter ends), all of it for one rank.
+pub fn owned_segment(len: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    if world <= 1 {
+        0..len
+    } else {
+        ring::schedule::segment(len, world, (rank + 1) % world)
+    }
 }
 
 impl<C: Collective + ?Sized> Collective for Box<C> {
@@ -58,6 +85,12 @@ impl<C: Collective + ?Sized> Collective for Box<C> {
     }
     fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
         (**self).all_reduce_sum_tensors(ts)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        (**self).reduce_scatter_sum(buf)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        (**self).all_gather(buf)
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         (**self).broadcast(buf, root)

@@ -290,6 +290,12 @@ impl<C: Collective> Collective for Nccl<C> {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.inner.all_reduce_sum(buf)
     }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.inner.reduce_scatter_sum(buf)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.inner.all_gather(buf)
+    }
     fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
         let mut out = self.all_reduce_sum_tensors(std::slice::from_ref(t))?;
         Ok(out.pop().expect("one bucket in, one out"))

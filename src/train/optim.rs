@@ -70,6 +70,20 @@ impl AdamW {
 
     /// One update of `params` with gradient `grad` at learning rate `lr`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f32) {
+        let all = 0..params.len();
+        self.step_parts(params, grad, lr, std::slice::from_ref(&all));
+    }
+
+    /// One update of the elements in `parts` only (a sharded step: each rank updates its own
+    /// part of the parameters, the rest is left as it is). Element for element the same
+    /// arithmetic as [`Self::step`].
+    pub fn step_parts(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        lr: f32,
+        parts: &[std::ops::Range<usize>],
+    ) {
         assert_eq!(params.len(), grad.len());
         assert_eq!(params.len(), self.m.len());
         self.t += 1;
@@ -81,15 +95,21 @@ impl AdamW {
             } else {
                 1.0
             };
-            let p = &mut params[range.clone()];
-            let g = &grad[range.clone()];
-            let m = &mut self.m[range.clone()];
-            let v = &mut self.v[range.clone()];
-            for i in 0..p.len() {
-                m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
-                v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + c.eps;
-                p[i] = p[i] * shrink - step_size * m[i] / denom;
+            for part in parts {
+                let (lo, hi) = (range.start.max(part.start), range.end.min(part.end));
+                if lo >= hi {
+                    continue;
+                }
+                let p = &mut params[lo..hi];
+                let g = &grad[lo..hi];
+                let m = &mut self.m[lo..hi];
+                let v = &mut self.v[lo..hi];
+                for i in 0..p.len() {
+                    m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
+                    v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g[i] * g[i];
+                    let denom = v[i].sqrt() / bc2_sqrt + c.eps;
+                    p[i] = p[i] * shrink - step_size * m[i] / denom;
+                }
             }
         }
     }
@@ -101,10 +121,14 @@ pub const NORM_CHUNK: usize = 1 << 20;
 
 /// Global L2 norm of a flat gradient (accumulated in f64).
 pub fn global_norm(grad: &[f32]) -> f32 {
+    sum_of_squares(grad).sqrt() as f32
+}
+
+/// The sum of squares behind [`global_norm`], per chunk in f64 and the chunks' sums in order.
+pub fn sum_of_squares(grad: &[f32]) -> f64 {
     grad.chunks(NORM_CHUNK)
         .map(|c| c.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>())
         .sum::<f64>()
-        .sqrt() as f32
 }
 
 /// Scales `grad` so its global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`);

@@ -241,6 +241,17 @@ impl Trainer {
         self.update.reload_params(&self.model.store)
     }
 
+    /// Shards the optimiser step over the ranks ([`Updater::set_sharded`]; host path only).
+    pub fn set_sharded(&mut self, on: bool) {
+        self.update.set_sharded(on);
+    }
+
+    /// Brings the AdamW state up to date on every rank after sharded steps (all ranks call it
+    /// before a checkpoint is taken; [`Updater::gather_state`]).
+    pub fn gather_state(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        self.update.gather_state(comm, self.options.bucket_elems)
+    }
+
     /// Copies `root`'s weights to every rank (used once at start so replicas are identical).
     pub fn broadcast_params(&mut self, comm: &mut dyn Collective, root: usize) -> Result<()> {
         self.update.broadcast_params(comm, root, &self.model.store)
@@ -297,9 +308,13 @@ impl Trainer {
         times.allreduce_ms = (t_opt - t_reduce).as_secs_f64() * 1e3;
 
         let lr = self.options.schedule.lr(self.step);
-        let grad_norm =
-            self.update
-                .apply(&self.model.store, self.options.max_grad_norm, lr, self.step)?;
+        let grad_norm = self.update.apply(
+            &self.model.store,
+            comm,
+            self.options.max_grad_norm,
+            lr,
+            self.step,
+        )?;
         self.step += 1;
         times.optimizer_ms = t_opt.elapsed().as_secs_f64() * 1e3;
         self.phases = times;

@@ -17,8 +17,10 @@ use std::borrow::Cow;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 
-use super::optim::{clip_global_norm, AdamW, AdamWConfig, NORM_CHUNK};
-use crate::comm::Collective;
+use std::ops::Range;
+
+use super::optim::{clip_global_norm, sum_of_squares, AdamW, AdamWConfig, NORM_CHUNK};
+use crate::comm::{owned_segment, Collective};
 use crate::error::{Error, Result};
 use crate::model::ParamStore;
 
@@ -51,6 +53,10 @@ pub enum Updater {
         params: Vec<f32>,
         grad: Vec<f32>,
         opt: AdamW,
+        /// Shard the optimiser step over the ranks (see [`Updater::set_sharded`]).
+        sharded: bool,
+        /// After a sharded all-reduce: the bucket size and this rank's parts of the buffer.
+        owned: Option<(usize, Vec<Range<usize>>)>,
     },
     Device {
         params: Tensor,
@@ -71,7 +77,13 @@ impl Updater {
             UpdatePlace::Host => {
                 let params = store.to_flat()?;
                 let grad = vec![0.0; params.len()];
-                Updater::Host { params, grad, opt }
+                Updater::Host {
+                    params,
+                    grad,
+                    opt,
+                    sharded: false,
+                    owned: None,
+                }
             }
             UpdatePlace::Device => Updater::Device {
                 params: store.to_flat_tensor()?,
@@ -91,7 +103,10 @@ impl Updater {
     /// Clears the gradient accumulator (start of a step).
     pub fn zero_grad(&mut self) -> Result<()> {
         match self {
-            Updater::Host { grad, .. } => grad.iter_mut().for_each(|g| *g = 0.0),
+            Updater::Host { grad, owned, .. } => {
+                grad.iter_mut().for_each(|g| *g = 0.0);
+                *owned = None;
+            }
             Updater::Device { grad, .. } => *grad = grad.zeros_like()?,
         }
         Ok(())
@@ -108,10 +123,42 @@ impl Updater {
         }
     }
 
-    /// Sums the accumulated gradient over all ranks, in buckets of `bucket_elems` floats.
+    /// Shards the optimiser step over the ranks (host path, more than one rank; ZeRO stage 1):
+    /// the gradient is reduce-scattered instead of all-reduced, each rank clips and updates
+    /// only its own part of the parameters and AdamW state, and the new parameters are
+    /// all-gathered. The same bytes travel as with an all-reduce; the optimiser's work per
+    /// rank is divided by the world size. The weights stay bit-identical on every rank (each
+    /// part is computed by one rank and copied), and equal to an unsharded step's, except that
+    /// the clipping norm's sum of squares is added up in another order (one f32 per rank).
+    /// Each rank's AdamW state is current only in its own parts until
+    /// [`Updater::gather_state`]. No effect on the device path (its collective is NCCL's
+    /// all-reduce).
+    pub fn set_sharded(&mut self, on: bool) {
+        if let Updater::Host { sharded, .. } = self {
+            *sharded = on;
+        }
+    }
+
+    /// Sums the accumulated gradient over all ranks, in buckets of `bucket_elems` floats (on
+    /// a sharded host updater: each bucket's own part only).
     pub fn all_reduce(&mut self, comm: &mut dyn Collective, bucket_elems: usize) -> Result<()> {
         let bucket = bucket_elems.max(1);
+        let (rank, world) = (comm.rank(), comm.world_size());
         match self {
+            Updater::Host {
+                grad,
+                sharded: true,
+                owned,
+                ..
+            } if world > 1 => {
+                let mut parts = vec![];
+                for (k, b) in grad.chunks_mut(bucket).enumerate() {
+                    comm.reduce_scatter_sum(b)?;
+                    let own = owned_segment(b.len(), world, rank);
+                    parts.push(k * bucket + own.start..k * bucket + own.end);
+                }
+                *owned = Some((bucket, parts));
+            }
             Updater::Host { grad, .. } => {
                 for b in grad.chunks_mut(bucket) {
                     comm.all_reduce_sum(b)?;
@@ -131,16 +178,48 @@ impl Updater {
 
     /// Refuses a non-finite gradient, clips by global norm (`max_grad_norm`, 0 = off), takes
     /// an AdamW step at `lr` and writes the new weights into `store`. Returns the norm before
-    /// clipping.
+    /// clipping. `comm` is used after a sharded all-reduce only (the norm's sum of squares and
+    /// the all-gather of the new weights).
     pub fn apply(
         &mut self,
         store: &ParamStore,
+        comm: &mut dyn Collective,
         max_grad_norm: f32,
         lr: f32,
         step: u64,
     ) -> Result<f32> {
         let norm = match self {
-            Updater::Host { params, grad, opt } => {
+            Updater::Host {
+                params,
+                grad,
+                opt,
+                owned,
+                ..
+            } if owned.is_some() => {
+                let (bucket, parts) = owned.take().expect("checked");
+                let mut sq = [parts
+                    .iter()
+                    .map(|r| sum_of_squares(&grad[r.clone()]))
+                    .sum::<f64>() as f32];
+                comm.all_reduce_sum(&mut sq)?;
+                let norm = (sq[0] as f64).sqrt() as f32;
+                check_finite(norm, step)?;
+                if max_grad_norm > 0.0 && norm > max_grad_norm {
+                    let s = max_grad_norm / (norm + 1e-6);
+                    for r in &parts {
+                        grad[r.clone()].iter_mut().for_each(|g| *g *= s);
+                    }
+                }
+                opt.step_parts(params, grad, lr, &parts);
+                for b in params.chunks_mut(bucket) {
+                    comm.all_gather(b)?;
+                }
+                store.set_from_flat(params)?;
+                norm
+            }
+            Updater::Host {
+                params, grad, opt, ..
+            } => {
                 let norm = clip_global_norm(grad, max_grad_norm);
                 check_finite(norm, step)?;
                 opt.step(params, grad, lr);
@@ -183,6 +262,24 @@ impl Updater {
         }
     }
 
+    /// Brings every rank's AdamW state up to date in all parts (after sharded steps each rank
+    /// has its own parts only): all ranks call it before a checkpoint is taken. `bucket_elems`
+    /// is the all-reduce's. Nothing to do when the steps were not sharded.
+    pub fn gather_state(&mut self, comm: &mut dyn Collective, bucket_elems: usize) -> Result<()> {
+        if let Updater::Host {
+            opt, sharded: true, ..
+        } = self
+        {
+            if comm.world_size() > 1 {
+                let bucket = bucket_elems.max(1);
+                for b in opt.m.chunks_mut(bucket).chain(opt.v.chunks_mut(bucket)) {
+                    comm.all_gather(b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Re-reads the master weights from `store` (after weights were loaded into it).
     pub fn reload_params(&mut self, store: &ParamStore) -> Result<()> {
         match self {
@@ -210,7 +307,8 @@ impl Updater {
         Ok(())
     }
 
-    /// The accumulated (after `all_reduce`: summed) gradient, on the host.
+    /// The accumulated (after `all_reduce`: summed) gradient, on the host. After a sharded
+    /// step, only this rank's own parts are summed (and clipped).
     pub fn grad(&self) -> Result<Cow<'_, [f32]>> {
         match self {
             Updater::Host { grad, .. } => Ok(Cow::Borrowed(grad)),

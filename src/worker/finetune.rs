@@ -431,7 +431,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             update.all_reduce(&mut ring, bucket)?;
             ring.all_reduce_sum(&mut sums)?;
             let lr = schedule.lr(state.step);
-            update.apply(&model.store, stage.max_grad_norm, lr, state.step)?;
+            update.apply(&model.store, &mut ring, stage.max_grad_norm, lr, state.step)?;
             state.step += 1;
             examples += sums[2] as u64;
             loss_window.push(sums[0] * w);

@@ -220,10 +220,12 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         dropout: true,
     };
     let mut trainer = Trainer::new(model, options)?;
+    trainer.set_sharded(cfg.cluster.shard_optimizer);
     tracing::info!(
         rank,
         device = ?ctx.device,
         update = ?trainer.update_place(),
+        sharded = cfg.cluster.shard_optimizer && world > 1 && trainer.update_place() == crate::train::UpdatePlace::Host,
         "model ready"
     );
     let mut state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
@@ -560,6 +562,10 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 // a failure later replays only the steps after it.
                 flush_progress(&ctx, "a checkpoint");
             }
+            if ckpt_due && trainer.step < state.total_steps {
+                // After sharded steps each rank's AdamW state is current in its own part only.
+                trainer.gather_state(&mut ring)?;
+            }
             if ckpt_due && rank == 0 && trainer.step < state.total_steps {
                 set_phase(&ctx, "checkpoint");
                 // Serialised now (a consistent snapshot), streamed while training goes on.
@@ -595,6 +601,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     }
     set_phase(&ctx, "finishing");
     time_split.log(rank);
+    trainer.gather_state(&mut ring)?;
     state.step = trainer.step;
     state.stage_done = true;
     let fingerprint = trainer.model.store.fingerprint()?;
@@ -651,6 +658,28 @@ struct Traced<'a> {
     calls: usize,
 }
 
+impl Traced<'_> {
+    /// Runs one collective of the step with its name in the progress phase.
+    fn traced(
+        &mut self,
+        what: &str,
+        buf: &mut [f32],
+        f: impl FnOnce(&mut dyn Collective, &mut [f32]) -> crate::Result<()>,
+    ) -> crate::Result<()> {
+        self.calls += 1;
+        let phase = format!(
+            "{what} {} of step {} ({} floats)",
+            self.calls,
+            self.step,
+            buf.len()
+        );
+        set_phase(self.ctx, &phase);
+        let r = f(&mut *self.inner, buf);
+        set_phase(self.ctx, "training");
+        r
+    }
+}
+
 impl Collective for Traced<'_> {
     fn rank(&self) -> usize {
         self.inner.rank()
@@ -659,19 +688,13 @@ impl Collective for Traced<'_> {
         self.inner.world_size()
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::Result<()> {
-        self.calls += 1;
-        set_phase(
-            self.ctx,
-            &format!(
-                "all-reduce {} of step {} ({} floats)",
-                self.calls,
-                self.step,
-                buf.len()
-            ),
-        );
-        let r = self.inner.all_reduce_sum(buf);
-        set_phase(self.ctx, "training");
-        r
+        self.traced("all-reduce", buf, |c, b| c.all_reduce_sum(b))
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> crate::Result<()> {
+        self.traced("reduce-scatter", buf, |c, b| c.reduce_scatter_sum(b))
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> crate::Result<()> {
+        self.traced("all-gather", buf, |c, b| c.all_gather(b))
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> crate::Result<()> {
         self.inner.broadcast(buf, root)

@@ -119,12 +119,15 @@ impl Link {
         res
     }
 
-    pub(super) fn all_reduce(
+    /// Steps `steps` of the ring all-reduce's schedule ([`Schedule`]): all of them for an
+    /// all-reduce, the first `n-1` for a reduce-scatter, the last `n-1` for an all-gather.
+    pub(super) fn ring_steps(
         &mut self,
         buf: &mut [f32],
         rank: usize,
         n: usize,
         op: Op,
+        steps: std::ops::Range<usize>,
     ) -> Result<(), String> {
         let ce = op.chunk_elems;
         let sched = Schedule {
@@ -134,22 +137,22 @@ impl Link {
         };
         let count = move |seg: usize| n_chunks(&segment(sched.len, n, seg), ce);
         // Each step sends at most one segment of ceil(len / n) floats.
-        let send_bytes = HEADER_BYTES + 2 * (n - 1) * buf.len().div_ceil(n) * 4;
+        let send_bytes = HEADER_BYTES + steps.len() * buf.len().div_ceil(n) * 4;
         let mut chunks = Chunks::split(buf, n, ce);
         self.call(op, send_bytes, move |io| {
             io.exchange_header()?;
-            let steps = sched.steps();
-            let (mut st, mut sc) = (0, 0); // next chunk to send: (step, chunk)
-            let (mut rt, mut rc) = (0, 0); // next chunk to receive
+            let (first, end) = (steps.start, steps.end);
+            let (mut st, mut sc) = (first, 0); // next chunk to send: (step, chunk)
+            let (mut rt, mut rc) = (first, 0); // next chunk to receive
             loop {
-                // Queue, in wire order, every chunk whose data is final: all of step 0, then
-                // chunk c of step t once chunk c of step t-1 has arrived. Only receiving ever
-                // waits on a peer, so no cycle of waits can form around the ring.
+                // Queue, in wire order, every chunk whose data is final: all of the first
+                // step, then chunk c of step t once chunk c of step t-1 has arrived. Only
+                // receiving ever waits on a peer, so no cycle of waits can form around the ring.
                 loop {
-                    while st < steps && sc >= count(sched.send_segment(st)) {
+                    while st < end && sc >= count(sched.send_segment(st)) {
                         (st, sc) = (st + 1, 0);
                     }
-                    if st == steps || (st > 0 && (rt, rc) <= (st - 1, sc)) {
+                    if st == end || (st > first && (rt, rc) <= (st - 1, sc)) {
                         break;
                     }
                     let seg = sched.send_segment(st);
@@ -158,10 +161,10 @@ impl Link {
                     io.push(Job::Chunk(i, c, sched.part(st, sc, count(seg))))?;
                     sc += 1;
                 }
-                while rt < steps && rc >= count(sched.recv_segment(rt)) {
+                while rt < end && rc >= count(sched.recv_segment(rt)) {
                     (rt, rc) = (rt + 1, 0);
                 }
-                if rt == steps {
+                if rt == end {
                     return Ok(());
                 }
                 let seg = sched.recv_segment(rt);

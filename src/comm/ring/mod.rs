@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 
 mod handshake;
 mod link;
-mod schedule;
+pub(crate) mod schedule;
 mod stream;
 
 use handshake::*;
@@ -205,6 +205,8 @@ enum Kind {
     AllReduce = 1,
     Broadcast = 2,
     Barrier = 3,
+    ReduceScatter = 4,
+    AllGather = 5,
 }
 
 /// One collective call, for the wire header and for error messages.
@@ -228,6 +230,8 @@ impl fmt::Display for Op {
                 self.root
             ),
             Kind::Barrier => write!(f, "barrier #{seq}"),
+            Kind::ReduceScatter => write!(f, "reduce-scatter #{seq} of {len} floats"),
+            Kind::AllGather => write!(f, "all-gather #{seq} of {len} floats"),
         }
     }
 }
@@ -486,7 +490,9 @@ impl Ring {
             return Ok(()); // world size 1: the identity
         };
         let res = match kind {
-            Kind::AllReduce | Kind::Barrier => link.all_reduce(buf, rank, n, op),
+            Kind::AllReduce | Kind::Barrier => link.ring_steps(buf, rank, n, op, 0..2 * (n - 1)),
+            Kind::ReduceScatter => link.ring_steps(buf, rank, n, op, 0..n - 1),
+            Kind::AllGather => link.ring_steps(buf, rank, n, op, n - 1..2 * (n - 1)),
             Kind::Broadcast => link.broadcast(buf, rank, n, op),
         };
         res.map_err(|msg| {
@@ -506,6 +512,14 @@ impl Collective for Ring {
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.run(Kind::AllReduce, buf, 0)
+    }
+    /// The first half of the all-reduce's schedule: this rank ends with its segment summed.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.run(Kind::ReduceScatter, buf, 0)
+    }
+    /// The second half: every rank's finished segment travels round the ring.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.run(Kind::AllGather, buf, 0)
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         if root >= self.world {
@@ -631,7 +645,7 @@ mod tests {
             let s = |rank| Schedule { len: 23, n, rank };
             for r in 0..n {
                 let prev = (r + n - 1) % n;
-                for t in 0..s(r).steps() {
+                for t in 0..2 * (n - 1) {
                     // What a rank receives is what its predecessor sends at the same step.
                     assert_eq!(s(r).recv_segment(t), s(prev).send_segment(t));
                     // What it sends next is what it just received (reduced or final).

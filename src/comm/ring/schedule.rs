@@ -3,7 +3,7 @@
 use super::*;
 
 /// Segment `i` of `n` over `len` elements: the first `len % n` segments hold one extra.
-pub(super) fn segment(len: usize, n: usize, i: usize) -> Range<usize> {
+pub(crate) fn segment(len: usize, n: usize, i: usize) -> Range<usize> {
     let (base, rem) = (len / n, len % n);
     let start = i * base + i.min(rem);
     start..start + base + usize::from(i < rem)
@@ -26,9 +26,6 @@ pub(super) struct Schedule {
 }
 
 impl Schedule {
-    pub(super) fn steps(&self) -> usize {
-        2 * (self.n - 1)
-    }
     /// The segment this rank sends at step `t`.
     pub(super) fn send_segment(&self, t: usize) -> usize {
         (self.rank + self.n - t % self.n) % self.n
