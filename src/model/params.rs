@@ -163,16 +163,19 @@ impl ParamStore {
         Ok(out)
     }
 
-    /// Copies a flat buffer (as from `to_flat`) back into the parameters.
+    /// Copies a flat buffer (as from `to_flat`) back into the parameters: on the CPU
+    /// straight into their storage (one copy, no temporary tensor: the host update's
+    /// write-back each step), elsewhere through a tensor.
     pub fn set_from_flat(&self, flat: &[f32]) -> Result<()> {
         assert_eq!(flat.len(), self.numel(), "flat parameter buffer length");
         for (i, v) in self.vars.iter().enumerate() {
-            let t = Tensor::from_slice(
-                &flat[self.range(i)],
-                self.specs[i].shape.as_slice(),
-                &self.device,
-            )?;
-            v.set(&t)?;
+            let src = &flat[self.range(i)];
+            if self.device.is_cpu() && v.is_contiguous() && v.dtype() == DType::F32 {
+                v.as_tensor().inplace_op1(&CopyInto(src))?;
+            } else {
+                let t = Tensor::from_slice(src, self.specs[i].shape.as_slice(), &self.device)?;
+                v.set(&t)?;
+            }
         }
         Ok(())
     }
@@ -290,6 +293,33 @@ fn init_values(s: &ParamSpec, std: f32, seed: u64) -> Vec<f32> {
             }
             v
         }
+    }
+}
+
+/// Writes a slice over a contiguous f32 CPU tensor's elements, in place.
+struct CopyInto<'a>(&'a [f32]);
+
+impl candle_core::InplaceOp1 for CopyInto<'_> {
+    fn name(&self) -> &'static str {
+        "copy-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(dst) = storage else {
+            candle_core::bail!("copy-into: an f32 tensor was expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("copy-into: a contiguous tensor was expected");
+        };
+        if end - start != self.0.len() {
+            candle_core::bail!("copy-into: {} elements into {}", self.0.len(), end - start);
+        }
+        dst[start..end].copy_from_slice(self.0);
+        Ok(())
     }
 }
 
