@@ -95,8 +95,11 @@ fn killed_worker_is_restarted_and_every_instance_is_used_once() {
     );
     let s = summary(&dir);
     assert_eq!(s["status"], "completed", "{s:#}");
-    assert!(s["generations"].as_u64().unwrap() >= 2, "{s:#}");
-    assert!(s["restarts"].as_u64().unwrap() >= 1, "{s:#}");
+    // One kill, one restart: the coordinator lets the failure settle, so the generation
+    // after it does not include the dead worker (and fail at once) while its disconnect is
+    // still unnoticed.
+    assert_eq!(s["generations"], 2, "{s:#}");
+    assert_eq!(s["restarts"], 1, "{s:#}");
     assert!(
         s["history"][0]["outcome"]
             .as_str()

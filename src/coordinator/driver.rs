@@ -92,7 +92,16 @@ struct Driver {
     upload_wait: Option<Instant>,
     /// The member that was rank 0 (the uploader) of the latest generation.
     uploader: Option<u64>,
+    /// After a failed generation, no new one is formed before this instant (see
+    /// [`RESTART_SETTLE`]).
+    settle_until: Option<Instant>,
 }
+
+/// How long the coordinator lets a failure settle before it forms the next generation. A rank
+/// often reports that its ring lost a peer a moment before the coordinator sees that peer's
+/// stream end (a killed process); a generation formed at once would still include the dead
+/// worker, fail at once and cost a restart (seen under load).
+const RESTART_SETTLE: Duration = Duration::from_secs(1);
 
 impl Driver {
     fn state_dir(&self) -> &std::path::Path {
@@ -187,6 +196,7 @@ impl Driver {
         }
         self.gen = None;
         self.quorum_since = None;
+        self.settle_until = Some(Instant::now() + RESTART_SETTLE);
         self.join_deadline =
             Instant::now() + Duration::from_secs_f64(self.shared.cfg.cluster.join_timeout_s);
         tracing::warn!(
@@ -358,6 +368,7 @@ pub(super) async fn drive(
         stage_clock: None,
         upload_wait: None,
         uploader: None,
+        settle_until: None,
     };
     tokio::pin!(shutdown);
     loop {
@@ -474,8 +485,10 @@ pub(super) async fn drive(
             let n = shared.state.lock().unwrap().members.len();
             if n >= c.min_workers {
                 let since = *d.quorum_since.get_or_insert_with(Instant::now);
+                let settled = d.settle_until.is_none_or(|t| Instant::now() >= t);
                 if (n >= c.max_workers
                     || since.elapsed() >= Duration::from_secs_f64(c.join_window_s))
+                    && settled
                     && !d.waiting_for_uploads()
                 {
                     d.assign()?;
