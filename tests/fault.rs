@@ -190,17 +190,26 @@ fn stalled_worker_is_detected_named_and_the_job_recovers() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn coordinator_restart_resumes_from_the_last_checkpoint() {
-    let dir = job_dir("coord", 2, 2, "", "epochs = 4", 48);
-    let toml =
-        std::fs::read_to_string(dir.join("job.toml")).unwrap() + "[checkpoint]\nevery_steps = 4\n";
+/// A coordinator on a free port and `n` workers started by hand on the job in `dir`, with a
+/// checkpoint every `every_steps`: the coordinator, its listen address and log, the workers.
+fn start_by_hand(
+    dir: &std::path::Path,
+    token: &str,
+    n: usize,
+    every_steps: u64,
+) -> (
+    std::process::Child,
+    String,
+    std::path::PathBuf,
+    Vec<std::process::Child>,
+) {
+    let toml = std::fs::read_to_string(dir.join("job.toml")).unwrap()
+        + &format!("[checkpoint]\nevery_steps = {every_steps}\n");
     std::fs::write(dir.join("job.toml"), toml).unwrap();
     let log = dir.join("coordinator.log");
-    let token = "coord-token";
     let listen = format!("127.0.0.1:{}", free_port());
-    let (mut coord, url) = coordinator(&dir, &listen, token, false, &log);
-    let mut workers: Vec<_> = (0..2)
+    let (coord, url) = coordinator(dir, &listen, token, false, &log);
+    let workers = (0..n)
         .map(|i| {
             worker(
                 &url,
@@ -210,6 +219,14 @@ fn coordinator_restart_resumes_from_the_last_checkpoint() {
             )
         })
         .collect();
+    (coord, listen, log, workers)
+}
+
+#[test]
+fn coordinator_restart_resumes_from_the_last_checkpoint() {
+    let dir = job_dir("coord", 2, 2, "", "epochs = 4", 48);
+    let token = "coord-token";
+    let (mut coord, listen, log, mut workers) = start_by_hand(&dir, token, 2, 4);
     wait_for("a checkpoint", LONG, || !checkpoints(&dir).is_empty());
     let _ = coord.kill();
     let _ = coord.wait();
@@ -370,23 +387,7 @@ fn a_new_generation_waits_for_a_checkpoint_still_arriving() {
 fn a_lost_worker_shrinks_the_world_mid_epoch_and_no_instance_is_lost() {
     let cluster = "max_restarts = 3\njoin_window_s = 2";
     let dir = job_dir("shrink", 2, 3, cluster, "epochs = 2", 32);
-    let toml =
-        std::fs::read_to_string(dir.join("job.toml")).unwrap() + "[checkpoint]\nevery_steps = 3\n";
-    std::fs::write(dir.join("job.toml"), toml).unwrap();
-    let log = dir.join("coordinator.log");
-    let token = "shrink-token";
-    let listen = format!("127.0.0.1:{}", free_port());
-    let (mut coord, url) = coordinator(&dir, &listen, token, false, &log);
-    let mut workers: Vec<_> = (0..3)
-        .map(|i| {
-            worker(
-                &url,
-                token,
-                &format!("w{i}"),
-                &dir.join(format!("w{i}.log")),
-            )
-        })
-        .collect();
+    let (mut coord, _, log, mut workers) = start_by_hand(&dir, "shrink-token", 3, 3);
     wait_for("a checkpoint", LONG, || !checkpoints(&dir).is_empty());
     let _ = workers[2].kill();
     let _ = workers[2].wait();
