@@ -119,15 +119,34 @@ impl AdamW {
 /// sums in order (the device update does the same, so both agree to the bit).
 pub const NORM_CHUNK: usize = 1 << 20;
 
+/// Within a chunk, squares are added into this many running sums (element `i` into sum
+/// `i mod NORM_LANES`, for the chunk's whole rows of `NORM_LANES`; the rest into one more):
+/// independent f64 additions that vectorise, where one running sum waits on every addition's
+/// latency (mini's norm: 7.3 ms a step that way).
+pub const NORM_LANES: usize = 8;
+
 /// Global L2 norm of a flat gradient (accumulated in f64).
 pub fn global_norm(grad: &[f32]) -> f32 {
     sum_of_squares(grad).sqrt() as f32
 }
 
-/// The sum of squares behind [`global_norm`], per chunk in f64 and the chunks' sums in order.
+/// The sum of squares behind [`global_norm`], in f64: per chunk, the [`NORM_LANES`] running
+/// sums added in order plus the sum of the chunk's last partial row; then the chunks' sums in
+/// order.
 pub fn sum_of_squares(grad: &[f32]) -> f64 {
+    let sq = |g: &f32| (*g as f64) * (*g as f64);
     grad.chunks(NORM_CHUNK)
-        .map(|c| c.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>())
+        .map(|c| {
+            let rows = c.chunks_exact(NORM_LANES);
+            let tail: f64 = rows.remainder().iter().map(sq).sum();
+            let mut lanes = [0f64; NORM_LANES];
+            for row in rows {
+                for (l, g) in lanes.iter_mut().zip(row) {
+                    *l += sq(g);
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
+        })
         .sum::<f64>()
 }
 

@@ -19,7 +19,7 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor};
 
 use std::ops::Range;
 
-use super::optim::{clip_global_norm, sum_of_squares, AdamW, AdamWConfig, NORM_CHUNK};
+use super::optim::{clip_global_norm, sum_of_squares, AdamW, AdamWConfig, NORM_CHUNK, NORM_LANES};
 use crate::comm::{owned_segment, Collective};
 use crate::error::{Error, Result};
 use crate::model::ParamStore;
@@ -321,9 +321,24 @@ impl Updater {
 /// the same chunks (so the two agree to the bit, and the f64 copy is one chunk at a time), the
 /// chunks' sums read back in one copy and added in order.
 pub fn device_norm(grad: &Tensor) -> Result<f32> {
+    let chunk_sum = |c: &Tensor| -> candle_core::Result<Tensor> {
+        let n = c.dim(0)?;
+        let main = n / NORM_LANES * NORM_LANES;
+        let sq = |t: Tensor| t.to_dtype(DType::F64)?.sqr();
+        let tail = sq(c.narrow(0, main, n - main)?)?.sum_all()?;
+        if main == 0 {
+            return Ok(tail);
+        }
+        // Rows of NORM_LANES summed down each column (in row order), then the columns.
+        let lanes = sq(c.narrow(0, 0, main)?)?
+            .reshape((main / NORM_LANES, NORM_LANES))?
+            .sum(0)?
+            .sum_all()?;
+        lanes + tail
+    };
     let partial = chunks(grad, NORM_CHUNK)?
         .iter()
-        .map(|c| c.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .map(chunk_sum)
         .collect::<candle_core::Result<Vec<_>>>()?;
     if partial.is_empty() {
         return Ok(super::optim::global_norm(&[]));
@@ -425,7 +440,7 @@ mod tests {
     #[test]
     fn the_device_norm_is_the_host_norm_to_the_bit_over_several_chunks() {
         let mut rng = crate::util::rng(&[7]);
-        for n in [0, 1, 1000, NORM_CHUNK, 2 * NORM_CHUNK + 12345] {
+        for n in [0, 1, 7, 8, 9, 1000, NORM_CHUNK, 2 * NORM_CHUNK + 12345] {
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1e-2f32..1e-2)).collect();
             let t = Tensor::from_slice(&v, n, &Device::Cpu).unwrap();
             let (host, dev) = (global_norm(&v), device_norm(&t).unwrap());
