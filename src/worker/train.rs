@@ -557,14 +557,16 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                 finished_early = true;
                 break;
             }
+            if ckpt_due && trainer.step < state.total_steps {
+                // After sharded steps each rank's AdamW state is current in its own part only.
+                // Gathered before the flush below: from the flush to the upload's start no
+                // collective may fail on a lost peer (the checkpoint would be lost with it).
+                trainer.gather_state(&mut ring)?;
+            }
             if ckpt_due && rank == 0 {
                 // The logged steps up to a checkpoint reach metrics.jsonl before it is taken:
                 // a failure later replays only the steps after it.
                 flush_progress(&ctx, "a checkpoint");
-            }
-            if ckpt_due && trainer.step < state.total_steps {
-                // After sharded steps each rank's AdamW state is current in its own part only.
-                trainer.gather_state(&mut ring)?;
             }
             if ckpt_due && rank == 0 && trainer.step < state.total_steps {
                 set_phase(&ctx, "checkpoint");
