@@ -150,6 +150,10 @@ fn check_sum(results: &[Vec<f32>], n: usize, len: usize, salt: u64) {
 
 const LENGTHS: [usize; 6] = [0, 1, 2, 7, 1000, 100_003];
 
+/// Also the all-reduce's two halves as calls of their own: reduce-scatter leaves each rank's
+/// own segment summed, bit for bit what the all-reduce gives there; all-gather then hands
+/// every rank every rank's own segment, so together they are the all-reduce; the own
+/// segments tile the buffer.
 #[test]
 fn all_reduce_is_the_sum_and_bit_identical() {
     // 12-byte chunks cut segments into many uneven chunks; 1 MiB leaves each segment whole.
@@ -170,65 +174,30 @@ fn all_reduce_is_the_sum_and_bit_identical() {
                     let mut ring = Ring::connect(cfg, l).unwrap();
                     assert_eq!((ring.rank(), ring.world_size()), (rank, n));
                     assert_eq!(ring.transport(), expected_transport(n, transport));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     LENGTHS
                         .iter()
                         .map(|&len| {
                             let mut v = data(rank, len, len as u64);
                             ring.all_reduce_sum(&mut v).unwrap();
-                            v
-                        })
-                        .collect::<Vec<_>>()
-                },
-            );
-            for (k, &len) in LENGTHS.iter().enumerate() {
-                let per: Vec<Vec<f32>> = results.iter().map(|r| r[k].clone()).collect();
-                check_sum(&per, n, len, len as u64);
-            }
-        }
-    }
-}
-
-/// Reduce-scatter leaves each rank's own segment summed, bit for bit what the all-reduce
-/// gives there; all-gather then hands every rank every rank's own segment; together they are
-/// the all-reduce. Also what the trait's defaults (for collectives without the two halves)
-/// do on one rank.
-#[test]
-fn reduce_scatter_then_all_gather_is_the_all_reduce() {
-    for (transport, chunk_bytes) in [(Transport::Auto, 12), (Transport::Tcp, 4096)] {
-        for n in 1..=4 {
-            let results = per_rank_via(
-                transport,
-                n,
-                chunk_bytes,
-                Duration::from_secs(10),
-                move |rank, cfg, l| {
-                    let mut ring = Ring::connect(cfg, l).unwrap();
-                    LENGTHS
-                        .iter()
-                        .map(|&len| {
-                            let mut full = data(rank, len, len as u64);
-                            ring.all_reduce_sum(&mut full).unwrap();
                             let mut half = data(rank, len, len as u64);
                             ring.reduce_scatter_sum(&mut half).unwrap();
                             let own = owned_segment(len, n, rank);
-                            let bits =
-                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                            assert_eq!(bits(&half[own.clone()]), bits(&full[own.clone()]));
+                            assert_eq!(bits(&half[own.clone()]), bits(&v[own.clone()]));
                             // Only the own part counts: the rest may be anything.
                             half[..own.start].fill(f32::NAN);
                             half[own.end..].fill(f32::NAN);
                             ring.all_gather(&mut half).unwrap();
-                            assert_eq!(bits(&half), bits(&full), "rank {rank} n {n} len {len}");
-                            (own, half)
+                            assert_eq!(bits(&half), bits(&v), "rank {rank} n {n} len {len}");
+                            (v, own)
                         })
                         .collect::<Vec<_>>()
                 },
             );
             for (k, &len) in LENGTHS.iter().enumerate() {
-                let per: Vec<Vec<f32>> = results.iter().map(|r| r[k].1.clone()).collect();
+                let per: Vec<Vec<f32>> = results.iter().map(|r| r[k].0.clone()).collect();
                 check_sum(&per, n, len, len as u64);
-                // The own parts tile the buffer.
-                let mut owns: Vec<_> = results.iter().map(|r| r[k].0.clone()).collect();
+                let mut owns: Vec<_> = results.iter().map(|r| r[k].1.clone()).collect();
                 owns.sort_by_key(|r| r.start);
                 assert_eq!(owns.iter().map(|r| r.len()).sum::<usize>(), len);
                 for w in owns.windows(2) {

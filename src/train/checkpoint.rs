@@ -113,17 +113,17 @@ impl TrainerState {
 }
 
 /// The data position of a stage. An epoch's instances form one sequence (`data::epoch`),
-/// split into `partitions` contiguous streams (balanced for the world size at the epoch's
-/// start); each is consumed in order, so a count per partition is an exact cursor, whatever
-/// world size resumes it.
+/// split into contiguous partitions (balanced for the world size at the epoch's start); each
+/// is consumed in order, so a count per partition is an exact cursor, whatever world size
+/// resumes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DataCursor {
     pub epoch: u32,
-    pub partitions: u32,
     /// Instances consumed per partition (empty: the epoch has not started).
     pub consumed: Vec<u64>,
-    /// Where each partition starts in the epoch's sequence, and its end (`partitions + 1`
-    /// entries; empty when the epoch has not started).
+    /// Where each partition starts in the epoch's sequence, and the sequence's end (one more
+    /// entry than `consumed`; empty when the epoch has not started). Cursors written before
+    /// partitions were ranges of the sequence have none (and a `partitions` count, ignored).
     #[serde(default)]
     pub bounds: Vec<u64>,
 }

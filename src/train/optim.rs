@@ -150,12 +150,18 @@ pub fn sum_of_squares(grad: &[f32]) -> f64 {
         .sum::<f64>()
 }
 
+/// The factor a gradient of global norm `norm` is scaled by to bring it to `max_norm`
+/// (PyTorch's `max_norm / (norm + 1e-6)`); `None` when it is within it or `max_norm` is 0
+/// (clipping off).
+pub fn clip_scale(norm: f32, max_norm: f32) -> Option<f32> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
 /// Scales `grad` so its global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`);
 /// returns the norm before clipping.
 pub fn clip_global_norm(grad: &mut [f32], max_norm: f32) -> f32 {
     let norm = global_norm(grad);
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
+    if let Some(s) = clip_scale(norm, max_norm) {
         grad.iter_mut().for_each(|g| *g *= s);
     }
     norm

@@ -241,9 +241,10 @@ impl Trainer {
         self.update.reload_params(&self.model.store)
     }
 
-    /// Shards the optimiser step over the ranks ([`Updater::set_sharded`]; host path only).
-    pub fn set_sharded(&mut self, on: bool) {
-        self.update.set_sharded(on);
+    /// Shards the optimiser step over the ranks ([`Updater::set_sharded`]; host path only);
+    /// returns whether it will be.
+    pub fn set_sharded(&mut self, on: bool) -> bool {
+        self.update.set_sharded(on)
     }
 
     /// Brings the AdamW state up to date on every rank after sharded steps (all ranks call it

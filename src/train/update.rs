@@ -14,12 +14,13 @@
 //! on the CPU (where it runs in the tests) the two give bit-identical weights.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 
-use std::ops::Range;
-
-use super::optim::{clip_global_norm, sum_of_squares, AdamW, AdamWConfig, NORM_CHUNK, NORM_LANES};
+use super::optim::{
+    clip_global_norm, clip_scale, sum_of_squares, AdamW, AdamWConfig, NORM_CHUNK, NORM_LANES,
+};
 use crate::comm::{owned_segment, Collective};
 use crate::error::{Error, Result};
 use crate::model::ParamStore;
@@ -132,10 +133,14 @@ impl Updater {
     /// the clipping norm's sum of squares is added up in another order (one f32 per rank).
     /// Each rank's AdamW state is current only in its own parts until
     /// [`Updater::gather_state`]. No effect on the device path (its collective is NCCL's
-    /// all-reduce).
-    pub fn set_sharded(&mut self, on: bool) {
-        if let Updater::Host { sharded, .. } = self {
-            *sharded = on;
+    /// all-reduce). Returns whether the steps will be sharded (with more than one rank).
+    pub fn set_sharded(&mut self, on: bool) -> bool {
+        match self {
+            Updater::Host { sharded, .. } => {
+                *sharded = on;
+                on
+            }
+            Updater::Device { .. } => false,
         }
     }
 
@@ -204,8 +209,7 @@ impl Updater {
                 comm.all_reduce_sum(&mut sq)?;
                 let norm = (sq[0] as f64).sqrt() as f32;
                 check_finite(norm, step)?;
-                if max_grad_norm > 0.0 && norm > max_grad_norm {
-                    let s = max_grad_norm / (norm + 1e-6);
+                if let Some(s) = clip_scale(norm, max_grad_norm) {
                     for r in &parts {
                         grad[r.clone()].iter_mut().for_each(|g| *g *= s);
                     }
@@ -229,8 +233,7 @@ impl Updater {
             Updater::Device { params, grad, opt } => {
                 let norm = device_norm(grad)?;
                 check_finite(norm, step)?;
-                if max_grad_norm > 0.0 && norm > max_grad_norm {
-                    let s = max_grad_norm / (norm + 1e-6);
+                if let Some(s) = clip_scale(norm, max_grad_norm) {
                     *grad = grad.affine(s as f64, 0.0)?;
                 }
                 *params = opt.step(params, grad, lr)?;
@@ -321,20 +324,30 @@ impl Updater {
 /// the same chunks (so the two agree to the bit, and the f64 copy is one chunk at a time), the
 /// chunks' sums read back in one copy and added in order.
 pub fn device_norm(grad: &Tensor) -> Result<f32> {
+    // Chunks are never empty; the rows and the tail may be, and are then left out (a
+    // zero-element kernel launch is an error on CUDA). Adding the host's empty sum (+0.0)
+    // changes no bit.
     let chunk_sum = |c: &Tensor| -> candle_core::Result<Tensor> {
         let n = c.dim(0)?;
         let main = n / NORM_LANES * NORM_LANES;
         let sq = |t: Tensor| t.to_dtype(DType::F64)?.sqr();
-        let tail = sq(c.narrow(0, main, n - main)?)?.sum_all()?;
-        if main == 0 {
-            return Ok(tail);
-        }
         // Rows of NORM_LANES summed down each column (in row order), then the columns.
-        let lanes = sq(c.narrow(0, 0, main)?)?
-            .reshape((main / NORM_LANES, NORM_LANES))?
-            .sum(0)?
-            .sum_all()?;
-        lanes + tail
+        let lanes = (main > 0)
+            .then(|| {
+                sq(c.narrow(0, 0, main)?)?
+                    .reshape((main / NORM_LANES, NORM_LANES))?
+                    .sum(0)?
+                    .sum_all()
+            })
+            .transpose()?;
+        let tail = (n > main)
+            .then(|| sq(c.narrow(0, main, n - main)?)?.sum_all())
+            .transpose()?;
+        match (lanes, tail) {
+            (Some(l), Some(t)) => l + t,
+            (Some(s), None) | (None, Some(s)) => Ok(s),
+            (None, None) => unreachable!("chunks are never empty"),
+        }
     };
     let partial = chunks(grad, NORM_CHUNK)?
         .iter()

@@ -129,40 +129,32 @@ fn run(
     let Ok(Stream { layout, partitions }) = plan.recv() else {
         return Ok(());
     };
-    // Kept instances of shards outside this rank's partitions are not needed.
-    let wanted: std::collections::HashSet<u32> = partitions
+    // What to stream: (partition, piece of a shard), in order.
+    let pieces: Vec<_> = partitions
         .iter()
-        .flat_map(|p| layout.pieces(p.start, p.end))
-        .map(|piece| piece.shard)
+        .flat_map(|p| layout.pieces(p.start, p.end).into_iter().map(|x| (p.id, x)))
         .collect();
+    // Kept instances of shards outside this rank's partitions are not needed.
+    let wanted: std::collections::HashSet<u32> = pieces.iter().map(|(_, x)| x.shard).collect();
     kept.retain(|id, _| wanted.contains(id));
-    for p in &partitions {
-        for piece in layout.pieces(p.start, p.end) {
-            let inst = match kept.remove(&piece.shard) {
-                Some(inst) => inst,
-                None => {
-                    let fetched;
-                    let bytes = match cache.get(&piece.shard) {
-                        Some(b) => b,
-                        None => {
-                            fetched = fetch(piece.shard)?;
-                            &fetched
-                        }
-                    };
-                    shard_instances(spec, &vocab, piece.shard, bytes)?
-                }
-            };
-            anyhow::ensure!(
-                inst.len() >= piece.to,
-                "shard {} yielded {} instances, {} were counted",
-                piece.shard,
-                inst.len(),
-                piece.to
-            );
-            for i in inst.into_iter().take(piece.to).skip(piece.from) {
-                if tx.send(FeedMsg::Instance(p.id, i)).is_err() {
-                    return Ok(());
-                }
+    for (id, piece) in pieces {
+        let inst = match kept.remove(&piece.shard) {
+            Some(inst) => inst,
+            None if cache.contains_key(&piece.shard) => {
+                shard_instances(spec, &vocab, piece.shard, &cache[&piece.shard])?
+            }
+            None => shard_instances(spec, &vocab, piece.shard, &fetch(piece.shard)?)?,
+        };
+        anyhow::ensure!(
+            inst.len() >= piece.to,
+            "shard {} yielded {} instances, {} were counted",
+            piece.shard,
+            inst.len(),
+            piece.to
+        );
+        for i in inst.into_iter().take(piece.to).skip(piece.from) {
+            if tx.send(FeedMsg::Instance(id, i)).is_err() {
+                return Ok(());
             }
         }
     }

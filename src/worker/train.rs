@@ -53,10 +53,14 @@ fn quota(global: usize, world: usize, rank: usize) -> usize {
     global / world + usize::from(rank < global % world)
 }
 
+/// Partitions `0..parts` dealt round-robin: those of `rank` in a world of `world`.
+fn dealt(parts: usize, world: usize, rank: usize) -> impl Iterator<Item = usize> {
+    (rank..parts).step_by(world)
+}
+
 /// A mid-epoch cursor from a checkpoint must describe this epoch's sequence: partition bounds
-/// from 0 to its instance count, one consumed count per partition.
+/// from 0 to its instance count, one consumed count per partition, none past its partition.
 fn check_cursor(c: &DataCursor, epoch_total: u64) -> anyhow::Result<()> {
-    let parts = c.partitions as usize;
     anyhow::ensure!(
         !c.bounds.is_empty(),
         "the checkpoint's data cursor (epoch {}) has no partition bounds: it was written by an \
@@ -64,16 +68,16 @@ fn check_cursor(c: &DataCursor, epoch_total: u64) -> anyhow::Result<()> {
          or restart the stage",
         c.epoch
     );
-    let fits = c.bounds.len() == parts + 1
-        && c.consumed.len() == parts
+    let fits = c.bounds.len() == c.consumed.len() + 1
         && c.bounds[0] == 0
-        && c.bounds.windows(2).all(|w| w[0] <= w[1]);
+        && c.bounds
+            .windows(2)
+            .zip(&c.consumed)
+            .all(|(w, &done)| w[0] <= w[1] && done <= w[1] - w[0]);
     anyhow::ensure!(
         fits,
-        "the checkpoint's data cursor (epoch {}) is malformed: {} partitions, bounds {:?}, \
-         consumed {:?}",
+        "the checkpoint's data cursor (epoch {}) is malformed: bounds {:?}, consumed {:?}",
         c.epoch,
-        parts,
         c.bounds,
         c.consumed
     );
@@ -220,12 +224,12 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         dropout: true,
     };
     let mut trainer = Trainer::new(model, options)?;
-    trainer.set_sharded(cfg.cluster.shard_optimizer);
+    let sharded = trainer.set_sharded(cfg.cluster.shard_optimizer) && world > 1;
     tracing::info!(
         rank,
         device = ?ctx.device,
         update = ?trainer.update_place(),
-        sharded = cfg.cluster.shard_optimizer && world > 1 && trainer.update_place() == crate::train::UpdatePlace::Host,
+        sharded,
         "model ready"
     );
     let mut state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
@@ -359,11 +363,10 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         };
         let parts = bounds.len() - 1;
         let totals: Vec<u64> = bounds.windows(2).map(|w| w[1] - w[0]).collect();
-        let mine: Vec<Partition> = (0..parts)
-            .filter(|p| p % world == rank)
+        let mine: Vec<Partition> = dealt(parts, world, rank)
             .map(|p| Partition {
                 id: p as u32,
-                start: bounds[p] + consumed0[p].min(totals[p]),
+                start: bounds[p] + consumed0[p],
                 end: bounds[p + 1],
             })
             .collect();
@@ -377,9 +380,8 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         // dropped tail).
         let steps_in_epoch = (0..world)
             .map(|r| {
-                let left: u64 = (r..parts)
-                    .step_by(world)
-                    .map(|p| totals[p] - consumed0[p].min(totals[p]))
+                let left: u64 = dealt(parts, world, r)
+                    .map(|p| totals[p] - consumed0[p])
                     .sum();
                 left.div_ceil(quota(global, world, r) as u64)
             })
@@ -417,15 +419,10 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
                    state: &mut TrainerState,
                    ring: &mut dyn Collective|
          -> anyhow::Result<()> {
-            let mut c: Vec<f32> = (0..parts)
-                .map(|p| {
-                    if p % world == rank {
-                        consumed[p] as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            let mut c = vec![0f32; parts];
+            for p in dealt(parts, world, rank) {
+                c[p] = consumed[p] as f32;
+            }
             ring.all_reduce_sum(&mut c)?;
             let cursor: Vec<u64> = c.iter().map(|x| *x as u64).collect();
             for p in 0..parts {
@@ -442,7 +439,6 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             *mark = cursor.clone();
             state.cursor = DataCursor {
                 epoch,
-                partitions: parts as u32,
                 consumed: cursor,
                 bounds: bounds.clone(),
             };
@@ -900,7 +896,6 @@ mod tests {
     fn a_mid_epoch_cursor_must_describe_this_epoch() {
         let c = DataCursor {
             epoch: 3,
-            partitions: 2,
             consumed: vec![5, 7],
             bounds: vec![0, 50, 100],
         };
@@ -918,9 +913,15 @@ mod tests {
         assert!(e.contains("older tandem"), "{e}");
         let bad = DataCursor {
             bounds: vec![0, 100],
-            ..c
+            ..c.clone()
         };
         let e = check_cursor(&bad, 100).unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
+        let past_its_end = DataCursor {
+            consumed: vec![51, 7],
+            ..c
+        };
+        let e = check_cursor(&past_its_end, 100).unwrap_err().to_string();
         assert!(e.contains("malformed"), "{e}");
     }
 }
