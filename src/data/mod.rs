@@ -8,4 +8,5 @@ pub mod finetune;
 pub mod instances;
 pub mod shard;
 pub mod tokenizer;
+pub(crate) mod tokenizer_config;
 pub mod vocab;

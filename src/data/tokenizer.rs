@@ -14,15 +14,17 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::models::ModelWrapper;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, Normalizer, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizedString,
-    PreTokenizer, TokenizerImpl,
+    AddedToken, Model, Normalizer, NormalizerWrapper, OffsetReferential, OffsetType,
+    PreTokenizedString, PreTokenizer, TokenizerImpl,
 };
 
 use crate::data::corpus::{resolve_inputs, CorpusOptions, Document, DocumentReader};
+use crate::data::tokenizer_config::{HfTokenizerConfig, SpecialNames};
 use crate::error::{Error, Result};
 
 /// The special tokens, in the id order a trained vocabulary gives them (0..=4).
@@ -63,6 +65,7 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     specials: Specials,
     origin: String,
+    model_max_length: Option<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -110,22 +113,37 @@ fn bert_pipeline(
     Ok(tk)
 }
 
-/// Sets the `[CLS] $A [SEP] $B:1 [SEP]:1` post-processor and registers the specials.
-fn finish_pipeline(mut tk: BertImpl, origin: &str) -> Result<Tokenizer> {
-    let id = |t: &str| {
-        tk.token_to_id(t).ok_or_else(|| Error::Tokenizer {
-            origin: origin.to_string(),
-            msg: format!("the vocabulary lacks the special token {t}"),
+/// BERT's `[CLS] $A [SEP]` / `[CLS] $A [SEP] $B:1 [SEP]:1`, with the vocabulary's ids.
+fn bert_template(
+    names: &SpecialNames,
+    id: impl Fn(&str) -> Option<u32>,
+    origin: &str,
+) -> Result<TemplateProcessing> {
+    let lookup = |t: &str| {
+        id(t).ok_or_else(|| {
+            tok_err(
+                origin,
+                format!("the vocabulary lacks the special token {t}"),
+            )
         })
     };
-    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
-    let post = TemplateProcessing::builder()
-        .try_single("[CLS] $A [SEP]")
-        .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
+    let (cls, sep) = (&names.cls, &names.sep);
+    TemplateProcessing::builder()
+        .try_single(format!("{cls} $A {sep}"))
+        .and_then(|b| b.try_pair(format!("{cls} $A {sep} $B:1 {sep}:1")))
         .map_err(|e| tok_err(origin, e))?
-        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .special_tokens(vec![
+            (cls.as_str(), lookup(cls)?),
+            (sep.as_str(), lookup(sep)?),
+        ])
         .build()
-        .map_err(|e| tok_err(origin, e))?;
+        .map_err(|e| tok_err(origin, e))
+}
+
+/// Sets BERT's post-processor and registers the specials of a vocabulary tandem trained.
+fn finish_pipeline(mut tk: BertImpl, origin: &str) -> Result<Tokenizer> {
+    let names = SpecialNames::default();
+    let post = bert_template(&names, |t| tk.token_to_id(t), origin)?;
     tk.with_post_processor(Some(post));
     let present: Vec<AddedToken> = SPECIAL_TOKENS
         .iter()
@@ -135,6 +153,77 @@ fn finish_pipeline(mut tk: BertImpl, origin: &str) -> Result<Tokenizer> {
     tk.add_special_tokens(present)
         .map_err(|e| tok_err(origin, e))?;
     Tokenizer::from_hf(tk.into(), origin)
+}
+
+/// Rebuilds a `tokenizer.json`'s pipeline as transformers' `BertTokenizer` does (see
+/// [`crate::data::tokenizer_config`]): its WordPiece vocabulary and added tokens stay.
+fn as_bert_tokenizer(
+    inner: &mut tokenizers::Tokenizer,
+    cfg: &HfTokenizerConfig,
+    origin: &str,
+) -> Result<()> {
+    let ModelWrapper::WordPiece(wp) = inner.get_model() else {
+        return Err(tok_err(
+            origin,
+            format!(
+                "{} names a BERT tokenizer, but tokenizer.json's model is not WordPiece",
+                cfg.origin()
+            ),
+        ));
+    };
+    let model = WordPiece::builder()
+        .vocab(
+            wp.get_vocab()
+                .into_iter()
+                .collect::<ahash::AHashMap<_, _>>(),
+        )
+        .unk_token(cfg.names.unk.clone())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| tok_err(origin, e))?;
+    inner.with_model(model);
+    inner
+        .with_normalizer(Some(BertNormalizer::new(
+            true,
+            cfg.tokenize_chinese_chars,
+            cfg.strip_accents,
+            cfg.do_lower_case,
+        )))
+        .map_err(|e| tok_err(origin, e))?;
+    inner.with_pre_tokenizer(Some(BertPreTokenizer));
+    let post = bert_template(&cfg.names, |t| inner.token_to_id(t), origin)?;
+    inner.with_post_processor(Some(post));
+    inner.with_decoder(Some(WordPieceDecoder::default()));
+    Ok(())
+}
+
+/// Adds `added_tokens_decoder`'s tokens (special ones as special), refusing one whose id
+/// differs from the id the config gives it.
+fn add_config_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    cfg: &HfTokenizerConfig,
+    origin: &str,
+) -> Result<()> {
+    for (id, t) in &cfg.added {
+        let r = if t.special {
+            inner.add_special_tokens([t.clone()])
+        } else {
+            inner.add_tokens([t.clone()])
+        };
+        r.map_err(|e| tok_err(origin, e))?;
+        let got = inner.token_to_id(&t.content);
+        if got != Some(*id) {
+            return Err(tok_err(
+                origin,
+                format!(
+                    "{}: added token {:?} has id {id} there but {got:?} in the vocabulary",
+                    cfg.origin(),
+                    t.content
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Trains a WordPiece vocabulary of about `vocab_size` pieces on corpus files (text or JSONL,
@@ -200,25 +289,47 @@ pub fn train_wordpiece(
 }
 
 impl Tokenizer {
-    /// Wraps an HF tokenizer, resolving the special tokens (an error names a missing one).
+    /// Wraps an HF tokenizer as it is, with BERT's special-token names. Its own padding and
+    /// truncation are turned off, as transformers does: tandem pads and cuts by itself.
     pub fn from_hf(inner: tokenizers::Tokenizer, origin: &str) -> Result<Self> {
-        let id = |t: &str| {
-            inner.token_to_id(t).ok_or_else(|| Error::Tokenizer {
-                origin: origin.to_string(),
-                msg: format!("the vocabulary lacks the special token {t}"),
-            })
-        };
-        let specials = Specials {
-            pad: id("[PAD]")?,
-            unk: id("[UNK]")?,
-            cls: id("[CLS]")?,
-            sep: id("[SEP]")?,
-            mask: id("[MASK]")?,
-        };
+        Self::with_names(inner, &SpecialNames::default(), None, origin)
+    }
+
+    fn with_names(
+        mut inner: tokenizers::Tokenizer,
+        names: &SpecialNames,
+        config: Option<&HfTokenizerConfig>,
+        origin: &str,
+    ) -> Result<Self> {
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| tok_err(origin, e))?;
+        let mut ids = [0u32; 5];
+        for (slot, (key, t)) in ids.iter_mut().zip(names.keyed()) {
+            *slot = inner.token_to_id(t).ok_or_else(|| {
+                let named = match config.and_then(|c| c.path.as_ref()) {
+                    Some(p) => format!(" ({key} in {})", p.display()),
+                    None => String::new(),
+                };
+                tok_err(
+                    origin,
+                    format!("the vocabulary lacks the special token {t}{named}"),
+                )
+            })?;
+        }
+        let [pad, unk, cls, sep, mask] = ids;
         Ok(Tokenizer {
             inner,
-            specials,
+            specials: Specials {
+                pad,
+                unk,
+                cls,
+                sep,
+                mask,
+            },
             origin: origin.to_string(),
+            model_max_length: config.and_then(|c| c.model_max_length),
         })
     }
 
@@ -229,21 +340,22 @@ impl Tokenizer {
             .map_err(|e| tok_err(&self.origin, e))
     }
 
-    /// Parses HF `tokenizer.json` text.
+    /// Parses HF `tokenizer.json` text, as [`Tokenizer::to_json`] wrote it.
     pub fn from_json(json: &str) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| tok_err("tokenizer.json text", e))?;
         Self::from_hf(inner, "tokenizer.json text")
     }
 
-    /// Loads a directory holding `tokenizer.json` (preferred) or `vocab.txt`, or either file.
-    /// A `vocab.txt` gets BERT's pipeline, lowercasing per a sibling `tokenizer_config.json`'s
-    /// `do_lower_case` (default true, as HF's `BertTokenizer`) and its `strip_accents`.
+    /// Loads a directory holding `tokenizer.json` (preferred) or `vocab.txt`, or either file,
+    /// as transformers' `AutoTokenizer` does: the file's padding and truncation are off, and
+    /// a BERT tokenizer's pipeline, special tokens and added tokens follow the
+    /// `tokenizer_config.json` beside it (see [`crate::data::tokenizer_config`]).
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, None)
     }
 
-    /// As [`Tokenizer::load`]; `lowercase` (if given) overrides `do_lower_case` for `vocab.txt`.
+    /// As [`Tokenizer::load`]; `lowercase` (if given) overrides `do_lower_case`.
     pub fn load_with(path: &Path, lowercase: Option<bool>) -> Result<Self> {
         let file = if path.is_dir() {
             let json = path.join("tokenizer.json");
@@ -263,25 +375,53 @@ impl Tokenizer {
         };
         let origin = file.display().to_string();
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let mut cfg = HfTokenizerConfig::in_dir(dir)?;
+        if let Some(l) = lowercase {
+            cfg.do_lower_case = l;
+        }
         let is_json = file
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        if is_json {
-            let inner =
+        let mut inner = if is_json {
+            let mut inner =
                 tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&origin, e))?;
-            return Self::from_hf(inner, &origin);
-        }
-        let (config_lower, strip_accents) = read_tokenizer_config(&file)?;
-        let lowercase = lowercase.or(config_lower).unwrap_or(true);
-        let vocab = WordPiece::read_bytes(&bytes).map_err(|e| tok_err(&origin, e))?;
-        let model = WordPiece::builder()
-            .vocab(vocab)
-            .unk_token("[UNK]".into())
-            .continuing_subword_prefix("##".into())
-            .build()
-            .map_err(|e| tok_err(&origin, e))?;
-        let tk = bert_pipeline(model, lowercase, strip_accents, &origin)?;
-        finish_pipeline(tk, &origin)
+            if cfg.bert || lowercase.is_some() {
+                as_bert_tokenizer(&mut inner, &cfg, &origin)?;
+            }
+            inner
+        } else {
+            let vocab = WordPiece::read_bytes(&bytes).map_err(|e| tok_err(&origin, e))?;
+            let model = WordPiece::builder()
+                .vocab(vocab)
+                .unk_token(cfg.names.unk.clone())
+                .continuing_subword_prefix("##".into())
+                .build()
+                .map_err(|e| tok_err(&origin, e))?;
+            let mut inner: tokenizers::Tokenizer = BertImpl::new(model).into();
+            as_bert_tokenizer(&mut inner, &cfg, &origin)?;
+            let specials = cfg.names.keyed().map(|(_, t)| AddedToken::from(t, true));
+            let present = specials
+                .into_iter()
+                .filter(|t| inner.token_to_id(&t.content).is_some());
+            let present: Vec<AddedToken> = present.collect();
+            inner
+                .add_special_tokens(present)
+                .map_err(|e| tok_err(&origin, e))?;
+            inner
+        };
+        add_config_tokens(&mut inner, &cfg, &origin)?;
+        let names = if cfg.bert || !is_json {
+            cfg.names.clone()
+        } else {
+            SpecialNames::default()
+        };
+        Self::with_names(inner, &names, Some(&cfg), &origin)
+    }
+
+    /// The longest input the tokenizer's config declares (`model_max_length`), if any.
+    pub fn model_max_length(&self) -> Option<usize> {
+        self.model_max_length
     }
 
     /// Writes `tokenizer.json`, `vocab.txt` and `tokenizer_config.json` into `dir`.
@@ -403,21 +543,4 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
-}
-
-/// `do_lower_case` and `strip_accents` from a `tokenizer_config.json` beside `vocab`.
-fn read_tokenizer_config(vocab: &Path) -> Result<(Option<bool>, Option<bool>)> {
-    let Some(cfg) = vocab.parent().map(|d| d.join("tokenizer_config.json")) else {
-        return Ok((None, None));
-    };
-    if !cfg.is_file() {
-        return Ok((None, None));
-    }
-    let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: cfg.clone(),
-        source,
-    })?;
-    let flag = |k: &str| v.get(k).and_then(|b| b.as_bool());
-    Ok((flag("do_lower_case"), flag("strip_accents")))
 }

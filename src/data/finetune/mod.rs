@@ -207,14 +207,16 @@ pub(crate) fn truncate_pair(a: &mut Vec<u32>, b: &mut Vec<u32>, budget: usize) -
     if total <= budget {
         return false;
     }
-    // Closed form of the one-at-a-time loop: the shorter side keeps min(len, budget / 2).
+    // transformers' `longest_first` (tokenizers' closed form): the shorter side (`a` on a
+    // tie) keeps min(len, budget / 2), the other the rest. Google's one-token-at-a-time
+    // loop differs by one token when both sides are cut, so this is what HF models saw.
     let (la, lb) = (a.len(), b.len());
-    let (ka, kb) = if la > lb {
+    let (ka, kb) = if la <= lb {
+        let ka = la.min(budget / 2);
+        (ka, budget - ka)
+    } else {
         let kb = lb.min(budget / 2);
         (budget - kb, kb)
-    } else {
-        let ka = la.min(budget.div_ceil(2));
-        (ka, budget - ka)
     };
     a.truncate(ka);
     b.truncate(kb);
@@ -285,33 +287,23 @@ pub(crate) fn pad_labels(rows: &[&[i64]], seq: usize) -> Vec<i64> {
 mod tests {
     use super::*;
 
-    /// The one-token-at-a-time loop the closed form replaces.
-    fn truncate_loop(a: &mut Vec<u32>, b: &mut Vec<u32>, budget: usize) {
-        while a.len() + b.len() > budget {
-            if a.len() > b.len() {
-                a.pop();
-            } else {
-                b.pop();
-            }
-        }
-    }
-
     #[test]
-    fn truncate_pair_matches_the_loop() {
-        for la in 0..12 {
-            for lb in 0..12 {
-                for budget in 0..20 {
-                    let (mut a, mut b) = (vec![7; la], vec![8; lb]);
-                    let (mut a2, mut b2) = (a.clone(), b.clone());
-                    truncate_pair(&mut a, &mut b, budget);
-                    truncate_loop(&mut a2, &mut b2, budget);
-                    assert_eq!(
-                        (a.len(), b.len()),
-                        (a2.len(), b2.len()),
-                        "{la} {lb} {budget}"
-                    );
-                }
-            }
+    fn truncate_pair_is_transformers_longest_first() {
+        // (len a, len b, budget) -> kept, as transformers 5.24 / tokenizers 0.23 keep them.
+        for (la, lb, budget, want) in [
+            (11, 12, 21, (10, 11)),
+            (12, 11, 21, (11, 10)),
+            (11, 11, 21, (10, 11)),
+            (8, 20, 21, (8, 13)),
+            (20, 8, 21, (13, 8)),
+            (30, 30, 20, (10, 10)),
+            (3, 3, 10, (3, 3)),
+            (0, 30, 5, (0, 5)),
+        ] {
+            let (mut a, mut b) = (vec![7; la], vec![8; lb]);
+            let cut = truncate_pair(&mut a, &mut b, budget);
+            assert_eq!((a.len(), b.len()), want, "{la} {lb} {budget}");
+            assert_eq!(cut, la + lb > budget);
         }
     }
 

@@ -1,0 +1,179 @@
+//! Real HuggingFace tokenizer layouts (tests/fixtures/hf_tokenizers, made by transformers with
+//! make_tokenizer_fixtures.py): tandem's ids, offsets and pair features equal what
+//! transformers' `AutoTokenizer` gives, and `tandem predict` on a checkpoint whose
+//! tokenizer.json carries its own padding and truncation equals transformers' probabilities.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tandem::data::finetune::ClassificationSet;
+use tandem::data::tokenizer::Tokenizer;
+
+fn fixtures() -> PathBuf {
+    common::repo().join("tests/fixtures/hf_tokenizers")
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Each case's ids (with and without special tokens) and character offsets, text by text.
+fn check_case(name: &str, case: &Value, tok: &Tokenizer) {
+    for t in case["texts"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        let short: String = text.chars().take(40).collect();
+        let (with, _) = tok.encode_with_specials(text).unwrap();
+        assert_eq!(
+            with,
+            u32s(&t["input_ids"]),
+            "{name}: input_ids of {short:?}"
+        );
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            u32s(&t["ids"]),
+            "{name}: ids of {short:?}"
+        );
+        let enc = tok.inner().encode_char_offsets(text, false).unwrap();
+        let offsets: Vec<Vec<usize>> = enc.get_offsets().iter().map(|o| vec![o.0, o.1]).collect();
+        let want: Vec<Vec<usize>> = serde_json::from_value(t["offsets"].clone()).unwrap();
+        assert_eq!(offsets, want, "{name}: offsets of {short:?}");
+    }
+}
+
+/// Pairs through the fine-tuning featurizer, against transformers' `longest_first`.
+fn check_pairs(name: &str, case: &Value, tok: &Tokenizer, dir: &Path) {
+    let pairs = case["pairs"].as_array().unwrap();
+    let file = dir.join(format!("{name}-pairs.jsonl"));
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|p| serde_json::json!({"text_a": p["a"], "text_b": p["b"], "label": "x"}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let set = ClassificationSet::read(&file).unwrap();
+    let max_len = pairs[0]["max_length"].as_u64().unwrap() as usize;
+    let feats = set.featurize(tok, None, max_len).unwrap();
+    for (f, p) in feats.iter().zip(pairs) {
+        assert_eq!(
+            f.input_ids,
+            u32s(&p["input_ids"]),
+            "{name}: pair {:?}",
+            p["a"]
+        );
+        assert_eq!(
+            f.token_type_ids,
+            u32s(&p["token_type_ids"]),
+            "{name}: types of {:?}",
+            p["a"]
+        );
+    }
+}
+
+#[test]
+fn tokenizers_match_transformers_on_every_published_layout() {
+    let exp = expected();
+    let cases = exp["cases"].as_object().unwrap();
+    assert!(cases.len() >= 8, "fixture cases: {}", cases.len());
+    let tmp = common::TmpDir::new("hf", "pairs");
+    for (name, case) in cases {
+        let dir = fixtures().join(name);
+        let tok = Tokenizer::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_case(name, case, &tok);
+        check_pairs(name, case, &tok, &tmp);
+        // What the coordinator sends the workers encodes the same.
+        let sent = Tokenizer::from_json(&tok.to_json().unwrap()).unwrap();
+        check_case(&format!("{name} (as sent to workers)"), case, &sent);
+    }
+}
+
+#[test]
+fn a_tokenizer_json_with_padding_and_truncation_neither_pads_nor_cuts() {
+    let tok = Tokenizer::load(&fixtures().join("padded_uncased")).unwrap();
+    let long = "word ".repeat(300);
+    let per_word = tok.encode("word").unwrap().len();
+    assert_eq!(tok.encode(&long).unwrap().len(), 300 * per_word);
+    let (ids, _) = tok.encode_with_specials("hello world").unwrap();
+    assert!(ids.len() < 10 && !ids.contains(&tok.pad_id()), "{ids:?}");
+    assert_eq!(tok.model_max_length(), Some(128));
+    // Pre-training's sentences: no [PAD] inside, nothing cut.
+    let docs = vec![vec!["hello world".to_string(), long.clone()]];
+    let enc = tok.encode_documents(&docs).unwrap();
+    assert_eq!(enc[0][1].len(), 300 * per_word);
+    assert!(enc.iter().flatten().flatten().all(|&i| i != tok.pad_id()));
+}
+
+#[test]
+fn special_tokens_missing_from_the_vocabulary_are_refused_naming_the_key() {
+    let tmp = common::TmpDir::new("hf", "specials");
+    let src = fixtures().join("padded_uncased");
+    for f in ["tokenizer.json", "vocab.txt"] {
+        std::fs::copy(src.join(f), tmp.join(f)).unwrap();
+    }
+    let cfg = r#"{"tokenizer_class": "BertTokenizer", "mask_token": "<mask>"}"#;
+    std::fs::write(tmp.join("tokenizer_config.json"), cfg).unwrap();
+    let e = Tokenizer::load(&tmp).unwrap_err().to_string();
+    assert!(
+        e.contains("<mask>") && e.contains("mask_token") && e.contains("tokenizer_config.json"),
+        "{e}"
+    );
+    std::fs::remove_file(tmp.join("tokenizer.json")).unwrap();
+    let e = Tokenizer::load(&tmp).unwrap_err().to_string();
+    assert!(e.contains("<mask>") && e.contains("mask_token"), "{e}");
+}
+
+#[test]
+fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
+    let dir = fixtures().join("seqcls_padded");
+    let exp: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("expected_predictions.json")).unwrap(),
+    )
+    .unwrap();
+    let out = Command::new(common::bin())
+        .args(["predict", "--checkpoint"])
+        .arg(&dir)
+        .arg("--input")
+        .arg(dir.join("inputs.jsonl"))
+        .args(["--max-seq-length", "128"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = exp["probabilities"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    let labels: Vec<&str> = exp["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let mut worst = 0f64;
+    for (g, w) in got.iter().zip(want) {
+        for (i, l) in labels.iter().enumerate() {
+            let d = (g["probabilities"][l].as_f64().unwrap() - w[i].as_f64().unwrap()).abs();
+            worst = worst.max(d);
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "largest probability difference from transformers: {worst}"
+    );
+}
