@@ -125,7 +125,7 @@ impl HfTokenizerConfig {
                 let n = n
                     .as_f64()
                     .ok_or_else(|| bad("model_max_length", "a number"))?;
-                (n >= 1.0 && n < 1e12).then_some(n as usize)
+                (1.0..1e12).contains(&n).then_some(n as usize)
             }
         };
         if let Some(map) = v.get("added_tokens_decoder").and_then(Value::as_object) {
