@@ -349,15 +349,19 @@ pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
     for st in &s.stages {
         if st.kind != "pretrain" {
             out += &format!(
-                "stage {:?} ({}): {} steps, {} examples · train loss {:.3} · dev {} · replicas identical: {}\n",
+                "stage {:?} ({}): {} steps, {} examples · train loss {:.3}{} · dev {} · replicas identical: {}\n",
                 st.name, st.kind, st.steps, st.examples, st.loss,
+                st.train_accuracy.map(|a| format!(" · train accuracy {a:.3}")).unwrap_or_default(),
                 dev_line(&st.metrics, st.majority_baseline), st.replicas_identical
             );
             continue;
         }
         out += &format!(
             "stage {:?} ({}): {} steps, {} examples, {} documents · loss {:.3} (MLM {:.3}, NSP {:.3}) · MLM accuracy {:.3} (chance ≈ 0) · NSP accuracy {:.3} (chance 0.5) · {:.1} samples/s · replicas identical: {}\n",
-            st.name, st.kind, st.steps, st.examples, st.documents, st.loss, st.mlm_loss, st.nsp_loss, st.mlm_accuracy, st.nsp_accuracy, st.samples_per_s, st.replicas_identical
+            st.name, st.kind, st.steps, st.examples, st.documents.unwrap_or(0), st.loss,
+            st.mlm_loss.unwrap_or(f32::NAN), st.nsp_loss.unwrap_or(f32::NAN),
+            st.mlm_accuracy.unwrap_or(f32::NAN), st.nsp_accuracy.unwrap_or(f32::NAN),
+            st.samples_per_s, st.replicas_identical
         );
     }
     if let Some(f) = &s.final_checkpoint {

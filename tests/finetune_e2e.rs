@@ -54,6 +54,23 @@ fn run_stage(
     assert_eq!(s["status"], "completed", "{s:#}");
     let st = &s["stages"][1];
     assert_eq!(st["replicas_identical"], true);
+    // A fine-tuning stage reports what its kind measures, under its config spelling.
+    assert_eq!(st["kind"], kind, "{st:#}");
+    let acc = st["train_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{st:#}");
+    for pretraining_only in [
+        "mlm_accuracy",
+        "nsp_accuracy",
+        "mlm_loss",
+        "documents",
+        "masked_fraction",
+    ] {
+        assert!(
+            st.get(pretraining_only).is_none(),
+            "{pretraining_only} in {st:#}"
+        );
+    }
+    assert_eq!(s["stages"][0]["kind"], "pretrain");
     // Every training example used once per epoch (the fine-tuning ledger).
     for e in st["epochs_ledger"].as_array().unwrap() {
         assert_eq!(e["instances_consumed"], e["instances_planned"], "{e}");

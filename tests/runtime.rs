@@ -16,6 +16,10 @@ fn check_completed(s: &Value, workers: u64) {
     let fps = stage["param_hashes"].as_array().unwrap();
     assert_eq!(fps.len() as u64, workers);
     assert!(fps.iter().all(|f| f == &fps[0]), "{fps:?}");
+    assert_eq!(stage["kind"], "pretrain");
+    assert!(stage["mlm_accuracy"].is_number() && stage["nsp_accuracy"].is_number());
+    assert!(stage.get("train_accuracy").is_none(), "{stage:#}");
+    assert!(stage["samples_per_s"].as_f64().unwrap() > 0.0, "{stage:#}");
     // One epoch: every document of the corpus consumed exactly once across ranks.
     assert_eq!(stage["documents"], s["corpus_documents"], "{s:#}");
     assert!(s["corpus_documents"].as_u64().unwrap() > 100);

@@ -552,32 +552,34 @@ fn stage_summary(
     let (first_loss, last_loss) =
         super::metrics_log::first_and_last_loss(&shared.cfg.job.state_dir, st.stage_index);
     let docs = shared.prepared.index.total_documents();
-    let documents = if stage.kind != crate::config::StageKind::Pretrain {
-        0
-    } else {
-        ledger
-            .iter()
-            .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
-            .count() as u64
-            * docs
-    };
+    let pretrain = stage.kind == crate::config::StageKind::Pretrain;
+    let full_epochs = ledger
+        .iter()
+        .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
+        .count() as u64;
+    let only = |pre: bool| move |v| (pre == pretrain).then_some(v);
+    let (pre, fine) = (only(true), only(false));
     StageSummary {
         name: stage.name.clone(),
-        kind: format!("{:?}", stage.kind).to_lowercase(),
+        kind: serde_json::to_value(stage.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
         steps: r0.step,
         epochs: stage.epochs,
         examples: r0.examples,
-        documents,
+        documents: (pretrain).then_some(full_epochs * docs),
         loss: r0.loss,
-        mlm_loss: r0.mlm_loss,
-        nsp_loss: r0.nsp_loss,
-        mlm_accuracy: r0.mlm_accuracy,
-        nsp_accuracy: r0.nsp_accuracy,
+        mlm_loss: pre(r0.mlm_loss),
+        nsp_loss: pre(r0.nsp_loss),
+        mlm_accuracy: pre(r0.mlm_accuracy),
+        nsp_accuracy: pre(r0.nsp_accuracy),
+        train_accuracy: fine(r0.mlm_accuracy),
         samples_per_s: r0.samples_per_s,
         first_loss,
         last_loss: last_loss.or(Some(r0.loss)),
-        masked_fraction: totals.masked_fraction(),
-        is_next_fraction: totals.is_next_fraction(),
+        masked_fraction: totals.masked_fraction().filter(|_| pretrain),
+        is_next_fraction: totals.is_next_fraction().filter(|_| pretrain),
         world_size: g.world,
         generations: history
             .iter()

@@ -72,27 +72,39 @@ pub struct Summary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageSummary {
     pub name: String,
+    /// As the config spells it (`pretrain`, `sequence_classification`, …).
     pub kind: String,
     pub steps: u64,
     pub epochs: u32,
     pub examples: u64,
-    /// Documents of the epochs whose every planned instance was consumed exactly once in
-    /// committed steps (from the ledger): epochs × corpus_documents for a finished stage.
-    pub documents: u64,
+    /// Pre-training: documents of the epochs whose every planned instance was consumed
+    /// exactly once in committed steps (from the ledger): epochs × corpus_documents for a
+    /// finished stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<u64>,
     pub loss: f32,
-    pub mlm_loss: f32,
-    pub nsp_loss: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlm_loss: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nsp_loss: Option<f32>,
     /// Training loss and accuracies, averaged over the stage's last 20 steps (global: every
-    /// rank's examples).
-    pub mlm_accuracy: f32,
-    pub nsp_accuracy: f32,
+    /// rank's examples). Pre-training reports MLM and NSP accuracy, fine-tuning its task's
+    /// training accuracy (tokens for token classification, start and end for QA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlm_accuracy: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nsp_accuracy: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_accuracy: Option<f32>,
     pub samples_per_s: f32,
     /// Loss of the stage's first and last logged steps (metrics.jsonl).
     pub first_loss: Option<f32>,
     pub last_loss: Option<f32>,
     /// Pre-training data actually trained on (committed steps, all ranks): masked positions
     /// per non-padding token, and the share of IsNext pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked_fraction: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_next_fraction: Option<f64>,
     /// Ranks of the generation that finished the stage.
     pub world_size: u32,

@@ -444,20 +444,31 @@ impl Tokenizer {
             vocab.push('\n');
         }
         crate::util::write_atomic(&dir.join("vocab.txt"), vocab.as_bytes())?;
-        let (lower, strip) = match self.inner.get_normalizer() {
-            Some(NormalizerWrapper::BertNormalizer(n)) => (n.lowercase, n.strip_accents),
-            _ => (false, None),
+        let (lower, strip, chinese) = match self.inner.get_normalizer() {
+            Some(NormalizerWrapper::BertNormalizer(n)) => {
+                (n.lowercase, n.strip_accents, n.handle_chinese_chars)
+            }
+            _ => (false, None, true),
         };
+        // The special tokens by the names this vocabulary gives them, so transformers (and
+        // tandem, which reads this file back) resolve the same ids.
+        let name = |id: u32| self.inner.id_to_token(id).unwrap_or_default();
+        let s = self.specials;
         let config = serde_json::json!({
             "do_lower_case": lower,
             "strip_accents": strip,
+            "tokenize_chinese_chars": chinese,
             "tokenizer_class": "BertTokenizer",
-            "unk_token": "[UNK]",
-            "sep_token": "[SEP]",
-            "pad_token": "[PAD]",
-            "cls_token": "[CLS]",
-            "mask_token": "[MASK]",
+            "unk_token": name(s.unk),
+            "sep_token": name(s.sep),
+            "pad_token": name(s.pad),
+            "cls_token": name(s.cls),
+            "mask_token": name(s.mask),
         });
+        let mut config = config;
+        if let Some(m) = self.model_max_length {
+            config["model_max_length"] = m.into();
+        }
         let text = serde_json::to_string_pretty(&config).map_err(|source| Error::Json {
             path: dir.join("tokenizer_config.json"),
             source,

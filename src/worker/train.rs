@@ -279,6 +279,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
     let mut examples = 0u64;
     // Throughput is measured from the end of the second step on (start-up excluded).
     let mut since = (Instant::now(), 0u64);
+    let stage_start = since;
     let mut time_split = TimeSplit::default();
     // Rank 0's periodic checkpoint upload in flight, if any.
     let mut uploading: Option<Upload> = None;
@@ -519,7 +520,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             }
             if trainer.step % cfg.cluster.progress_every == 0 {
                 let mut p = ctx.progress.lock().unwrap();
-                let samples_per_s = rate(examples, since, last_step_end);
+                let samples_per_s = rate_or_whole(examples, since, stage_start, last_step_end);
                 fill_report(
                     &mut p,
                     &window,
@@ -618,7 +619,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         trainer.step,
         state.total_steps,
         examples,
-        rate(examples, since, last_step_end),
+        rate_or_whole(examples, since, stage_start, last_step_end),
     );
     report_done(&ctx, done, fingerprint, trainer.step)
 }
@@ -714,9 +715,23 @@ pub(super) fn log_step(p: &mut proto::ProgressReport, record: proto::StepRecord)
 }
 
 /// Examples per second from `since` (an instant and the example count then) to `until`.
+/// A stage too short to have steps after `since` (the warm-up cut) counts from its start.
 fn rate(examples: u64, since: (Instant, u64), until: Instant) -> f32 {
     (examples.saturating_sub(since.1) as f64
         / until.duration_since(since.0).as_secs_f64().max(1e-9)) as f32
+}
+
+fn rate_or_whole(
+    examples: u64,
+    since: (Instant, u64),
+    start: (Instant, u64),
+    until: Instant,
+) -> f32 {
+    if examples > since.1 && until > since.0 {
+        rate(examples, since, until)
+    } else {
+        rate(examples, start, until)
+    }
 }
 
 fn fill_report(
