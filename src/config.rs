@@ -35,8 +35,11 @@ pub struct JobConfig {
     pub job: JobSection,
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// Optional when no stage pre-trains: the model then comes from `init_from`.
     #[serde(default)]
     pub model: ModelSection,
+    /// Optional when no stage pre-trains (no corpus is scanned then).
+    #[serde(default)]
     pub data: DataSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
@@ -164,7 +167,9 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Corpus files, directories or globs (google-research/bert text or JSONL).
+    /// Corpus files, directories or globs (google-research/bert text or JSONL); required
+    /// when a stage pre-trains.
+    #[serde(default)]
     pub corpus: Vec<String>,
     /// Target shard size, e.g. "256KiB", "64MiB".
     #[serde(default = "d_shard_size")]
@@ -199,6 +204,12 @@ pub struct CheckpointSection {
     /// Keep this many most recent checkpoints.
     #[serde(default = "d_keep")]
     pub keep: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
 }
 
 impl Default for CheckpointSection {
@@ -450,7 +461,8 @@ impl JobConfig {
         if c.progress_every == 0 {
             return Err(invalid("cluster.progress_every", "must be at least 1"));
         }
-        if self.model.preset.is_some() == self.model.config.is_some() {
+        let both = self.model.preset.is_some() && self.model.config.is_some();
+        if both || self.pretrains() && self.model.preset.is_none() && self.model.config.is_none() {
             return Err(invalid("model", "set exactly one of `preset` and `config`"));
         }
         if let Some(p) = self.model.dropout {
@@ -461,7 +473,7 @@ impl JobConfig {
                 ));
             }
         }
-        if self.data.corpus.is_empty() {
+        if self.pretrains() && self.data.corpus.is_empty() {
             return Err(invalid(
                 "data.corpus",
                 "list at least one file, directory or glob",
@@ -553,6 +565,11 @@ impl JobConfig {
         Ok(())
     }
 
+    /// Some stage pre-trains (so the job needs a corpus and a model shape of its own).
+    pub fn pretrains(&self) -> bool {
+        self.stages.iter().any(|s| s.kind == StageKind::Pretrain)
+    }
+
     pub fn shard_bytes(&self) -> u64 {
         parse_bytes(&self.data.shard_size).expect("validated")
     }
@@ -629,6 +646,29 @@ mod tests {
         let e = JobConfig::load(&p, &["nokey".into()]).unwrap_err();
         assert!(matches!(e, ConfigError::BadOverride(_)));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_fine_tuning_only_job_needs_no_data_or_model() {
+        let ft = r#"
+            [job]
+            name = "t"
+            state_dir = "s"
+            [[stages]]
+            name = "cls"
+            kind = "sequence_classification"
+            init_from = "ckpt"
+            train = "t.jsonl"
+            dev = "d.jsonl"
+            lr = 2e-5
+        "#;
+        let c = JobConfig::from_toml(ft).unwrap();
+        assert!(!c.pretrains() && c.data.corpus.is_empty());
+        let e = JobConfig::from_toml(&MIN.replace("[model]\n        preset = \"tiny\"", ""))
+            .unwrap_err();
+        assert!(e.to_string().contains("model"), "{e}");
+        let e = JobConfig::from_toml(&MIN.replace("corpus = [\"c.txt\"]", "")).unwrap_err();
+        assert!(e.to_string().contains("data.corpus"), "{e}");
     }
 
     #[test]

@@ -339,9 +339,17 @@ fn dev_line(metrics: &serde_json::Value, baseline: Option<f64>) -> String {
 }
 
 pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
+    let corpus = if s.shards == 0 {
+        "no corpus (every stage fine-tunes)".to_string()
+    } else {
+        format!(
+            "corpus {} documents in {} shards",
+            s.corpus_documents, s.shards
+        )
+    };
     let mut out = format!(
-        "\njob {:?} {} in {:.1} s · {} worker(s) · {} generation(s) · corpus {} documents in {} shards\n",
-        s.job, s.status, s.wall_s, s.world_size, s.generations, s.corpus_documents, s.shards
+        "\njob {:?} {} in {:.1} s · {} worker(s) · {} generation(s) · {corpus}\n",
+        s.job, s.status, s.wall_s, s.world_size, s.generations
     );
     if !s.reason.is_empty() {
         out += &format!("reason: {}\n", s.reason);

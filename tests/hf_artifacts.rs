@@ -177,3 +177,89 @@ fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
         "largest probability difference from transformers: {worst}"
     );
 }
+
+/// A job of one fine-tuning stage from a transformers-made checkpoint (whose tokenizer.json
+/// pads and truncates to 128): no [data] or [model] section, no corpus scan, 2 workers; the
+/// exported model predicts with `tandem predict`.
+#[test]
+fn a_fine_tuning_only_job_starts_from_a_transformers_checkpoint() {
+    let dir = common::TmpDir::new("hf", "finetune-only");
+    let labels = ["negative", "neutral", "positive"];
+    let words = ["good", "bad", "fine", "great", "awful", "okay"];
+    let lines = |n: usize| {
+        (0..n)
+            .map(|i| {
+                let text = format!("the food was {} today", words[i % words.len()]);
+                serde_json::json!({"text": text, "label": labels[i % 3]}).to_string() + "\n"
+            })
+            .collect::<String>()
+    };
+    std::fs::write(dir.join("train.jsonl"), lines(48)).unwrap();
+    std::fs::write(dir.join("dev.jsonl"), lines(12)).unwrap();
+    let init = fixtures().join("seqcls_padded");
+    let toml = format!(
+        "[job]\nname = \"ft\"\nstate_dir = \"{state}\"\n[cluster]\nmin_workers = 2\nmax_workers = 2\n\
+         [[stages]]\nname = \"cls\"\nkind = \"sequence_classification\"\ninit_from = \"{init}\"\n\
+         train = \"{train}\"\ndev = \"{dev}\"\nepochs = 2\nbatch_size = 4\nmax_seq_length = 32\nlr = 1e-3\n",
+        state = dir.join("state").display(),
+        init = init.display(),
+        train = dir.join("train.jsonl").display(),
+        dev = dir.join("dev.jsonl").display(),
+    );
+    std::fs::write(dir.join("job.toml"), toml).unwrap();
+    let out = Command::new(common::bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let s = common::summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    assert_eq!(s["corpus_documents"], 0, "{s:#}");
+    assert!(!dir.join("state/shards.json").exists());
+    let st = &s["stages"][0];
+    assert_eq!(st["kind"], "sequence_classification");
+    assert_eq!(st["world_size"], 2);
+    assert_eq!(st["replicas_identical"], true);
+    assert!(st["train_accuracy"].is_number(), "{st:#}");
+    // The exported tokenizer encodes as the checkpoint's did, without its padding.
+    let exported = Tokenizer::load(&dir.join("state/final")).unwrap();
+    let original = Tokenizer::load(&init).unwrap();
+    let text = "the food was good today";
+    assert_eq!(
+        exported.encode(text).unwrap(),
+        original.encode(text).unwrap()
+    );
+    assert_eq!(exported.encode(text).unwrap().len(), 5);
+    let pred = Command::new(common::bin())
+        .args(["predict", "--checkpoint"])
+        .arg(dir.join("state"))
+        .arg("--input")
+        .arg(dir.join("dev.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        pred.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pred.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&pred.stdout).lines().count(), 12);
+    // A [model] section that disagrees with the checkpoint is refused, naming both.
+    let bad =
+        std::fs::read_to_string(dir.join("job.toml")).unwrap() + "[model]\npreset = \"base\"\n";
+    std::fs::write(dir.join("bad.toml"), bad.replace("/state\"", "/state2\"")).unwrap();
+    let out = Command::new(common::bin())
+        .arg("launch")
+        .arg(dir.join("bad.toml"))
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("model.preset") && log.contains("init_from"),
+        "{log}"
+    );
+}

@@ -29,8 +29,11 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
     let state_dir = &cfg.job.state_dir;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state_dir {}", state_dir.display()))?;
-    let files = resolve_inputs(&cfg.data.corpus)?;
     let opts = corpus_options(cfg);
+    if !cfg.pretrains() {
+        return prepare_finetuning(cfg, opts);
+    }
+    let files = resolve_inputs(&cfg.data.corpus)?;
     let index_path = state_dir.join("shards.json");
     let index = match ShardIndex::load(&index_path) {
         Ok(ix)
@@ -114,6 +117,76 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
         model_cfg,
         stages,
     })
+}
+
+/// A job whose stages all fine-tune: no corpus is scanned; the model shape comes from the
+/// first stage's `init_from`, and so does the tokenizer unless `data.tokenizer` names one.
+fn prepare_finetuning(cfg: &JobConfig, opts: CorpusOptions) -> anyhow::Result<Prepared> {
+    let stages = cfg
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| stage_inputs(cfg, i, s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let init = cfg.stages[0].init_from.as_deref().expect("validated");
+    let model_cfg: BertConfig = serde_json::from_str(
+        stages[0]
+            .model_cfg_json
+            .as_deref()
+            .expect("the first stage imports its init_from"),
+    )?;
+    check_model_section(cfg, &model_cfg, init)?;
+    let tokenizer_json = match (&cfg.data.tokenizer, &stages[0].tokenizer_json) {
+        (Some(p), _) => Tokenizer::load(p)?.to_json()?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => anyhow::bail!(
+            "stages[0].init_from: {init} has neither tokenizer.json nor vocab.txt; set data.tokenizer"
+        ),
+    };
+    let index = ShardIndex::empty(cfg.shard_bytes(), opts);
+    Ok(Prepared {
+        index_json: serde_json::to_string(&index)?,
+        index,
+        tokenizer_json,
+        model_cfg_json: serde_json::to_string(&model_cfg)?,
+        model_cfg,
+        stages,
+    })
+}
+
+/// A `[model]` section in a job that starts from a checkpoint must describe that checkpoint.
+fn check_model_section(cfg: &JobConfig, ckpt: &BertConfig, init: &str) -> anyhow::Result<()> {
+    let (named, want) = match (&cfg.model.preset, &cfg.model.config) {
+        (Some(p), _) => (format!("model.preset = {p:?}"), BertConfig::preset(*p)),
+        (None, Some(path)) => (
+            format!("model.config = {}", path.display()),
+            BertConfig::load(path)?,
+        ),
+        (None, None) => return Ok(()),
+    };
+    let shape = |c: &BertConfig| {
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.intermediate_size,
+        )
+    };
+    anyhow::ensure!(
+        shape(&want) == shape(ckpt),
+        "{named} (hidden {}, layers {}, heads {}, intermediate {}) disagrees with \
+         stages[0].init_from {init} (hidden {}, layers {}, heads {}, intermediate {}); \
+         a job that starts from a checkpoint needs no [model] section",
+        want.hidden_size,
+        want.num_hidden_layers,
+        want.num_attention_heads,
+        want.intermediate_size,
+        ckpt.hidden_size,
+        ckpt.num_hidden_layers,
+        ckpt.num_attention_heads,
+        ckpt.intermediate_size
+    );
+    Ok(())
 }
 
 /// Reads a fine-tuning stage's datasets and `init_from` checkpoint (imported into the

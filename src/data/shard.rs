@@ -72,6 +72,20 @@ pub struct ShardIndex {
     pub stats: ParseStats,
 }
 
+impl ShardIndex {
+    /// The index of no corpus, for a job whose stages all fine-tune.
+    pub fn empty(target_shard_bytes: u64, options: CorpusOptions) -> ShardIndex {
+        ShardIndex {
+            version: INDEX_VERSION,
+            target_shard_bytes,
+            options,
+            files: vec![],
+            shards: vec![],
+            stats: ParseStats::default(),
+        }
+    }
+}
+
 /// The shard being filled during the scan.
 struct Open {
     ranges: Vec<ShardRange>,
