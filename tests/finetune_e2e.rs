@@ -274,11 +274,6 @@ state_dir = "{state}"
 [cluster]
 min_workers = 2
 max_workers = 2
-[model]
-preset = "tiny"
-[data]
-corpus = ["{corpus}"]
-vocab_size = 500
 [[stages]]
 name = "sentiment"
 kind = "sequence_classification"
@@ -291,7 +286,6 @@ batch_size = 8
 lr = 2e-3
 "#,
             state = dir.join("state").display(),
-            corpus = repo().join("configs/data/corpus").display(),
             hf = hf.display(),
             train = dir.join("train.jsonl").display(),
             dev = dir.join("dev.jsonl").display(),

@@ -103,12 +103,7 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
         model_cfg.max_position_embeddings
     );
     model_cfg.validate()?;
-    let stages = cfg
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| stage_inputs(cfg, i, s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let stages = all_stage_inputs(cfg)?;
     Ok(Prepared {
         index_json: serde_json::to_string(&index)?,
         index,
@@ -122,12 +117,7 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
 /// A job whose stages all fine-tune: no corpus is scanned; the model shape comes from the
 /// first stage's `init_from`, and so does the tokenizer unless `data.tokenizer` names one.
 fn prepare_finetuning(cfg: &JobConfig, opts: CorpusOptions) -> anyhow::Result<Prepared> {
-    let stages = cfg
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| stage_inputs(cfg, i, s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let stages = all_stage_inputs(cfg)?;
     let init = cfg.stages[0].init_from.as_deref().expect("validated");
     let model_cfg: BertConfig = serde_json::from_str(
         stages[0]
@@ -187,6 +177,12 @@ fn check_model_section(cfg: &JobConfig, ckpt: &BertConfig, init: &str) -> anyhow
         ckpt.intermediate_size
     );
     Ok(())
+}
+
+fn all_stage_inputs(cfg: &JobConfig) -> anyhow::Result<Vec<StageInputs>> {
+    (cfg.stages.iter().enumerate())
+        .map(|(i, s)| stage_inputs(cfg, i, s))
+        .collect()
 }
 
 /// Reads a fine-tuning stage's datasets and `init_from` checkpoint (imported into the
