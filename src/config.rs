@@ -228,6 +228,16 @@ pub enum StageKind {
     QuestionAnswering,
 }
 
+impl StageKind {
+    /// The kind as the config spells it (`sequence_classification`).
+    pub fn name(self) -> String {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(s)) => s,
+            _ => unreachable!("a unit variant serialises as a string"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
@@ -291,6 +301,72 @@ impl StageConfig {
             (None, StageKind::SequenceClassification | StageKind::PairClassification) => "accuracy",
             (None, _) => "f1",
         }
+    }
+
+    /// Checks one stage (`i` names it in errors).
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let s = self;
+        let k = |f: &str| format!("stages[{i}].{f}");
+        if s.kind == StageKind::Pretrain {
+            if s.train.is_some() || s.dev.is_some() || s.init_from.is_some() {
+                return Err(invalid(
+                    &k("train"),
+                    "pretrain stages read data.corpus; train/dev/init_from are for fine-tuning",
+                ));
+            }
+        } else {
+            for (f, v) in [("train", &s.train), ("dev", &s.dev)] {
+                if v.is_none() {
+                    return Err(invalid(
+                        &k(f),
+                        format!("a {:?} stage needs a {f} file", s.kind),
+                    ));
+                }
+            }
+            if i == 0 && s.init_from.as_deref().unwrap_or("previous") == "previous" {
+                return Err(invalid(
+                    &k("init_from"),
+                    "the first stage has no previous stage: name a checkpoint directory",
+                ));
+            }
+            if !matches!(
+                s.best_metric(),
+                "accuracy" | "macro_f1" | "f1" | "precision" | "recall" | "exact_match"
+            ) {
+                return Err(invalid(
+                    &k("metric"),
+                    format!(
+                        "{:?}: expected accuracy, macro_f1, f1, precision, recall or exact_match",
+                        s.best_metric()
+                    ),
+                ));
+            }
+            if s.max_seq_length < 8 {
+                return Err(invalid(&k("max_seq_length"), "must be at least 8"));
+            }
+        }
+        if s.epochs == 0 {
+            return Err(invalid(&k("epochs"), "must be at least 1"));
+        }
+        if s.batch_size == 0 {
+            return Err(invalid(&k("batch_size"), "must be at least 1"));
+        }
+        if s.grad_accum == 0 {
+            return Err(invalid(&k("grad_accum"), "must be at least 1"));
+        }
+        if !(s.lr > 0.0 && s.lr.is_finite()) {
+            return Err(invalid(&k("lr"), format!("{}: must be positive", s.lr)));
+        }
+        if !(0.0..=1.0).contains(&s.warmup_fraction) {
+            return Err(invalid(
+                &k("warmup_fraction"),
+                "expected a fraction in [0, 1]",
+            ));
+        }
+        if s.max_steps == Some(0) {
+            return Err(invalid(&k("max_steps"), "must be at least 1 when set"));
+        }
+        Ok(())
     }
 }
 
@@ -501,66 +577,7 @@ impl JobConfig {
             return Err(invalid("stages", "define at least one [[stages]] entry"));
         }
         for (i, s) in self.stages.iter().enumerate() {
-            let k = |f: &str| format!("stages[{i}].{f}");
-            if s.kind == StageKind::Pretrain {
-                if s.train.is_some() || s.dev.is_some() || s.init_from.is_some() {
-                    return Err(invalid(
-                        &k("train"),
-                        "pretrain stages read data.corpus; train/dev/init_from are for fine-tuning",
-                    ));
-                }
-            } else {
-                for (f, v) in [("train", &s.train), ("dev", &s.dev)] {
-                    if v.is_none() {
-                        return Err(invalid(
-                            &k(f),
-                            format!("a {:?} stage needs a {f} file", s.kind),
-                        ));
-                    }
-                }
-                if i == 0 && s.init_from.as_deref().unwrap_or("previous") == "previous" {
-                    return Err(invalid(
-                        &k("init_from"),
-                        "the first stage has no previous stage: name a checkpoint directory",
-                    ));
-                }
-                if !matches!(
-                    s.best_metric(),
-                    "accuracy" | "macro_f1" | "f1" | "precision" | "recall" | "exact_match"
-                ) {
-                    return Err(invalid(
-                        &k("metric"),
-                        format!(
-                            "{:?}: expected accuracy, macro_f1, f1, precision, recall or exact_match",
-                            s.best_metric()
-                        ),
-                    ));
-                }
-                if s.max_seq_length < 8 {
-                    return Err(invalid(&k("max_seq_length"), "must be at least 8"));
-                }
-            }
-            if s.epochs == 0 {
-                return Err(invalid(&k("epochs"), "must be at least 1"));
-            }
-            if s.batch_size == 0 {
-                return Err(invalid(&k("batch_size"), "must be at least 1"));
-            }
-            if s.grad_accum == 0 {
-                return Err(invalid(&k("grad_accum"), "must be at least 1"));
-            }
-            if !(s.lr > 0.0 && s.lr.is_finite()) {
-                return Err(invalid(&k("lr"), format!("{}: must be positive", s.lr)));
-            }
-            if !(0.0..=1.0).contains(&s.warmup_fraction) {
-                return Err(invalid(
-                    &k("warmup_fraction"),
-                    "expected a fraction in [0, 1]",
-                ));
-            }
-            if s.max_steps == Some(0) {
-                return Err(invalid(&k("max_steps"), "must be at least 1 when set"));
-            }
+            s.validate(i)?;
         }
         Ok(())
     }

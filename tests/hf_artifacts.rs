@@ -12,6 +12,21 @@ use serde_json::Value;
 use tandem::data::finetune::ClassificationSet;
 use tandem::data::tokenizer::Tokenizer;
 
+/// Runs the tandem binary; returns whether it succeeded, its stdout and its stderr.
+fn tandem<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = Command::new(common::bin()).args(args).output().unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+fn launch(config: &Path) -> (bool, String, String) {
+    tandem(&[
+        "launch".as_ref(),
+        config.as_os_str(),
+        "--no-progress".as_ref(),
+    ])
+}
+
 fn fixtures() -> PathBuf {
     common::repo().join("tests/fixtures/hf_tokenizers")
 }
@@ -139,21 +154,18 @@ fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
         &std::fs::read_to_string(dir.join("expected_predictions.json")).unwrap(),
     )
     .unwrap();
-    let out = Command::new(common::bin())
-        .args(["predict", "--checkpoint"])
-        .arg(&dir)
-        .arg("--input")
-        .arg(dir.join("inputs.jsonl"))
-        .args(["--max-seq-length", "128"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
+    let inputs = dir.join("inputs.jsonl");
+    let (ok, stdout, stderr) = tandem(&[
+        "predict".as_ref(),
+        "--checkpoint".as_ref(),
+        dir.as_os_str(),
+        "--input".as_ref(),
+        inputs.as_os_str(),
+        "--max-seq-length".as_ref(),
+        "128".as_ref(),
+    ]);
+    assert!(ok, "{stderr}");
+    let got: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -207,14 +219,8 @@ fn a_fine_tuning_only_job_starts_from_a_transformers_checkpoint() {
         dev = dir.join("dev.jsonl").display(),
     );
     std::fs::write(dir.join("job.toml"), toml).unwrap();
-    let out = Command::new(common::bin())
-        .arg("launch")
-        .arg(dir.join("job.toml"))
-        .arg("--no-progress")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let (ok, _, log) = launch(&dir.join("job.toml"));
+    assert!(ok, "{log}");
     let s = common::summary(&dir);
     assert_eq!(s["status"], "completed", "{s:#}");
     assert_eq!(s["corpus_documents"], 0, "{s:#}");
@@ -233,33 +239,39 @@ fn a_fine_tuning_only_job_starts_from_a_transformers_checkpoint() {
         original.encode(text).unwrap()
     );
     assert_eq!(exported.encode(text).unwrap().len(), 5);
-    let pred = Command::new(common::bin())
-        .args(["predict", "--checkpoint"])
-        .arg(dir.join("state"))
-        .arg("--input")
-        .arg(dir.join("dev.jsonl"))
-        .output()
-        .unwrap();
-    assert!(
-        pred.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pred.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&pred.stdout).lines().count(), 12);
-    // A [model] section that disagrees with the checkpoint is refused, naming both.
-    let bad =
-        std::fs::read_to_string(dir.join("job.toml")).unwrap() + "[model]\npreset = \"base\"\n";
-    std::fs::write(dir.join("bad.toml"), bad.replace("/state\"", "/state2\"")).unwrap();
-    let out = Command::new(common::bin())
-        .arg("launch")
-        .arg(dir.join("bad.toml"))
-        .arg("--no-progress")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (state, dev) = (dir.join("state"), dir.join("dev.jsonl"));
+    let (ok, stdout, stderr) = tandem(&[
+        "predict".as_ref(),
+        "--checkpoint".as_ref(),
+        state.as_os_str(),
+        "--input".as_ref(),
+        dev.as_os_str(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 12);
+    // A [model] section that disagrees with the checkpoint is refused, naming both; so is a
+    // data.tokenizer other than the checkpoint's own (the stage would not use it).
+    let job = std::fs::read_to_string(dir.join("job.toml")).unwrap();
+    let refused = |name: &str, extra: String| {
+        let path = dir.join(format!("{name}.toml"));
+        let text = job.replace("/state\"", &format!("/{name}\"")) + &extra;
+        std::fs::write(&path, text).unwrap();
+        let (ok, _, log) = launch(&path);
+        assert!(!ok, "{name}: {log}");
+        log
+    };
+    let log = refused("preset", "[model]\npreset = \"base\"\n".into());
     assert!(
         log.contains("model.preset") && log.contains("init_from"),
+        "{log}"
+    );
+    let cased = fixtures().join("cased");
+    let log = refused(
+        "tok",
+        format!("[data]\ntokenizer = \"{}\"\n", cased.display()),
+    );
+    assert!(
+        log.contains("data.tokenizer") && log.contains("differs"),
         "{log}"
     );
 }

@@ -557,24 +557,22 @@ fn stage_summary(
         .iter()
         .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
         .count() as u64;
-    let only = |pre: bool| move |v| (pre == pretrain).then_some(v);
-    let (pre, fine) = (only(true), only(false));
+    // Each kind reports what it measures: MLM/NSP and the data fractions for pre-training,
+    // the task's training accuracy for fine-tuning (carried in the report's mlm_accuracy).
+    let pre = |v: f32| pretrain.then_some(v);
     StageSummary {
         name: stage.name.clone(),
-        kind: serde_json::to_value(stage.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        kind: stage.kind.name(),
         steps: r0.step,
         epochs: stage.epochs,
         examples: r0.examples,
-        documents: (pretrain).then_some(full_epochs * docs),
+        documents: pretrain.then_some(full_epochs * docs),
         loss: r0.loss,
         mlm_loss: pre(r0.mlm_loss),
         nsp_loss: pre(r0.nsp_loss),
         mlm_accuracy: pre(r0.mlm_accuracy),
         nsp_accuracy: pre(r0.nsp_accuracy),
-        train_accuracy: fine(r0.mlm_accuracy),
+        train_accuracy: (!pretrain).then_some(r0.mlm_accuracy),
         samples_per_s: r0.samples_per_s,
         first_loss,
         last_loss: last_loss.or(Some(r0.loss)),

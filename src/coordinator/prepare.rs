@@ -126,8 +126,21 @@ fn prepare_finetuning(cfg: &JobConfig, opts: CorpusOptions) -> anyhow::Result<Pr
             .expect("the first stage imports its init_from"),
     )?;
     check_model_section(cfg, &model_cfg, init)?;
+    // The stage trains with its checkpoint's own tokenizer when it has one (as any stage
+    // does), so a different data.tokenizer would be ignored: refuse it instead.
     let tokenizer_json = match (&cfg.data.tokenizer, &stages[0].tokenizer_json) {
-        (Some(p), _) => Tokenizer::load(p)?.to_json()?,
+        (Some(p), Some(own)) => {
+            let named = Tokenizer::load(p)?.to_json()?;
+            anyhow::ensure!(
+                named == *own,
+                "data.tokenizer {} differs from the tokenizer of stages[0].init_from {init}, \
+                 which the stage trains with; remove data.tokenizer, or the checkpoint's \
+                 tokenizer files",
+                p.display()
+            );
+            named
+        }
+        (Some(p), None) => Tokenizer::load(p)?.to_json()?,
         (None, Some(t)) => t.clone(),
         (None, None) => anyhow::bail!(
             "stages[0].init_from: {init} has neither tokenizer.json nor vocab.txt; set data.tokenizer"

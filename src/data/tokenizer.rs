@@ -127,15 +127,12 @@ fn bert_template(
             )
         })
     };
-    let (cls, sep) = (&names.cls, &names.sep);
+    let (cls, sep) = (names.cls(), names.sep());
     TemplateProcessing::builder()
         .try_single(format!("{cls} $A {sep}"))
         .and_then(|b| b.try_pair(format!("{cls} $A {sep} $B:1 {sep}:1")))
         .map_err(|e| tok_err(origin, e))?
-        .special_tokens(vec![
-            (cls.as_str(), lookup(cls)?),
-            (sep.as_str(), lookup(sep)?),
-        ])
+        .special_tokens(vec![(cls, lookup(cls)?), (sep, lookup(sep)?)])
         .build()
         .map_err(|e| tok_err(origin, e))
 }
@@ -145,14 +142,25 @@ fn finish_pipeline(mut tk: BertImpl, origin: &str) -> Result<Tokenizer> {
     let names = SpecialNames::default();
     let post = bert_template(&names, |t| tk.token_to_id(t), origin)?;
     tk.with_post_processor(Some(post));
-    let present: Vec<AddedToken> = SPECIAL_TOKENS
-        .iter()
-        .filter(|t| tk.token_to_id(t).is_some())
-        .map(|t| AddedToken::from(*t, true))
+    let mut inner: tokenizers::Tokenizer = tk.into();
+    register_specials(&mut inner, &names, origin)?;
+    Tokenizer::from_hf(inner, origin)
+}
+
+/// Marks the special tokens the vocabulary has as special (never split or normalised).
+fn register_specials(
+    inner: &mut tokenizers::Tokenizer,
+    names: &SpecialNames,
+    origin: &str,
+) -> Result<()> {
+    let present: Vec<AddedToken> = (names.0.iter())
+        .filter(|t| inner.token_to_id(t).is_some())
+        .map(|t| AddedToken::from(t.clone(), true))
         .collect();
-    tk.add_special_tokens(present)
+    inner
+        .add_special_tokens(present)
         .map_err(|e| tok_err(origin, e))?;
-    Tokenizer::from_hf(tk.into(), origin)
+    Ok(())
 }
 
 /// Rebuilds a `tokenizer.json`'s pipeline as transformers' `BertTokenizer` does (see
@@ -177,7 +185,7 @@ fn as_bert_tokenizer(
                 .into_iter()
                 .collect::<ahash::AHashMap<_, _>>(),
         )
-        .unk_token(cfg.names.unk.clone())
+        .unk_token(cfg.names.unk().into())
         .continuing_subword_prefix("##".into())
         .build()
         .map_err(|e| tok_err(origin, e))?;
@@ -394,20 +402,13 @@ impl Tokenizer {
             let vocab = WordPiece::read_bytes(&bytes).map_err(|e| tok_err(&origin, e))?;
             let model = WordPiece::builder()
                 .vocab(vocab)
-                .unk_token(cfg.names.unk.clone())
+                .unk_token(cfg.names.unk().into())
                 .continuing_subword_prefix("##".into())
                 .build()
                 .map_err(|e| tok_err(&origin, e))?;
             let mut inner: tokenizers::Tokenizer = BertImpl::new(model).into();
             as_bert_tokenizer(&mut inner, &cfg, &origin)?;
-            let specials = cfg.names.keyed().map(|(_, t)| AddedToken::from(t, true));
-            let present = specials
-                .into_iter()
-                .filter(|t| inner.token_to_id(&t.content).is_some());
-            let present: Vec<AddedToken> = present.collect();
-            inner
-                .add_special_tokens(present)
-                .map_err(|e| tok_err(&origin, e))?;
+            register_specials(&mut inner, &cfg.names, &origin)?;
             inner
         };
         add_config_tokens(&mut inner, &cfg, &origin)?;
@@ -454,7 +455,7 @@ impl Tokenizer {
         // tandem, which reads this file back) resolve the same ids.
         let name = |id: u32| self.inner.id_to_token(id).unwrap_or_default();
         let s = self.specials;
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "do_lower_case": lower,
             "strip_accents": strip,
             "tokenize_chinese_chars": chinese,
@@ -465,7 +466,6 @@ impl Tokenizer {
             "cls_token": name(s.cls),
             "mask_token": name(s.mask),
         });
-        let mut config = config;
         if let Some(m) = self.model_max_length {
             config["model_max_length"] = m.into();
         }

@@ -17,38 +17,41 @@ use tokenizers::AddedToken;
 
 use crate::error::{Error, Result};
 
-/// Special-token names (`unk_token`, …), BERT's unless the config names others.
+/// The config keys of the special tokens, in [`crate::data::tokenizer::Specials`] order.
+pub(crate) const SPECIAL_KEYS: [&str; 5] = [
+    "pad_token",
+    "unk_token",
+    "cls_token",
+    "sep_token",
+    "mask_token",
+];
+
+/// Special-token names in [`SPECIAL_KEYS`] order, BERT's unless the config names others.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SpecialNames {
-    pub pad: String,
-    pub unk: String,
-    pub cls: String,
-    pub sep: String,
-    pub mask: String,
-}
+pub(crate) struct SpecialNames(pub [String; 5]);
 
 impl Default for SpecialNames {
     fn default() -> Self {
-        SpecialNames {
-            pad: "[PAD]".into(),
-            unk: "[UNK]".into(),
-            cls: "[CLS]".into(),
-            sep: "[SEP]".into(),
-            mask: "[MASK]".into(),
-        }
+        SpecialNames(crate::data::tokenizer::SPECIAL_TOKENS.map(str::to_string))
     }
 }
 
 impl SpecialNames {
-    /// (config key, token) pairs, in [`crate::data::tokenizer::Specials`] order.
-    pub fn keyed(&self) -> [(&'static str, &str); 5] {
-        [
-            ("pad_token", &self.pad),
-            ("unk_token", &self.unk),
-            ("cls_token", &self.cls),
-            ("sep_token", &self.sep),
-            ("mask_token", &self.mask),
-        ]
+    pub fn unk(&self) -> &str {
+        &self.0[1]
+    }
+    pub fn cls(&self) -> &str {
+        &self.0[2]
+    }
+    pub fn sep(&self) -> &str {
+        &self.0[3]
+    }
+
+    /// (config key, token) pairs.
+    pub fn keyed(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        SPECIAL_KEYS
+            .into_iter()
+            .zip(self.0.iter().map(String::as_str))
     }
 }
 
@@ -106,14 +109,7 @@ impl HfTokenizerConfig {
         cfg.do_lower_case = flag("do_lower_case")?.unwrap_or(true);
         cfg.strip_accents = flag("strip_accents")?;
         cfg.tokenize_chinese_chars = flag("tokenize_chinese_chars")?.unwrap_or(true);
-        let names = &mut cfg.names;
-        for (key, slot) in [
-            ("pad_token", &mut names.pad),
-            ("unk_token", &mut names.unk),
-            ("cls_token", &mut names.cls),
-            ("sep_token", &mut names.sep),
-            ("mask_token", &mut names.mask),
-        ] {
+        for (key, slot) in SPECIAL_KEYS.into_iter().zip(cfg.names.0.iter_mut()) {
             match v.get(key) {
                 None | Some(Value::Null) => {}
                 Some(t) => *slot = token_content(t).ok_or_else(|| bad(key, "a token"))?,
