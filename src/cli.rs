@@ -32,7 +32,7 @@ pub enum Command {
         #[arg(long)]
         workers: Option<usize>,
         /// Corpus files, directories or globs (replaces data.corpus; a WordPiece vocabulary is
-        /// then trained on it and kept in the state dir).
+        /// then trained on it and kept in the state dir, unless data.tokenizer names one).
         #[arg(long, num_args = 1..)]
         corpus: Vec<String>,
         /// Stop every stage after this many optimiser steps.

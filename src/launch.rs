@@ -44,9 +44,9 @@ pub fn effective_config(opts: &LaunchOptions) -> anyhow::Result<JobConfig> {
         cfg.cluster.max_workers = n;
     }
     if !opts.corpus.is_empty() {
+        // A corpus of one's own gets a vocabulary trained on it, unless data.tokenizer names
+        // one: a tokenizer the user chose is never replaced silently.
         cfg.data.corpus = opts.corpus.clone();
-        // A corpus of one's own gets a vocabulary of its own (trained into the state dir).
-        cfg.data.tokenizer = None;
     }
     if let Some(m) = opts.max_steps {
         for s in &mut cfg.stages {
@@ -377,4 +377,37 @@ pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
     }
     out += &format!("summary: {}", state_dir.join("summary.json").display());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_flag_keeps_a_configured_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("tandem-launch-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("job.toml");
+        let text = "[job]\nname = \"t\"\nstate_dir = \"s\"\n[model]\npreset = \"tiny\"\n[data]\ncorpus = [\"a.txt\"]\n[[stages]]\nname = \"p\"\nkind = \"pretrain\"\nlr = 1e-3\n";
+        std::fs::write(&cfg, text).unwrap();
+        let opts = |sets: Vec<String>| LaunchOptions {
+            config: cfg.clone(),
+            workers: None,
+            corpus: vec!["mine.txt".into()],
+            max_steps: None,
+            state_dir: None,
+            sets,
+            threads: 1,
+            device: "cpu".into(),
+            no_progress: true,
+            quiet: true,
+            resume: false,
+        };
+        let c = effective_config(&opts(vec!["data.tokenizer=tok".into()])).unwrap();
+        assert_eq!(c.data.corpus, ["mine.txt"]);
+        assert_eq!(c.data.tokenizer.as_deref(), Some(Path::new("tok")));
+        let c = effective_config(&opts(vec![])).unwrap();
+        assert_eq!(c.data.tokenizer, None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

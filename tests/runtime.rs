@@ -233,6 +233,37 @@ fn every_bundled_config_is_valid() {
 fn two_fresh_runs_of_a_job_are_bit_identical() {
     let dir = job_dir("twice", 2, 2, "", "max_steps = 12\nepochs = 2", 32);
     let corpus = common::repo().join("configs/data/corpus");
+    // With data.tokenizer set, --corpus keeps it: a tokenizer the user named is never
+    // replaced. The runs below leave it unset, so each trains its own vocabulary.
+    let job = std::fs::read_to_string(dir.join("job.toml")).unwrap();
+    let configured = job
+        .lines()
+        .find_map(|l| l.strip_prefix("tokenizer = "))
+        .expect("job_dir names a tokenizer")
+        .trim_matches('"')
+        .to_string();
+    let out = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .args(["--no-progress", "--max-steps", "1", "--corpus"])
+        .arg(&corpus)
+        .arg("--state-dir")
+        .arg(dir.join("kept"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("training a WordPiece vocabulary"), "{err}");
+    assert!(
+        err.contains(&format!("using data.tokenizer {configured}")),
+        "{err}"
+    );
+    let job: String = job
+        .lines()
+        .filter(|l| !l.starts_with("tokenizer = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.join("job.toml"), job).unwrap();
     let run = |n: usize| -> Value {
         let state = dir.join(format!("run{n}"));
         let out = Command::new(bin())

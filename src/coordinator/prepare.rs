@@ -63,7 +63,15 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
     };
     let tok_dir = state_dir.join("tokenizer");
     let tokenizer = match &cfg.data.tokenizer {
-        Some(p) => Tokenizer::load(p)?,
+        Some(p) => {
+            let tok = Tokenizer::load(p)?;
+            tracing::info!(
+                vocab = tok.vocab_size(),
+                "using data.tokenizer {}",
+                p.display()
+            );
+            tok
+        }
         None if tok_dir.join("tokenizer.json").exists() => Tokenizer::load(&tok_dir)?,
         None => {
             tracing::info!(
