@@ -147,40 +147,41 @@ fn special_tokens_missing_from_the_vocabulary_are_refused_naming_the_key() {
     assert!(e.contains("<mask>") && e.contains("mask_token"), "{e}");
 }
 
-#[test]
-fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
-    let dir = fixtures().join("seqcls_padded");
-    let exp: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("expected_predictions.json")).unwrap(),
-    )
-    .unwrap();
-    let inputs = dir.join("inputs.jsonl");
-    let (ok, stdout, stderr) = tandem(&[
+/// `tandem predict` on a fixture dir's input file; one JSON value per output line.
+fn predict(dir: &Path, input: &str, extra: &[&str]) -> Vec<Value> {
+    let input = dir.join(input);
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "predict".as_ref(),
         "--checkpoint".as_ref(),
         dir.as_os_str(),
         "--input".as_ref(),
-        inputs.as_os_str(),
-        "--max-seq-length".as_ref(),
-        "128".as_ref(),
-    ]);
+        input.as_os_str(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let (ok, stdout, stderr) = tandem(&args);
     assert!(ok, "{stderr}");
-    let got: Vec<Value> = stdout
+    stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let want = exp["probabilities"].as_array().unwrap();
+        .collect()
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn f64_at(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// tandem's class probabilities against transformers' (`want`, in label order).
+fn assert_probabilities(got: &[Value], want: &Value, labels: &Value) {
+    let want = want.as_array().unwrap();
     assert_eq!(got.len(), want.len());
-    let labels: Vec<&str> = exp["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap())
-        .collect();
     let mut worst = 0f64;
     for (g, w) in got.iter().zip(want) {
-        for (i, l) in labels.iter().enumerate() {
-            let d = (g["probabilities"][l].as_f64().unwrap() - w[i].as_f64().unwrap()).abs();
+        for (i, l) in labels.as_array().unwrap().iter().enumerate() {
+            let d = (f64_at(&g["probabilities"][l.as_str().unwrap()]) - f64_at(&w[i])).abs();
             worst = worst.max(d);
         }
     }
@@ -188,6 +189,73 @@ fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
         worst < 1e-4,
         "largest probability difference from transformers: {worst}"
     );
+}
+
+#[test]
+fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
+    let dir = fixtures().join("seqcls_padded");
+    let exp = read_json(&dir.join("expected_predictions.json"));
+    let got = predict(&dir, "inputs.jsonl", &["--max-seq-length", "128"]);
+    assert_probabilities(&got, &exp["probabilities"], &exp["labels"]);
+    // Sentence pairs, truncated longest-first to 128 as transformers does.
+    let exp = read_json(&dir.join("expected_pair_predictions.json"));
+    let got = predict(&dir, "inputs_pairs.jsonl", &["--max-seq-length", "128"]);
+    assert_probabilities(&got, &exp["probabilities"], &exp["labels"]);
+}
+
+/// Token classification: every word's label (first sub-token's argmax, words as the
+/// tokenizer's word_ids group them) and the entities seqeval decodes from them, with their
+/// character spans and mean scores, equal transformers'; words past 64 tokens get none.
+#[test]
+fn token_classification_on_a_padded_tokenizer_matches_transformers() {
+    let dir = fixtures().join("tokcls_padded");
+    let exp = read_json(&dir.join("expected_predictions.json"));
+    let got = predict(&dir, "inputs.jsonl", &["--max-seq-length", "64"]);
+    let want = exp["predictions"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g["tokens"], w["tokens"], "text {i}");
+        let (ge, we) = (
+            g["entities"].as_array().unwrap(),
+            w["entities"].as_array().unwrap(),
+        );
+        assert_eq!(ge.len(), we.len(), "text {i}: {ge:?} vs {we:?}");
+        for (a, b) in ge.iter().zip(we) {
+            for k in ["type", "text", "start", "end"] {
+                assert_eq!(a[k], b[k], "text {i}: {a} vs {b}");
+            }
+            assert!(
+                (f64_at(&a["score"]) - f64_at(&b["score"])).abs() < 1e-4,
+                "{a} vs {b}"
+            );
+        }
+    }
+    let cut = got.iter().flat_map(|g| g["tokens"].as_array().unwrap());
+    assert!(cut.filter(|t| t["label"].is_null()).count() > 100);
+}
+
+/// QA over windows of 64 tokens with 16 shared: the same windows as transformers'
+/// overflowing tokens, the same best span (character offsets) and score.
+#[test]
+fn question_answering_on_a_padded_tokenizer_matches_transformers() {
+    let dir = fixtures().join("qa_padded");
+    let exp = read_json(&dir.join("expected_predictions.json"));
+    let got = predict(
+        &dir,
+        "inputs.jsonl",
+        &["--max-seq-length", "64", "--doc-stride", "16"],
+    );
+    let want = exp["predictions"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        for k in ["id", "answer", "start", "end"] {
+            assert_eq!(g[k], w[k], "{g} vs {w}");
+        }
+        assert!(
+            (f64_at(&g["score"]) - f64_at(&w["score"])).abs() < 1e-4,
+            "{g} vs {w}"
+        );
+    }
 }
 
 /// A job of one fine-tuning stage from a transformers-made checkpoint (whose tokenizer.json
