@@ -20,6 +20,50 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `launch` and `finetune` share: how many workers, where the state goes, and how
+/// each worker runs.
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// Number of worker processes (sets cluster.min_workers and max_workers).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Stop every stage after this many optimiser steps.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Where the job keeps its state (replaces job.state_dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// CPU threads per worker.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU), or a
+    /// comma-separated list that worker i takes entry i mod its length of
+    /// (cuda:0,cuda:1,cuda:2,cuda:3: one GPU per worker).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print plain log lines instead of a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// A fine-tuning task, spelled as in a stage's `kind`.
+fn parse_task(s: &str) -> Result<crate::config::StageKind, String> {
+    use crate::config::StageKind;
+    match serde_json::from_value(serde_json::Value::String(s.into())) {
+        Ok(StageKind::Pretrain) => {
+            Err("pretrain is not a fine-tuning task (use tandem launch)".into())
+        }
+        Ok(k) => Ok(k),
+        Err(_) => Err(format!(
+            "{s:?}: expected sequence_classification, pair_classification, \
+             token_classification or question_answering"
+        )),
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run a job on this machine: one coordinator and N workers as child processes on
@@ -28,37 +72,49 @@ pub enum Command {
         /// Job configuration (TOML).
         #[arg(default_value = "configs/local.toml")]
         config: PathBuf,
-        /// Number of worker processes (sets cluster.min_workers and max_workers).
-        #[arg(long)]
-        workers: Option<usize>,
         /// Corpus files, directories or globs (replaces data.corpus; a WordPiece vocabulary is
         /// then trained on it and kept in the state dir, unless data.tokenizer names one).
         #[arg(long, num_args = 1..)]
         corpus: Vec<String>,
-        /// Stop every stage after this many optimiser steps.
-        #[arg(long)]
-        max_steps: Option<u64>,
-        /// Where the job keeps its state (replaces job.state_dir).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// CPU threads per worker.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU), or a
-        /// comma-separated list that worker i takes entry i mod its length of
-        /// (cuda:0,cuda:1,cuda:2,cuda:3: one GPU per worker).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Print plain log lines instead of a progress bar.
-        #[arg(long)]
-        no_progress: bool,
         /// Continue the stopped job in STATE_DIR (its job.toml; other config arguments are
         /// ignored). A finished job says so instead of retraining.
         #[arg(long, value_name = "STATE_DIR")]
         resume: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Fine-tune a checkpoint (tandem or HuggingFace) on one task, on this machine: writes the
+    /// equivalent job config into the state dir (finetune.toml), then runs it as `launch` does.
+    Finetune {
+        /// Checkpoint directory: config.json, model.safetensors and the tokenizer files.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// sequence_classification, pair_classification, token_classification or
+        /// question_answering.
+        #[arg(long, value_parser = parse_task)]
+        task: crate::config::StageKind,
+        /// Training data (classification TSV/JSONL, CoNLL, SQuAD JSON).
+        #[arg(long)]
+        train: PathBuf,
+        /// Dev data, evaluated after every epoch; the best epoch is exported.
+        #[arg(long)]
+        dev: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        epochs: u32,
+        /// Peak learning rate (warm-up over the first 10% of steps, then linear decay).
+        #[arg(long, default_value_t = 3e-5)]
+        lr: f32,
+        /// Examples per worker per step.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Sequence length of the features.
+        #[arg(long, default_value_t = 128)]
+        max_seq_length: usize,
+        /// Job name (default: the checkpoint's directory name and the task).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Run the coordinator of a job (the job token comes from TANDEM_TOKEN or job.token_file).
     Coordinator {

@@ -35,6 +35,41 @@ pub struct LaunchOptions {
     pub resume: bool,
 }
 
+impl LaunchOptions {
+    /// A run of `config` with the flags `launch` and `finetune` share.
+    pub fn new(config: PathBuf, run: crate::cli::RunArgs) -> Self {
+        LaunchOptions {
+            config,
+            workers: run.workers,
+            corpus: vec![],
+            max_steps: run.max_steps,
+            state_dir: run.state_dir,
+            sets: run.sets,
+            threads: run.threads,
+            device: run.device,
+            no_progress: run.no_progress,
+            quiet: false,
+            resume: false,
+        }
+    }
+}
+
+/// A fresh run refuses a state dir that already holds a job, and says what to do instead.
+pub fn refuse_existing_job(state_dir: &Path) -> anyhow::Result<()> {
+    if let Some(r) = crate::coordinator::JobRecord::load(state_dir)? {
+        anyhow::bail!(
+            "{} already holds job {:?} ({}). To continue it (or see its summary): tandem launch --resume {}; \
+             for a fresh run: --state-dir NEW_DIR, or remove {}",
+            state_dir.display(),
+            r.job,
+            r.status,
+            state_dir.display(),
+            state_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Applies the launch flags to the loaded configuration.
 pub fn effective_config(opts: &LaunchOptions) -> anyhow::Result<JobConfig> {
     let mut cfg = JobConfig::load(&opts.config, &opts.sets)?;
@@ -141,17 +176,7 @@ pub async fn run(
     }
     let state_dir = cfg.job.state_dir.clone();
     if !opts.resume {
-        if let Some(r) = crate::coordinator::JobRecord::load(&state_dir)? {
-            anyhow::bail!(
-                "{} already holds job {:?} ({}). To continue it (or see its summary): tandem launch --resume {}; \
-                 for a fresh run: --state-dir NEW_DIR, or remove {}",
-                state_dir.display(),
-                r.job,
-                r.status,
-                state_dir.display(),
-                state_dir.display()
-            );
-        }
+        refuse_existing_job(&state_dir)?;
     }
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;

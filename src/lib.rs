@@ -6,6 +6,8 @@
 //!   checkpoints, summary.
 //! - [`worker`]: joins a coordinator and trains its assignments on a dedicated thread.
 //! - [`launch`]: `tandem launch`, a coordinator and N workers on one machine.
+//! - [`finetune_job`]: `tandem finetune`, one checkpoint fine-tuned on one task (a short job
+//!   config written into the state dir, then launched).
 //! - [`proto`]: the gRPC protocol (generated from `proto/tandem/v1`).
 //! - [`model`]: BERT on candle — config, fused CPU kernels with backward, parameter store,
 //!   encoder and heads, HuggingFace checkpoint I/O.
@@ -29,6 +31,7 @@ pub mod coordinator;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod finetune_job;
 pub mod launch;
 pub mod metrics;
 pub mod model;

@@ -50,15 +50,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Launch {
             config,
-            workers,
             corpus,
-            max_steps,
-            state_dir,
-            sets,
-            threads,
-            device,
-            no_progress,
             resume,
+            run,
         } => {
             let config = match &resume {
                 Some(dir) => dir.join("job.toml"),
@@ -70,20 +64,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     config.display()
                 );
             }
-            let opts = tandem::launch::LaunchOptions {
-                config,
-                workers,
-                corpus,
-                max_steps,
-                state_dir,
-                sets,
-                threads,
-                device,
-                no_progress,
-                quiet: false,
-                resume: resume.is_some(),
-            };
+            let mut opts = tandem::launch::LaunchOptions::new(config, run);
+            opts.corpus = corpus;
+            opts.resume = resume.is_some();
             let code = runtime()?.block_on(tandem::launch::run(opts, shutdown_signal()))?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Command::Finetune {
+            checkpoint,
+            task,
+            train,
+            dev,
+            epochs,
+            lr,
+            batch_size,
+            max_seq_length,
+            name,
+            run,
+        } => {
+            let job = tandem::finetune_job::FinetuneJob {
+                checkpoint,
+                task,
+                train,
+                dev,
+                epochs,
+                lr,
+                batch_size,
+                max_seq_length,
+                name,
+            };
+            let code =
+                runtime()?.block_on(tandem::finetune_job::run(job, run, shutdown_signal()))?;
             if code != 0 {
                 std::process::exit(code);
             }
