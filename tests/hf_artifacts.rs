@@ -147,9 +147,8 @@ fn special_tokens_missing_from_the_vocabulary_are_refused_naming_the_key() {
     assert!(e.contains("<mask>") && e.contains("mask_token"), "{e}");
 }
 
-/// `tandem predict` on a fixture dir's input file; one JSON value per output line.
-fn predict(dir: &Path, input: &str, extra: &[&str]) -> Vec<Value> {
-    let input = dir.join(input);
+/// `tandem predict`; one JSON value per output line.
+fn predict(dir: &Path, input: &Path, extra: &[&str]) -> Vec<Value> {
     let mut args: Vec<&std::ffi::OsStr> = vec![
         "predict".as_ref(),
         "--checkpoint".as_ref(),
@@ -195,11 +194,19 @@ fn assert_probabilities(got: &[Value], want: &Value, labels: &Value) {
 fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
     let dir = fixtures().join("seqcls_padded");
     let exp = read_json(&dir.join("expected_predictions.json"));
-    let got = predict(&dir, "inputs.jsonl", &["--max-seq-length", "128"]);
+    let got = predict(
+        &dir,
+        &dir.join("inputs.jsonl"),
+        &["--max-seq-length", "128"],
+    );
     assert_probabilities(&got, &exp["probabilities"], &exp["labels"]);
     // Sentence pairs, truncated longest-first to 128 as transformers does.
     let exp = read_json(&dir.join("expected_pair_predictions.json"));
-    let got = predict(&dir, "inputs_pairs.jsonl", &["--max-seq-length", "128"]);
+    let got = predict(
+        &dir,
+        &dir.join("inputs_pairs.jsonl"),
+        &["--max-seq-length", "128"],
+    );
     assert_probabilities(&got, &exp["probabilities"], &exp["labels"]);
 }
 
@@ -210,7 +217,7 @@ fn predict_on_a_checkpoint_with_a_padded_tokenizer_matches_transformers() {
 fn token_classification_on_a_padded_tokenizer_matches_transformers() {
     let dir = fixtures().join("tokcls_padded");
     let exp = read_json(&dir.join("expected_predictions.json"));
-    let got = predict(&dir, "inputs.jsonl", &["--max-seq-length", "64"]);
+    let got = predict(&dir, &dir.join("inputs.jsonl"), &["--max-seq-length", "64"]);
     let want = exp["predictions"].as_array().unwrap();
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -242,7 +249,7 @@ fn question_answering_on_a_padded_tokenizer_matches_transformers() {
     let exp = read_json(&dir.join("expected_predictions.json"));
     let got = predict(
         &dir,
-        "inputs.jsonl",
+        &dir.join("inputs.jsonl"),
         &["--max-seq-length", "64", "--doc-stride", "16"],
     );
     let want = exp["predictions"].as_array().unwrap();
@@ -342,4 +349,64 @@ fn a_fine_tuning_only_job_starts_from_a_transformers_checkpoint() {
         log.contains("data.tokenizer") && log.contains("differs"),
         "{log}"
     );
+}
+
+/// `tandem finetune` on the transformers-made checkpoint with 2 workers; transformers loads
+/// the exported model and tokenizer (tests/fixtures/hf_export/make_export_fixture.py, same
+/// command) and its probabilities equal tandem's on the rerun job's export.
+#[test]
+fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
+    let fx = common::repo().join("tests/fixtures/hf_export");
+    let exp = read_json(&fx.join("expected.json"));
+    let dir = common::TmpDir::new("hf", "finetune-cmd");
+    let state = dir.join("state");
+    let init = fixtures().join("seqcls_padded");
+    let (train, dev) = (fx.join("train.jsonl"), fx.join("dev.jsonl"));
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "finetune".as_ref(),
+        "--checkpoint".as_ref(),
+        init.as_os_str(),
+        "--train".as_ref(),
+        train.as_os_str(),
+        "--dev".as_ref(),
+        dev.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+    ];
+    let extra: Vec<&str> = (exp["args"].as_array().unwrap().iter())
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let (ok, _, log) = tandem(&args);
+    assert!(ok, "{log}");
+    let s = common::summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    let st = &s["stages"][0];
+    assert_eq!(st["kind"], "sequence_classification");
+    assert_eq!(st["world_size"], 2);
+    assert_eq!(st["replicas_identical"], true);
+    // The job is a plain config file in the state dir, which `launch` would run again.
+    let written = state.join("finetune.toml");
+    let (ok, _, log) = tandem(&["config".as_ref(), "check".as_ref(), written.as_os_str()]);
+    assert!(ok, "{log}");
+    let seq = ["--max-seq-length", "32"];
+    let got = predict(&state, &dev, &seq);
+    assert_probabilities(&got, &exp["transformers_probabilities"], &exp["labels"]);
+    // It trained: the checkpoint it started from predicts otherwise.
+    let before = predict(&init, &dev, &seq);
+    let moved = (got.iter().zip(&before))
+        .flat_map(|(a, b)| {
+            let (a, b) = (&a["probabilities"], &b["probabilities"]);
+            (exp["labels"].as_array().unwrap().iter())
+                .map(|l| (f64_at(&a[l.as_str().unwrap()]) - f64_at(&b[l.as_str().unwrap()])).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f64, f64::max);
+    assert!(
+        moved > 0.1,
+        "fine-tuning moved no probability by more than {moved}"
+    );
+    // A second run into the same state dir refuses and says how to resume.
+    let (ok, _, log) = tandem(&args);
+    assert!(!ok && log.contains("tandem launch --resume"), "{log}");
 }
