@@ -95,7 +95,8 @@ impl FinetuneJob {
         root.insert("cluster".into(), cluster.into());
         root.insert("stages".into(), toml::Value::Array(vec![stage.into()]));
         let header = format!(
-            "# Written by `tandem finetune`; run it again with `tandem launch {}`.\n",
+            "# Written by `tandem finetune`; run it again with \
+             `tandem launch {} --state-dir NEW_DIR`.\n",
             state_dir.join(CONFIG_FILE).display()
         );
         Ok(header + &toml::to_string(&root)?)
