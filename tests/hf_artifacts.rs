@@ -410,3 +410,45 @@ fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
     let (ok, _, log) = tandem(&args);
     assert!(!ok && log.contains("tandem launch --resume"), "{log}");
 }
+
+/// A fine-tuning stage cut by --max-steps mid-epoch: its ledger counts the examples it
+/// trained (3 steps × 2 workers × 4), and it still evaluates dev and exports.
+#[test]
+fn a_fine_tuning_stage_cut_by_max_steps_accounts_for_what_it_trained() {
+    let fx = common::repo().join("tests/fixtures/hf_export");
+    let dir = common::TmpDir::new("hf", "finetune-cut");
+    let state = dir.join("state");
+    let init = fixtures().join("seqcls_padded");
+    let (train, dev) = (fx.join("train.jsonl"), fx.join("dev.jsonl"));
+    let (ok, _, log) = tandem(&[
+        "finetune".as_ref(),
+        "--checkpoint".as_ref(),
+        init.as_os_str(),
+        "--task".as_ref(),
+        "sequence_classification".as_ref(),
+        "--train".as_ref(),
+        train.as_os_str(),
+        "--dev".as_ref(),
+        dev.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--batch-size".as_ref(),
+        "4".as_ref(),
+        "--max-steps".as_ref(),
+        "3".as_ref(),
+        "--no-progress".as_ref(),
+    ]);
+    assert!(ok, "{log}");
+    let s = common::summary(&dir);
+    let st = &s["stages"][0];
+    assert_eq!(st["steps"], 3, "{st:#}");
+    assert_eq!(st["examples"], 24, "{st:#}");
+    let ledger = st["epochs_ledger"].as_array().unwrap();
+    assert_eq!(ledger.len(), 1, "{st:#}");
+    assert_eq!(ledger[0]["instances_planned"], 60, "{st:#}");
+    assert_eq!(ledger[0]["instances_consumed"], 24, "{st:#}");
+    assert_eq!(ledger[0]["instances_repeated"], 0, "{st:#}");
+    assert_eq!(st["metrics"]["final"]["examples"], 15.0, "{st:#}");
+    assert!(st["metrics"]["best"]["score"].is_number(), "{st:#}");
+    assert!(state.join("final/model.safetensors").exists());
+}

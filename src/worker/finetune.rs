@@ -379,10 +379,13 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     let mut best: Option<(f64, u32)> = None;
     let mut last_metrics = BTreeMap::new();
     let (mut loss_window, mut examples) = (Vec::<f32>::new(), 0u64);
+    let mut acc_window = Vec::<(f32, f32)>::new();
     let started = Instant::now();
     let bucket = ((cfg.cluster.bucket_mib * (1 << 20) as f64) / 4.0) as usize;
     let mut epoch = state.cursor.epoch;
-    'epochs: while epoch < stage.epochs {
+    // A stage cut by max_steps still evaluates (and may export) what it trained.
+    let mut stopped = false;
+    while epoch < stage.epochs && !stopped {
         // Every example once per epoch: a seeded permutation, dealt round-robin.
         let mut order: Vec<usize> = (0..n).collect();
         rand::seq::SliceRandom::shuffle(
@@ -394,6 +397,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             state.planned.push((epoch, n as u64));
         }
         let q = stage.batch_size * stage.grad_accum;
+        let mut consumed = n as u64;
         set_phase(&ctx, "training");
         for s in 0..steps_per_epoch as usize {
             if ctx.abort.load(Ordering::SeqCst) {
@@ -435,15 +439,21 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             state.step += 1;
             examples += sums[2] as u64;
             loss_window.push(sums[0] * w);
+            acc_window.push((sums[1], count[0]));
             if loss_window.len() > 20 {
                 loss_window.remove(0);
+                acc_window.remove(0);
             }
             let mut p = ctx.progress.lock().unwrap();
             p.epoch = epoch;
             p.step = state.step;
             p.total_steps = state.total_steps;
             p.loss = loss_window.iter().sum::<f32>() / loss_window.len() as f32;
-            p.mlm_accuracy = sums[1] * w;
+            // Training accuracy over the last 20 steps (one step's is too noisy to report).
+            let (right, seen) = acc_window
+                .iter()
+                .fold((0f32, 0f32), |(a, b), (r, c)| (a + r, b + c));
+            p.mlm_accuracy = if seen > 0.0 { right / seen } else { 0.0 };
             p.examples = examples;
             p.samples_per_s = (examples as f64 / started.elapsed().as_secs_f64().max(1e-9)) as f32;
             if rank == 0 && state.step % cfg.cluster.progress_every == 0 {
@@ -459,7 +469,11 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             }
             drop(p);
             if stage.max_steps.is_some_and(|m| state.step >= m) {
-                break 'epochs;
+                // Stopped mid-epoch: the epoch's first (s + 1) steps' examples were used
+                // (ranks deal the order round-robin, so they are its first positions).
+                consumed = (((s + 1) * per_step) as u64).min(n as u64);
+                stopped = true;
+                break;
             }
         }
         state.ledger.push(LedgerRange {
@@ -467,7 +481,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             partitions: 1,
             partition: 0,
             start: 0,
-            end: n as u64,
+            end: consumed,
         });
         // Dev evaluation across ranks: each scores its share, the counts are summed.
         set_phase(&ctx, "evaluating");
