@@ -452,3 +452,48 @@ fn a_fine_tuning_stage_cut_by_max_steps_accounts_for_what_it_trained() {
     assert!(st["metrics"]["best"]["score"].is_number(), "{st:#}");
     assert!(state.join("final/model.safetensors").exists());
 }
+
+/// Sequences longer than the checkpoint's positions are refused before any worker starts;
+/// longer than its tokenizer's model_max_length (128 here, positions 256) only warned about.
+#[test]
+fn a_max_seq_length_beyond_the_checkpoint_is_refused_or_warned_about() {
+    let fx = common::repo().join("tests/fixtures/hf_export");
+    let dir = common::TmpDir::new("hf", "finetune-len");
+    let init = fixtures().join("seqcls_padded");
+    let (train, dev) = (fx.join("train.jsonl"), fx.join("dev.jsonl"));
+    let run = |len: &str| {
+        let state = dir.join(format!("state{len}"));
+        tandem(&[
+            "finetune".as_ref(),
+            "--checkpoint".as_ref(),
+            init.as_os_str(),
+            "--task".as_ref(),
+            "sequence_classification".as_ref(),
+            "--train".as_ref(),
+            train.as_os_str(),
+            "--dev".as_ref(),
+            dev.as_os_str(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--max-seq-length".as_ref(),
+            len.as_ref(),
+            "--max-steps".as_ref(),
+            "1".as_ref(),
+            "--no-progress".as_ref(),
+        ])
+    };
+    let (ok, _, log) = run("512");
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("stages[0].max_seq_length 512 exceeds the max_position_embeddings 256"),
+        "{log}"
+    );
+    let (ok, _, log) = run("200");
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("stages[0].max_seq_length 200 exceeds the tokenizer's model_max_length 128"),
+        "{log}"
+    );
+    let (ok, _, log) = run("128");
+    assert!(ok && !log.contains("model_max_length"), "{log}");
+}

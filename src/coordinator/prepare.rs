@@ -111,6 +111,16 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
         model_cfg.max_position_embeddings
     );
     model_cfg.validate()?;
+    tokenizer.warn_beyond_max_length(seq, "data.instances.max_seq_length");
+    for (i, s) in cfg.stages.iter().enumerate() {
+        if s.kind != crate::config::StageKind::Pretrain
+            && s.init_from.as_deref().unwrap_or("previous") == "previous"
+        {
+            check_positions(i, s.max_seq_length, &model_cfg, "the pre-trained model")?;
+            tokenizer
+                .warn_beyond_max_length(s.max_seq_length, &format!("stages[{i}].max_seq_length"));
+        }
+    }
     let stages = all_stage_inputs(cfg)?;
     Ok(Prepared {
         index_json: serde_json::to_string(&index)?,
@@ -200,6 +210,16 @@ fn check_model_section(cfg: &JobConfig, ckpt: &BertConfig, init: &str) -> anyhow
     Ok(())
 }
 
+/// A fine-tuning stage's sequences must fit the positions of the model it starts from.
+fn check_positions(i: usize, len: usize, model: &BertConfig, from: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        len <= model.max_position_embeddings,
+        "stages[{i}].max_seq_length {len} exceeds the max_position_embeddings {} of {from}",
+        model.max_position_embeddings
+    );
+    Ok(())
+}
+
 fn all_stage_inputs(cfg: &JobConfig) -> anyhow::Result<Vec<StageInputs>> {
     (cfg.stages.iter().enumerate())
         .map(|(i, s)| stage_inputs(cfg, i, s))
@@ -272,6 +292,12 @@ fn stage_inputs(
             ));
         }
         let mcfg = BertConfig::load(&dir.join(crate::model::hf::CONFIG_FILE))?;
+        check_positions(
+            i,
+            s.max_seq_length,
+            &mcfg,
+            &format!("init_from {}", dir.display()),
+        )?;
         out.model_cfg_json = Some(serde_json::to_string(&mcfg)?);
         if dir.join("tokenizer.json").exists() || dir.join("vocab.txt").exists() {
             let tok = Tokenizer::load(dir)?;
@@ -281,6 +307,7 @@ fn stage_inputs(
                 tok.vocab_size(),
                 mcfg.vocab_size
             );
+            tok.warn_beyond_max_length(s.max_seq_length, &format!("stages[{i}].max_seq_length"));
             out.tokenizer_json = Some(tok.to_json()?);
         }
         let name = format!("stage{i}-init");

@@ -425,6 +425,18 @@ impl Tokenizer {
         self.model_max_length
     }
 
+    /// Warns when `key` asks for sequences longer than `model_max_length`: the model takes
+    /// them (its positions are the hard limit, checked where it is known) but was published
+    /// for shorter ones, as transformers warns too.
+    pub fn warn_beyond_max_length(&self, len: usize, key: &str) {
+        if let Some(m) = self.model_max_length.filter(|m| len > *m) {
+            tracing::warn!(
+                "{key} {len} exceeds the tokenizer's model_max_length {m} \
+                 (tokenizer_config.json): the model was made for sequences up to {m} tokens"
+            );
+        }
+    }
+
     /// Writes `tokenizer.json`, `vocab.txt` and `tokenizer_config.json` into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

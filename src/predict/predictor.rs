@@ -177,6 +177,8 @@ impl Predictor {
 
     /// `max_seq_length`, at most the model's positions.
     fn max_seq_length(&self, want: usize) -> usize {
+        self.tokenizer
+            .warn_beyond_max_length(want, "--max-seq-length");
         let limit = self.model.cfg.max_position_embeddings;
         if want > limit {
             tracing::info!(
