@@ -1,7 +1,10 @@
-//! Real HuggingFace tokenizer layouts (tests/fixtures/hf_tokenizers, made by transformers with
-//! make_tokenizer_fixtures.py): tandem's ids, offsets and pair features equal what
-//! transformers' `AutoTokenizer` gives, and `tandem predict` on a checkpoint whose
-//! tokenizer.json carries its own padding and truncation equals transformers' probabilities.
+//! Real HuggingFace artifacts (tests/fixtures/hf_tokenizers, made by transformers with
+//! make_tokenizer_fixtures.py; tests/fixtures/hf_export, made with make_export_fixture.py):
+//! tandem's ids, offsets and pair features equal what transformers' `AutoTokenizer` gives;
+//! `tandem predict` on checkpoints whose tokenizer.json carries its own padding and truncation
+//! equals transformers for every head; pre-training with such a tokenizer masks real tokens;
+//! `tandem finetune` starts from a transformers checkpoint and exports a model transformers
+//! predicts the same with.
 
 mod common;
 
@@ -496,4 +499,31 @@ fn a_max_seq_length_beyond_the_checkpoint_is_refused_or_warned_about() {
     );
     let (ok, _, log) = run("128");
     assert!(ok && !log.contains("model_max_length"), "{log}");
+}
+
+/// Pre-training with the padded tokenizer as data.tokenizer: the instances are made from the
+/// real tokens (about 15% masked, no [PAD] inside segments), not from sentences padded to 128.
+#[test]
+fn pre_training_with_a_padded_tokenizer_masks_real_tokens() {
+    let dir = common::job_dir("hf-pretrain-padded", 2, 2, "", "max_steps = 6", 32);
+    let tok = fixtures().join("padded_uncased");
+    let (ok, _, log) = tandem(&[
+        "launch".as_ref(),
+        dir.join("job.toml").as_os_str(),
+        "--no-progress".as_ref(),
+        "--set".as_ref(),
+        format!("data.tokenizer={}", tok.display()).as_ref(),
+    ]);
+    assert!(ok, "{log}");
+    let s = common::summary(&dir);
+    let st = &s["stages"][0];
+    let masked = f64_at(&st["masked_fraction"]);
+    assert!(
+        (0.10..0.20).contains(&masked),
+        "masked fraction {masked}: {st:#}"
+    );
+    let vocab = std::fs::read_to_string(tok.join("vocab.txt")).unwrap();
+    let cfg = read_json(&dir.join("state/final/config.json"));
+    assert_eq!(cfg["vocab_size"], vocab.lines().count(), "{cfg:#}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
