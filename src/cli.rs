@@ -135,7 +135,13 @@ pub enum Command {
         resume_if_present: bool,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Print no human summary at the end (`launch` prints its own).
+        #[arg(long)]
+        no_summary: bool,
     },
+    /// Print the summary of a job from its state dir (as `launch` prints it at the end; also
+    /// for a state dir copied off a cluster).
+    Summary { state_dir: PathBuf },
     /// Run a worker: join the coordinator and train what it assigns.
     Worker {
         /// Coordinator URL, e.g. http://127.0.0.1:50051.

@@ -108,6 +108,10 @@ pub struct ClusterSection {
     /// state_dir/metrics.jsonl.
     #[serde(default = "d_one_u64")]
     pub progress_every: u64,
+    /// The coordinator logs a progress line (stage, step, loss, samples/s, ETA, generation,
+    /// workers) every this many seconds while a stage trains; 0 turns it off.
+    #[serde(default = "d_progress_log")]
+    pub progress_log_s: f64,
     /// Generations that may fail (worker lost, stalled or failed) before the job fails.
     #[serde(default = "d_restarts")]
     pub max_restarts: u32,
@@ -382,6 +386,9 @@ fn d_one_u64() -> u64 {
 fn d_one_u32() -> u32 {
     1
 }
+fn d_progress_log() -> f64 {
+    10.0
+}
 fn d_restarts() -> u32 {
     3
 }
@@ -533,6 +540,12 @@ impl JobConfig {
             if v.is_nan() || v <= 0.0 {
                 return Err(invalid(k, format!("{v}: must be positive")));
             }
+        }
+        if !(c.progress_log_s >= 0.0 && c.progress_log_s.is_finite()) {
+            return Err(invalid(
+                "cluster.progress_log_s",
+                "must be 0 (off) or a number of seconds",
+            ));
         }
         if c.progress_every == 0 {
             return Err(invalid("cluster.progress_every", "must be at least 1"));

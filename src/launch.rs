@@ -202,6 +202,7 @@ pub async fn run(
         "127.0.0.1:0".into(),
         "--addr-file".into(),
         addr_file.display().to_string(),
+        "--no-summary".into(),
     ];
     if opts.resume {
         coord_args.push("--resume".into());
@@ -333,75 +334,13 @@ pub async fn run(
     match std::fs::read(state_dir.join("summary.json")) {
         Ok(b) => {
             let s: Summary = serde_json::from_slice(&b)?;
-            eprintln!("{}", human_summary(&s, &state_dir));
+            eprintln!("{}", crate::coordinator::human_summary(&s, &state_dir));
         }
         Err(_) => eprintln!(
             "tandem launch: the coordinator exited with status {code} and wrote no summary"
         ),
     }
     Ok(code)
-}
-
-/// "dev accuracy 0.583 (best epoch 5, exported; last epoch 0.533) · majority-class baseline 0.500"
-fn dev_line(metrics: &serde_json::Value, baseline: Option<f64>) -> String {
-    let metric = metrics["metric"].as_str().unwrap_or("score");
-    let last = metrics["final"][metric].as_f64();
-    let mut out = match (metrics.get("best"), last) {
-        (Some(best), last) => format!(
-            "{metric} {:.3} (best epoch {}, exported; last epoch {})",
-            best["score"].as_f64().unwrap_or(0.0),
-            best["epoch"],
-            last.map(|v| format!("{v:.3}"))
-                .unwrap_or_else(|| "?".into())
-        ),
-        (None, Some(v)) => format!("{metric} {v:.3}"),
-        (None, None) => "no metrics".into(),
-    };
-    if let Some(b) = baseline {
-        out += &format!(" · majority-class baseline accuracy {b:.3}");
-    }
-    out
-}
-
-pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
-    let corpus = if s.shards == 0 {
-        "no corpus (every stage fine-tunes)".to_string()
-    } else {
-        format!(
-            "corpus {} documents in {} shards",
-            s.corpus_documents, s.shards
-        )
-    };
-    let mut out = format!(
-        "\njob {:?} {} in {:.1} s · {} worker(s) · {} generation(s) · {corpus}\n",
-        s.job, s.status, s.wall_s, s.world_size, s.generations
-    );
-    if !s.reason.is_empty() {
-        out += &format!("reason: {}\n", s.reason);
-    }
-    for st in &s.stages {
-        if st.kind != "pretrain" {
-            out += &format!(
-                "stage {:?} ({}): {} steps, {} examples · train loss {:.3}{} · dev {} · replicas identical: {}\n",
-                st.name, st.kind, st.steps, st.examples, st.loss,
-                st.train_accuracy.map(|a| format!(" · train accuracy {a:.3}")).unwrap_or_default(),
-                dev_line(&st.metrics, st.majority_baseline), st.replicas_identical
-            );
-            continue;
-        }
-        out += &format!(
-            "stage {:?} ({}): {} steps, {} examples, {} documents · loss {:.3} (MLM {:.3}, NSP {:.3}) · MLM accuracy {:.3} (chance ≈ 0) · NSP accuracy {:.3} (chance 0.5) · {:.1} samples/s · replicas identical: {}\n",
-            st.name, st.kind, st.steps, st.examples, st.documents.unwrap_or(0), st.loss,
-            st.mlm_loss.unwrap_or(f32::NAN), st.nsp_loss.unwrap_or(f32::NAN),
-            st.mlm_accuracy.unwrap_or(f32::NAN), st.nsp_accuracy.unwrap_or(f32::NAN),
-            st.samples_per_s, st.replicas_identical
-        );
-    }
-    if let Some(f) = &s.final_checkpoint {
-        out += &format!("final model (HF layout): {}\n", f.display());
-    }
-    out += &format!("summary: {}", state_dir.join("summary.json").display());
-    out
 }
 
 #[cfg(test)]

@@ -108,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sets,
             resume,
             resume_if_present,
+            no_summary,
         } => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
             let resume = if resume_if_present {
@@ -124,11 +125,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 resume,
             };
+            let state_dir = cfg.job.state_dir.clone();
             let summary =
                 runtime()?.block_on(tandem::coordinator::run(cfg, opts, shutdown_signal()))?;
+            if !no_summary {
+                eprintln!(
+                    "{}",
+                    tandem::coordinator::human_summary(&summary, &state_dir)
+                );
+            }
             if summary.status != "completed" {
                 anyhow::bail!("job {}: {}", summary.status, summary.reason);
             }
+        }
+        Command::Summary { state_dir } => {
+            println!("{}", tandem::coordinator::summary_of(&state_dir)?);
         }
         Command::Worker {
             coordinator,

@@ -258,6 +258,17 @@ fn two_fresh_runs_of_a_job_are_bit_identical() {
         err.contains(&format!("using data.tokenizer {configured}")),
         "{err}"
     );
+    // `tandem summary` prints what launch printed at the end; the coordinator's own copy
+    // is not forwarded too (one stage line from the coordinator's log, one in the summary).
+    let again = Command::new(bin())
+        .arg("summary")
+        .arg(dir.join("kept"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let printed = String::from_utf8_lossy(&again.stdout);
+    assert!(err.contains(printed.trim()), "{printed}\nnot in\n{err}");
+    assert_eq!(err.matches("replicas identical").count(), 2, "{err}");
     let job: String = job
         .lines()
         .filter(|l| !l.starts_with("tokenizer = "))

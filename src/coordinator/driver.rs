@@ -428,6 +428,7 @@ pub(super) async fn drive(
                         })?;
                     let clock = d.stage_clock.take();
                     let s = stage_summary(&shared, g, &final_files, &d.record.history, clock);
+                    tracing::info!("{}", super::stage_line(&s));
                     let identical = s.replicas_identical;
                     let fps = s.param_fingerprints.clone();
                     d.stages.push(s);

@@ -8,8 +8,10 @@
 mod driver;
 mod metrics_log;
 mod prepare;
+mod progress_log;
 mod service;
 mod state;
+mod summary_text;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,6 +28,7 @@ pub use driver::{GenerationRecord, JobRecord, JOB_RECORD};
 pub use prepare::prepare;
 pub use service::{auth_interceptor, checkpoint_chunks};
 use state::{JobState, Phase, Shared};
+pub use summary_text::{human_summary, stage_line, summary_of};
 
 use crate::config::JobConfig;
 use crate::proto;
@@ -176,6 +179,12 @@ pub async fn run(
     let cfg2 = cfg.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(&cfg2)).await??;
     let store = CheckpointStore::new(cfg.job.state_dir.join("checkpoints"), cfg.checkpoint.keep)?;
+    // The effective config beside the job's state, so `tandem launch --resume STATE_DIR`
+    // works on a state dir a hand-started coordinator made (launch writes it itself).
+    let job_file = cfg.job.state_dir.join("job.toml");
+    if !job_file.exists() {
+        crate::util::write_atomic(&job_file, toml::to_string(&cfg)?.as_bytes())?;
+    }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         metrics: Mutex::new(metrics_log::MetricsLog::new(&cfg.job.state_dir)),
@@ -228,8 +237,15 @@ pub async fn run(
         crate::util::write_atomic(f, addr.to_string().as_bytes())?;
     }
     tracing::info!(%addr, job = %cfg.job.name, "coordinator listening");
+    let progress = (cfg.cluster.progress_log_s > 0.0).then(|| {
+        let every = Duration::from_secs_f64(cfg.cluster.progress_log_s);
+        tokio::spawn(progress_log::run(shared.clone(), every))
+    });
 
     let summary = driver::drive(shared.clone(), events_rx, shutdown, record).await;
+    if let Some(p) = progress {
+        p.abort();
+    }
     // Let workers read their Stop directive before the server goes away.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_server_tx.send(());
