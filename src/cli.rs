@@ -142,7 +142,9 @@ pub enum Command {
     /// Print the summary of a job from its state dir (as `launch` prints it at the end; also
     /// for a state dir copied off a cluster).
     Summary { state_dir: PathBuf },
-    /// Run a worker: join the coordinator and train what it assigns.
+    /// Run a worker: join the coordinator and train what it assigns. The job token comes
+    /// from the TANDEM_TOKEN environment variable (the coordinator's TANDEM_TOKEN or
+    /// job.token_file).
     Worker {
         /// Coordinator URL, e.g. http://127.0.0.1:50051.
         #[arg(long, env = "TANDEM_COORDINATOR")]

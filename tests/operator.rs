@@ -95,3 +95,80 @@ fn summary_of_a_directory_without_a_job_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a tandem state dir"), "{err}");
 }
+
+/// A worker pointed at a port where nothing listens says so at once, with the reason and
+/// when it gives up; a URL without a scheme is refused before any attempt.
+#[test]
+fn a_worker_that_cannot_reach_the_coordinator_says_why() {
+    let port = common::free_port();
+    let dir = common::TmpDir::new("operator", "dead-port");
+    let log = dir.join("w.log");
+    let mut w = Command::new(bin())
+        .args(["worker", "--connect-timeout-s", "30", "--coordinator"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .env("TANDEM_TOKEN", "t")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    common::wait_for("a retry line", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("retrying in")
+    });
+    let _ = w.kill();
+    let _ = w.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!(
+            "coordinator http://127.0.0.1:{port} not reachable"
+        )) && text.to_lowercase().contains("connection refused")
+            && text.contains("attempt 1, giving up in"),
+        "{text}"
+    );
+    let t0 = std::time::Instant::now();
+    let out = Command::new(bin())
+        .args(["worker", "--coordinator", &format!("127.0.0.1:{port}")])
+        .env("TANDEM_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid coordinator URL") && err.contains("http://"),
+        "{err}"
+    );
+}
+
+/// A join with the wrong token is logged by the coordinator (peer and reason), and the join
+/// timeout names it.
+#[test]
+fn refused_joins_are_logged_and_named_by_the_join_timeout() {
+    let dir = job_dir("refused", 2, 2, "join_timeout_s = 4", "epochs = 1", 32);
+    let log = dir.join("coordinator.log");
+    let (mut coord, url) = common::coordinator(&dir, "127.0.0.1:0", "right", false, &log);
+    let good = common::worker(&url, "right", "good", &dir.join("good.log"));
+    let bad = Command::new(bin())
+        .args(["worker", "--connect-timeout-s", "5", "--coordinator", &url])
+        .env("TANDEM_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let status = wait_with_timeout(&mut coord, Duration::from_secs(60));
+    assert!(!status.success());
+    let mut good = good;
+    let _ = wait_with_timeout(&mut good, Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("refused a request: wrong job token") && text.contains("peer=127.0.0.1"),
+        "{text}"
+    );
+    let s = common::summary(&dir);
+    let reason = s["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("only 1 of min_workers = 2 joined within join_timeout_s = 4")
+            && reason.contains("refused: wrong job token from 127.0.0.1 ("),
+        "{reason}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -497,10 +497,13 @@ pub(super) async fn drive(
             } else {
                 d.quorum_since = None;
                 if Instant::now() > d.join_deadline {
-                    let reason = format!(
+                    let mut reason = format!(
                         "only {n} of min_workers = {} joined within join_timeout_s = {}",
                         c.min_workers, c.join_timeout_s
                     );
+                    if let Some(r) = shared.refusals.describe() {
+                        reason += &format!("; {r}");
+                    }
                     return Ok(d.end("failed", reason));
                 }
             }

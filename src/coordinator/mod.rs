@@ -9,6 +9,7 @@ mod driver;
 mod metrics_log;
 mod prepare;
 mod progress_log;
+mod refusals;
 mod service;
 mod state;
 mod summary_text;
@@ -206,6 +207,7 @@ pub async fn run(
         events: events_tx,
         started: Instant::now(),
         uploads: Default::default(),
+        refusals: Default::default(),
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -217,7 +219,7 @@ pub async fn run(
     })
     .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
-    let svc = tonic_health_free_intercept(svc, opts.token.clone());
+    let svc = tonic_health_free_intercept(svc, opts.token.clone(), shared.refusals.clone());
     let (stop_server_tx, stop_server_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -260,8 +262,9 @@ pub async fn run(
 fn tonic_health_free_intercept<S>(
     svc: S,
     token: String,
+    refusals: Arc<refusals::Refusals>,
 ) -> tonic::service::interceptor::InterceptedService<S, impl tonic::service::Interceptor + Clone> {
-    tonic::service::interceptor::InterceptedService::new(svc, auth_interceptor(token))
+    tonic::service::interceptor::InterceptedService::new(svc, auth_interceptor(token, refusals))
 }
 
 /// Reads the job token: `TANDEM_TOKEN`, else `job.token_file`.

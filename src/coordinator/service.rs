@@ -23,6 +23,7 @@ pub struct Service {
 /// Checks the job token on every call (constant-time comparison).
 pub fn auth_interceptor(
     token: String,
+    refusals: std::sync::Arc<super::refusals::Refusals>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         let got = req
@@ -39,6 +40,12 @@ pub fn auth_interceptor(
         if ok {
             Ok(req)
         } else {
+            let reason = if got.is_empty() {
+                "no job token"
+            } else {
+                "wrong job token"
+            };
+            refusals.note(req.remote_addr().map(|a| a.ip()), reason);
             Err(Status::unauthenticated(
                 "missing or wrong job token (x-tandem-token)",
             ))
@@ -76,8 +83,15 @@ impl Coordinator for Service {
         &self,
         req: Request<proto::JoinRequest>,
     ) -> Result<Response<Self::JoinStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
         if r.protocol_version != proto::PROTOCOL_VERSION {
+            let reason = format!(
+                "protocol version {} (this coordinator speaks {})",
+                r.protocol_version,
+                proto::PROTOCOL_VERSION
+            );
+            self.shared.refusals.note(peer, &reason);
             return Err(Status::failed_precondition(format!(
                 "protocol version {} is not supported: this coordinator speaks version {} (mixed releases?)",
                 r.protocol_version,
@@ -85,7 +99,13 @@ impl Coordinator for Service {
             )));
         }
         if !r.job_id.is_empty() {
-            self.check_job(&r.job_id)?;
+            self.check_job(&r.job_id).inspect_err(|_| {
+                let reason = format!(
+                    "job {:?} (this coordinator runs {:?})",
+                    r.job_id, self.shared.job_id
+                );
+                self.shared.refusals.note(peer, &reason);
+            })?;
         }
         if r.ring_addr.is_empty() {
             return Err(Status::invalid_argument("ring_addr is empty"));

@@ -120,6 +120,8 @@ pub struct Shared {
     pub metrics: Mutex<super::metrics_log::MetricsLog>,
     /// Checkpoint uploads accepted and still streaming (see [`UploadGuard`]).
     pub uploads: std::sync::atomic::AtomicUsize,
+    /// Requests turned away (token, job, protocol version), for the log and join timeouts.
+    pub refusals: std::sync::Arc<super::refusals::Refusals>,
 }
 
 /// Counts one checkpoint upload in flight in [`Shared::uploads`] while it lives (from its

@@ -26,6 +26,7 @@ impl tonic::service::Interceptor for TokenInterceptor {
 
 /// Connects to the coordinator, retrying with exponential backoff until `deadline`.
 pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Result<Client> {
+    check_url(url)?;
     let endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| {
             format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)")
@@ -41,26 +42,73 @@ pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Resu
         .parse()
         .map_err(|_| anyhow::anyhow!("the job token must be printable ASCII"))?;
     let start = Instant::now();
-    let mut wait = Duration::from_millis(100);
-    loop {
+    let mut wait = Duration::from_millis(500);
+    for attempt in 1.. {
         match endpoint.connect().await {
             Ok(ch) => {
+                if attempt > 1 {
+                    tracing::info!("reached the coordinator at {url} (attempt {attempt})");
+                }
                 return Ok(
                     CoordinatorClient::with_interceptor(ch, TokenInterceptor(token))
                         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-                )
+                );
             }
             Err(e) if start.elapsed() < deadline => {
-                tracing::debug!("coordinator {url} not reachable yet ({e}); retrying in {wait:?}");
+                let left = deadline.saturating_sub(start.elapsed());
+                tracing::warn!(
+                    "coordinator {url} not reachable: {}; retrying in {:.1} s (attempt {attempt}, \
+                     giving up in {} s)",
+                    root_cause(&e),
+                    wait.as_secs_f64(),
+                    left.as_secs()
+                );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
-            Err(e) => {
-                anyhow::bail!("cannot reach the coordinator at {url} within {deadline:?}: {e}")
-            }
+            Err(e) => anyhow::bail!(
+                "cannot reach the coordinator at {url} within {} s ({attempt} attempts): {}",
+                deadline.as_secs(),
+                root_cause(&e)
+            ),
         }
     }
+    unreachable!("the loop returns")
+}
+
+/// A coordinator URL is `http://HOST:PORT` (tonic's own error for anything else is an
+/// opaque "transport error" after the whole connect timeout).
+fn check_url(url: &str) -> anyhow::Result<()> {
+    let bad = |why: &str| {
+        anyhow::anyhow!(
+            "invalid coordinator URL {url:?}: {why} (expected e.g. http://127.0.0.1:50051)"
+        )
+    };
+    let uri: tonic::transport::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("TLS is not supported yet: use http://")),
+        Some(s) => return Err(bad(&format!("scheme {s:?}"))),
+        None => return Err(bad("no scheme")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if uri.port_u16().is_none() {
+        return Err(bad("no port (the coordinator listens on 50051 by default)"));
+    }
+    Ok(())
+}
+
+/// The innermost cause of a transport error ("Connection refused (os error 111)"): tonic's
+/// own message is only "transport error".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 /// Downloads one shard and checks its SHA-256.
@@ -196,4 +244,26 @@ pub async fn get_checkpoint(
         "checkpoint {name}: the stream ended early"
     );
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_urls_are_checked_before_any_attempt() {
+        check_url("http://127.0.0.1:50051").unwrap();
+        check_url("http://coordinator.default.svc:50051").unwrap();
+        for (url, why) in [
+            ("127.0.0.1:50051", "scheme"),
+            ("localhost:50051", "scheme"),
+            ("https://h:50051", "TLS"),
+            ("http://h", "no port"),
+            ("http://:50051", "URL"),
+            ("grpc://h:1", "scheme \"grpc\""),
+        ] {
+            let e = check_url(url).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(url), "{url}: {e}");
+        }
+    }
 }

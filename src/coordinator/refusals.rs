@@ -1,0 +1,66 @@
+//! Requests the coordinator turns away (wrong token, job or protocol version). Each is logged
+//! with the peer and the reason, at most once per peer and reason every 10 s (a worker retries
+//! with backoff), and counted, so a join timeout can say what it saw.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct Refusals {
+    seen: Mutex<BTreeMap<(String, String), (u64, Instant)>>,
+}
+
+impl Refusals {
+    /// Counts one refused request from `peer` and logs it unless that peer was refused for
+    /// the same reason within the last 10 s.
+    pub fn note(&self, peer: Option<IpAddr>, reason: &str) {
+        let peer = peer.map_or_else(|| "an unknown peer".to_string(), |p| p.to_string());
+        let mut seen = self.seen.lock().unwrap();
+        let now = Instant::now();
+        let e = seen
+            .entry((reason.to_string(), peer.clone()))
+            .or_insert((0, now - LOG_EVERY * 2));
+        e.0 += 1;
+        if now.duration_since(e.1) >= LOG_EVERY {
+            e.1 = now;
+            tracing::warn!(%peer, count = e.0, "refused a request: {reason}");
+        }
+    }
+
+    /// "3 request(s) refused: wrong job token from 127.0.0.1 (3)", or None if none was.
+    pub fn describe(&self) -> Option<String> {
+        let seen = self.seen.lock().unwrap();
+        if seen.is_empty() {
+            return None;
+        }
+        let total: u64 = seen.values().map(|(n, _)| n).sum();
+        let each: Vec<String> = (seen.iter())
+            .map(|((reason, peer), (n, _))| format!("{reason} from {peer} ({n})"))
+            .collect();
+        Some(format!("{total} request(s) refused: {}", each.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_counted_per_peer_and_reason() {
+        let r = Refusals::default();
+        assert_eq!(r.describe(), None);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        r.note(Some(a), "wrong job token");
+        r.note(Some(a), "wrong job token");
+        r.note(None, "job \"x\" (this coordinator runs \"y\")");
+        assert_eq!(
+            r.describe().unwrap(),
+            "3 request(s) refused: job \"x\" (this coordinator runs \"y\") from an unknown peer (1), \
+             wrong job token from 127.0.0.1 (2)"
+        );
+    }
+}
