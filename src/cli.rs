@@ -273,6 +273,9 @@ pub enum ConfigCommand {
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Do not check that the inputs exist (they live elsewhere, e.g. in a pod's volume).
+        #[arg(long)]
+        skip_inputs: bool,
     },
 }
 

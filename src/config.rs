@@ -4,6 +4,9 @@
 //!
 //! Every field is documented here; this file is the reference for `configs/*.toml`.
 
+mod check;
+mod load;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +21,10 @@ pub enum ConfigError {
     Load { path: PathBuf, msg: String },
     #[error("--set {0:?}: expected key=value")]
     BadOverride(String),
+    #[error("--set {arg}: {msg}")]
+    Override { arg: String, msg: String },
+    #[error("missing inputs: {}", .0.join("; "))]
+    Missing(Vec<String>),
     #[error("invalid configuration: {key}: {msg}")]
     Invalid { key: String, msg: String },
 }
@@ -56,7 +63,7 @@ pub struct JobSection {
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Where the coordinator keeps the job's state: shard index, tokenizer, checkpoints,
-    /// summary.json. Relative paths are relative to the working directory.
+    /// summary.json. A relative path in the file is relative to the file's directory.
     pub state_dir: PathBuf,
     /// File holding the job token (the `TANDEM_TOKEN` environment variable wins).
     #[serde(default)]
@@ -473,36 +480,12 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
 }
 
 impl JobConfig {
-    /// Loads `path`, applies `TANDEM_*` environment variables and `--set` overrides, and
-    /// validates. Relative paths inside the file stay relative to the working directory.
+    /// Loads `path`, applies `TANDEM__…` environment variables and `--set` overrides, and
+    /// validates. Relative paths inside the file are relative to the file's directory (those
+    /// given by `--set` or the environment, to the working directory). Errors name their
+    /// source: the file with line and column, the `--set` argument, or the environment.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let load_err = |msg: String| ConfigError::Load {
-            path: path.into(),
-            msg,
-        };
-        if !path.exists() {
-            return Err(load_err("no such file".into()));
-        }
-        let mut b = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("TANDEM")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            );
-        for o in overrides {
-            let (k, v) = o
-                .split_once('=')
-                .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
-            b = b
-                .set_override(k.trim(), v.trim())
-                .map_err(|e| load_err(format!("--set {o}: {e}")))?;
-        }
-        let cfg: JobConfig = b
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| load_err(e.to_string()))?;
+        let cfg = load::load(path, overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -162,6 +162,7 @@ pub async fn run(
     // A device the workers cannot use fails here, not after every worker's restarts.
     let devices = crate::util::worker_devices(&opts.device)?;
     let mut cfg = effective_config(&opts)?;
+    cfg.check_paths()?;
     if let Some(gpu) = crate::util::shared_gpu(&devices, cfg.cluster.max_workers) {
         if cfg.cluster.gpu_collective == crate::config::GpuCollective::Nccl {
             // NCCL refuses two ranks on one GPU: their gradients meet in the ring instead.

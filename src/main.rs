@@ -111,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_summary,
         } => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
+            cfg.check_paths()?;
             let resume = if resume_if_present {
                 tandem::coordinator::Resume::IfPresent
             } else if resume {
@@ -265,9 +266,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
             );
         }
-        Command::Config(ConfigCommand::Check { config, sets }) => {
+        Command::Config(ConfigCommand::Check {
+            config,
+            sets,
+            skip_inputs,
+        }) => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
+            if !skip_inputs {
+                cfg.check_paths()?;
+            }
             println!("{}", serde_json::to_string_pretty(&cfg)?);
+            let inputs = if skip_inputs {
+                "inputs not checked"
+            } else {
+                "every input exists"
+            };
+            eprintln!(
+                "{}: valid; {inputs} (relative paths in the file are relative to its directory)",
+                config.display()
+            );
         }
         Command::Bench(BenchCommand::Allreduce {
             world,

@@ -451,6 +451,12 @@ fn a_fine_tuning_stage_cut_by_max_steps_accounts_for_what_it_trained() {
     assert_eq!(ledger[0]["instances_planned"], 60, "{st:#}");
     assert_eq!(ledger[0]["instances_consumed"], 24, "{st:#}");
     assert_eq!(ledger[0]["instances_repeated"], 0, "{st:#}");
+    // It ran in one of its 3 planned epochs, from the imported checkpoint.
+    assert_eq!(
+        (st["epochs"].as_u64(), st["epochs_planned"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(s["history"][0]["start_checkpoint"], "stage0-init", "{s:#}");
     assert_eq!(st["metrics"]["final"]["examples"], 15.0, "{st:#}");
     assert!(st["metrics"]["best"]["score"].is_number(), "{st:#}");
     assert!(state.join("final/model.safetensors").exists());

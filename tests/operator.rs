@@ -13,7 +13,7 @@ use common::{bin, job_dir, wait_with_timeout};
 /// state dir, and `launch --resume` on that coordinator-made state dir says it is finished.
 #[test]
 fn a_hand_started_coordinator_shows_progress_and_the_summary() {
-    let dir = job_dir("operator", 2, 2, "progress_log_s = 0.3", "epochs = 3", 32);
+    let dir = job_dir("operator", 2, 2, "progress_log_s = 0.3", "epochs = 10", 32);
     let log = dir.join("coordinator.log");
     let token = "operator-token";
     let (mut coord, url) = common::coordinator(&dir, "127.0.0.1:0", token, false, &log);
@@ -170,5 +170,109 @@ fn refused_joins_are_logged_and_named_by_the_join_timeout() {
             && reason.contains("refused: wrong job token from 127.0.0.1 ("),
         "{reason}"
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Config errors name their source (file and line, or the --set argument) and the valid
+/// values; `config check` fails on an input that does not exist and resolves the file's
+/// relative paths against the file's directory.
+#[test]
+fn config_errors_name_their_source_and_missing_inputs_fail_the_check() {
+    let dir = common::TmpDir::new("operator", "config");
+    let check = |file: &std::path::Path, sets: &[&str]| {
+        let mut c = Command::new(bin());
+        c.args(["config", "check"]).arg(file);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    std::fs::create_dir_all(dir.join("conf/data")).unwrap();
+    std::fs::write(dir.join("conf/data/c.txt"), "one.\ntwo.\n").unwrap();
+    let job = "[job]\nname = \"c\"\nstate_dir = \"../state\"\n[model]\npreset = \"tiny\"\n\
+               [data]\ncorpus = [\"data\"]\n[[stages]]\nname = \"p\"\nkind = \"pretrain\"\nlr = 1e-3\n";
+    let file = dir.join("conf/job.toml");
+    std::fs::write(&file, job).unwrap();
+    let (ok, out, err) = check(&file, &[]);
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let root = std::path::absolute(&*dir).unwrap();
+    assert_eq!(
+        cfg["data"]["corpus"][0],
+        root.join("conf/data").display().to_string()
+    );
+    assert_eq!(
+        cfg["job"]["state_dir"],
+        root.join("state").display().to_string()
+    );
+    let (ok, _, err) = check(&file, &["stages[0].max_step=30"]);
+    assert!(
+        !ok && err.contains("--set stages[0].max_step=30: unknown field `max_step`"),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        job.replace("\"pretrain\"\nlr", "\"pretraining\"\nlr"),
+    )
+    .unwrap();
+    let (ok, _, err) = check(&file, &[]);
+    assert!(
+        !ok && err.contains("job.toml: line 10, column 8: unknown variant `pretraining`, expected one of `pretrain`"),
+        "{err}"
+    );
+    std::fs::write(&file, job.replace("[\"data\"]", "[\"corpus\"]")).unwrap();
+    let (ok, _, err) = check(&file, &[]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "data.corpus[0]: input {}: no such file or directory",
+            root.join("conf/corpus").display()
+        )),
+        "{err}"
+    );
+}
+
+/// SIGTERM to the coordinator pauses the job: workers are told so and wait to rejoin (a
+/// finished job's Stop makes them exit); a coordinator resumed on the same address gets them
+/// back and the job completes.
+#[test]
+fn a_coordinator_stopped_by_sigterm_pauses_and_its_workers_rejoin_the_resumed_one() {
+    let dir = job_dir("pause", 2, 2, "progress_log_s = 0.2", "epochs = 20", 32);
+    let log = dir.join("coordinator.log");
+    let token = "pause-token";
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let (mut coord, url) = common::coordinator(&dir, &listen, token, false, &log);
+    let logs: Vec<_> = (0..2).map(|i| dir.join(format!("w{i}.log"))).collect();
+    let mut workers: Vec<_> = (0..2)
+        .map(|i| common::worker(&url, token, &format!("w{i}"), &logs[i]))
+        .collect();
+    common::wait_for("training", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).unwrap().contains("progress: stage")
+    });
+    common::signal(&coord, libc::SIGTERM);
+    assert!(!wait_with_timeout(&mut coord, Duration::from_secs(30)).success());
+    let s = common::summary(&dir);
+    assert_eq!(s["status"], "interrupted", "{s:#}");
+    common::wait_for("the workers to hear of the pause", Duration::from_secs(10), || {
+        logs.iter()
+            .all(|l| std::fs::read_to_string(l).unwrap().contains("the coordinator paused the job"))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    for w in &mut workers {
+        assert!(w.try_wait().unwrap().is_none(), "a paused worker exited");
+    }
+    let (mut coord, _) = common::coordinator(&dir, &listen, token, true, &log);
+    assert!(wait_with_timeout(&mut coord, Duration::from_secs(240)).success());
+    for w in &mut workers {
+        assert!(wait_with_timeout(w, Duration::from_secs(30)).success());
+    }
+    let s = common::summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    for l in &logs {
+        let text = std::fs::read_to_string(l).unwrap();
+        assert!(text.contains("stop: job completed (job finished)"), "{text}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -37,7 +37,8 @@ pub struct GenerationRecord {
     #[serde(default)]
     pub stage_index: u32,
     pub world_size: u32,
-    /// The checkpoint it started from ("" = from scratch).
+    /// The checkpoint it started from: the stage's resume point, or, for a fine-tuning
+    /// stage's first generation, the checkpoint its encoder comes from ("" = from scratch).
     pub start_checkpoint: String,
     /// "completed", or why it ended.
     pub outcome: String,
@@ -158,6 +159,7 @@ impl Driver {
             } else {
                 reason.clone()
             },
+            kind: stop_kind(status).into(),
         }));
         self.summary(status, reason)
     }
@@ -311,14 +313,17 @@ impl Driver {
         st.phase = Phase::Running;
         st.message = format!("generation {generation}: {world} workers");
         drop(st);
-        tracing::info!(generation, world, ?peers, checkpoint = %start_checkpoint, "assigned ranks");
+        tracing::info!(generation, world, ?peers, checkpoint = %start_checkpoint, encoder = %encoder_checkpoint, "assigned ranks");
         self.record.generation = generation;
         self.record.status = "running".into();
         self.record.history.push(GenerationRecord {
             generation,
             stage_index,
             world_size: world,
-            start_checkpoint,
+            start_checkpoint: match start_checkpoint.as_str() {
+                "" => encoder_checkpoint,
+                _ => start_checkpoint,
+            },
             outcome: String::new(),
         });
         self.persist();
@@ -511,6 +516,16 @@ pub(super) async fn drive(
     }
 }
 
+/// What a job's end status tells its workers (see `Stop.kind`): an interrupted job can be
+/// resumed, so its workers wait to rejoin.
+fn stop_kind(status: &str) -> &'static str {
+    match status {
+        "completed" => "finished",
+        "interrupted" => "paused",
+        _ => "failed",
+    }
+}
+
 fn set_phase(shared: &Shared, phase: Phase, message: &str) {
     let mut st = shared.state.lock().unwrap();
     st.phase = phase;
@@ -568,7 +583,8 @@ fn stage_summary(
         name: stage.name.clone(),
         kind: stage.kind.name(),
         steps: r0.step,
-        epochs: stage.epochs,
+        epochs: ledger.iter().filter(|e| e.instances_consumed > 0).count() as u32,
+        epochs_planned: stage.epochs,
         examples: r0.examples,
         documents: pretrain.then_some(full_epochs * docs),
         loss: r0.loss,

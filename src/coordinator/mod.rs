@@ -79,7 +79,11 @@ pub struct StageSummary {
     /// As the config spells it (`pretrain`, `sequence_classification`, …).
     pub kind: String,
     pub steps: u64,
+    /// Epochs the stage trained in (a stage stopped by max_steps may run fewer than planned).
     pub epochs: u32,
+    /// The stage's `epochs`.
+    #[serde(default)]
+    pub epochs_planned: u32,
     pub examples: u64,
     /// Pre-training: documents of the epochs whose every planned instance was consumed
     /// exactly once in committed steps (from the ledger): epochs × corpus_documents for a
