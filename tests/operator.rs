@@ -249,16 +249,25 @@ fn a_coordinator_stopped_by_sigterm_pauses_and_its_workers_rejoin_the_resumed_on
         .map(|i| common::worker(&url, token, &format!("w{i}"), &logs[i]))
         .collect();
     common::wait_for("training", Duration::from_secs(60), || {
-        std::fs::read_to_string(&log).unwrap().contains("progress: stage")
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("progress: stage")
     });
     common::signal(&coord, libc::SIGTERM);
     assert!(!wait_with_timeout(&mut coord, Duration::from_secs(30)).success());
     let s = common::summary(&dir);
     assert_eq!(s["status"], "interrupted", "{s:#}");
-    common::wait_for("the workers to hear of the pause", Duration::from_secs(10), || {
-        logs.iter()
-            .all(|l| std::fs::read_to_string(l).unwrap().contains("the coordinator paused the job"))
-    });
+    common::wait_for(
+        "the workers to hear of the pause",
+        Duration::from_secs(10),
+        || {
+            logs.iter().all(|l| {
+                std::fs::read_to_string(l)
+                    .unwrap()
+                    .contains("the coordinator paused the job")
+            })
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     for w in &mut workers {
         assert!(w.try_wait().unwrap().is_none(), "a paused worker exited");
@@ -272,7 +281,95 @@ fn a_coordinator_stopped_by_sigterm_pauses_and_its_workers_rejoin_the_resumed_on
     assert_eq!(s["status"], "completed", "{s:#}");
     for l in &logs {
         let text = std::fs::read_to_string(l).unwrap();
-        assert!(text.contains("stop: job completed (job finished)"), "{text}");
+        assert!(
+            text.contains("stop: job completed (job finished)"),
+            "{text}"
+        );
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// README's multi-host example, run as written (in a copy of `configs/`, so that its
+/// `state/local` is the test's own): the coordinator prints progress and the summary, and
+/// `tandem summary` prints the same.
+#[test]
+fn the_readme_multi_host_example_runs_as_written() {
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
+    let block = readme
+        .split("A worked example on one machine")
+        .nth(1)
+        .and_then(|r| r.split("```sh\n").nth(1))
+        .and_then(|r| r.split("```").next())
+        .expect("README's worked example");
+    // Shell lines, continuations joined; `'…'` quoting only.
+    let joined = block.replace("\\\n", " ");
+    let lines: Vec<Vec<String>> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            l.split_whitespace()
+                .map(|w| w.trim_matches('\'').to_string())
+                .collect()
+        })
+        .collect();
+    let token = lines
+        .iter()
+        .find_map(|l| {
+            (l[0] == "export").then(|| l[1].strip_prefix("TANDEM_TOKEN=").unwrap().to_string())
+        })
+        .unwrap();
+    let commands: Vec<&Vec<String>> = lines.iter().filter(|l| l[0] == "tandem").collect();
+    assert_eq!(commands.len(), 4, "{commands:?}");
+    assert_eq!(
+        commands.iter().map(|c| c[1].as_str()).collect::<Vec<_>>(),
+        ["coordinator", "worker", "worker", "summary"]
+    );
+    let dir = common::TmpDir::new("operator", "readme");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(common::repo().join("configs"))
+        .arg(&*dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spawn = |args: &[String], log: &str| {
+        Command::new(bin())
+            .args(&args[1..])
+            .current_dir(&*dir)
+            .env("TANDEM_TOKEN", &token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut coord = spawn(commands[0], "coordinator.log");
+    let mut workers = [spawn(commands[1], "w1.log"), spawn(commands[2], "w2.log")];
+    let ok = wait_with_timeout(&mut coord, Duration::from_secs(300)).success();
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    assert!(ok, "{log}");
+    for w in &mut workers {
+        assert!(wait_with_timeout(w, Duration::from_secs(30)).success());
+    }
+    assert!(
+        log.contains("progress: stage pretrain (1/2) · step "),
+        "{log}"
+    );
+    assert!(log.contains("job \"local\" completed in"), "{log}");
+    let out = Command::new(bin())
+        .args(&commands[3][1..])
+        .current_dir(&*dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains(printed.trim()), "{printed}\nnot in\n{log}");
+    assert!(
+        printed.contains("stage \"sentiment\" (sequence_classification): 20 steps"),
+        "{printed}"
+    );
 }

@@ -76,6 +76,9 @@ pub fn human_summary(s: &Summary, state_dir: &Path) -> String {
 /// `tandem summary STATE_DIR`: the human summary from summary.json, or, for a job still
 /// running or stopped before writing one, its recorded status.
 pub fn summary_of(state_dir: &Path) -> anyhow::Result<String> {
+    // Absolute, as the coordinator (whose state_dir comes from its config) prints it.
+    let abs = std::path::absolute(state_dir);
+    let state_dir = abs.as_deref().unwrap_or(state_dir);
     let path = state_dir.join("summary.json");
     match std::fs::read(&path) {
         Ok(b) => {
