@@ -209,12 +209,15 @@ fn every_bundled_config_is_valid() {
     {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "toml") {
-            let out = Command::new(bin())
-                .args(["config", "check"])
-                .arg(&p)
-                .current_dir(common::repo())
-                .output()
-                .unwrap();
+            // The Kubernetes jobs' inputs are in their pods; every other config's inputs
+            // exist, found relative to the file from any working directory.
+            let pod = p.file_name().unwrap().to_string_lossy().starts_with("k8s-");
+            let mut cmd = Command::new(bin());
+            cmd.args(["config", "check"]).arg(&p);
+            if pod {
+                cmd.arg("--skip-inputs");
+            }
+            let out = cmd.current_dir(std::env::temp_dir()).output().unwrap();
             assert!(
                 out.status.success(),
                 "{}: {}",
