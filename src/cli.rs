@@ -50,7 +50,7 @@ pub struct RunArgs {
 }
 
 /// A fine-tuning task, spelled as in a stage's `kind`.
-fn parse_task(s: &str) -> Result<crate::config::StageKind, String> {
+pub(crate) fn parse_task(s: &str) -> Result<crate::config::StageKind, String> {
     use crate::config::StageKind;
     match serde_json::from_value(serde_json::Value::String(s.into())) {
         Ok(StageKind::Pretrain) => {
@@ -86,33 +86,8 @@ pub enum Command {
     /// Fine-tune a checkpoint (tandem or HuggingFace) on one task, on this machine: writes the
     /// equivalent job config into the state dir (finetune.toml), then runs it as `launch` does.
     Finetune {
-        /// Checkpoint directory: config.json, model.safetensors and the tokenizer files.
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// sequence_classification, pair_classification, token_classification or
-        /// question_answering.
-        #[arg(long, value_parser = parse_task)]
-        task: crate::config::StageKind,
-        /// Training data (classification TSV/JSONL, CoNLL, SQuAD JSON).
-        #[arg(long)]
-        train: PathBuf,
-        /// Dev data, evaluated after every epoch; the best epoch is exported.
-        #[arg(long)]
-        dev: PathBuf,
-        #[arg(long, default_value_t = 3)]
-        epochs: u32,
-        /// Peak learning rate (warm-up over the first 10% of steps, then linear decay).
-        #[arg(long, default_value_t = 3e-5)]
-        lr: f32,
-        /// Examples per worker per step.
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        /// Sequence length of the features.
-        #[arg(long, default_value_t = 128)]
-        max_seq_length: usize,
-        /// Job name (default: the checkpoint's directory name and the task).
-        #[arg(long)]
-        name: Option<String>,
+        #[command(flatten)]
+        job: crate::finetune_job::FinetuneJob,
         #[command(flatten)]
         run: RunArgs,
     },

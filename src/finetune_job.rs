@@ -11,16 +11,34 @@ use crate::config::{JobConfig, StageKind};
 use crate::launch::LaunchOptions;
 
 /// What `tandem finetune` is asked for (its flags, less the ones `launch` shares).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct FinetuneJob {
+    /// Checkpoint directory: config.json, model.safetensors and the tokenizer files.
+    #[arg(long)]
     pub checkpoint: PathBuf,
+    /// sequence_classification, pair_classification, token_classification or
+    /// question_answering.
+    #[arg(long, value_parser = crate::cli::parse_task)]
     pub task: StageKind,
+    /// Training data (classification TSV/JSONL, CoNLL, SQuAD JSON).
+    #[arg(long)]
     pub train: PathBuf,
+    /// Dev data, evaluated after every epoch; the best epoch is exported.
+    #[arg(long)]
     pub dev: PathBuf,
+    #[arg(long, default_value_t = 3)]
     pub epochs: u32,
+    /// Peak learning rate (warm-up over the first 10% of steps, then linear decay).
+    #[arg(long, default_value_t = 3e-5)]
     pub lr: f32,
+    /// Examples per worker per step.
+    #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Sequence length of the features.
+    #[arg(long, default_value_t = 128)]
     pub max_seq_length: usize,
+    /// Job name (default: the checkpoint's directory name and the task).
+    #[arg(long)]
     pub name: Option<String>,
 }
 

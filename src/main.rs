@@ -72,29 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(code);
             }
         }
-        Command::Finetune {
-            checkpoint,
-            task,
-            train,
-            dev,
-            epochs,
-            lr,
-            batch_size,
-            max_seq_length,
-            name,
-            run,
-        } => {
-            let job = tandem::finetune_job::FinetuneJob {
-                checkpoint,
-                task,
-                train,
-                dev,
-                epochs,
-                lr,
-                batch_size,
-                max_seq_length,
-                name,
-            };
+        Command::Finetune { job, run } => {
             let code =
                 runtime()?.block_on(tandem::finetune_job::run(job, run, shutdown_signal()))?;
             if code != 0 {

@@ -9,18 +9,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::tandem;
 use serde_json::Value;
 use tandem::data::finetune::ClassificationSet;
 use tandem::data::tokenizer::Tokenizer;
-
-/// Runs the tandem binary; returns whether it succeeded, its stdout and its stderr.
-fn tandem<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
-    let out = Command::new(common::bin()).args(args).output().unwrap();
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.success(), text(out.stdout), text(out.stderr))
-}
 
 fn launch(config: &Path) -> (bool, String, String) {
     tandem(&[
@@ -354,15 +347,10 @@ fn a_fine_tuning_only_job_starts_from_a_transformers_checkpoint() {
     );
 }
 
-/// `tandem finetune` on the transformers-made checkpoint with 2 workers; transformers loads
-/// the exported model and tokenizer (tests/fixtures/hf_export/make_export_fixture.py, same
-/// command) and its probabilities equal tandem's on the rerun job's export.
-#[test]
-fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
+/// `tandem finetune` of the transformers-made `seqcls_padded` on the hf_export fixture's
+/// data into `state`, with `extra` flags.
+fn finetune(state: &Path, extra: &[&str]) -> (bool, String, String) {
     let fx = common::repo().join("tests/fixtures/hf_export");
-    let exp = read_json(&fx.join("expected.json"));
-    let dir = common::TmpDir::new("hf", "finetune-cmd");
-    let state = dir.join("state");
     let init = fixtures().join("seqcls_padded");
     let (train, dev) = (fx.join("train.jsonl"), fx.join("dev.jsonl"));
     let mut args: Vec<&std::ffi::OsStr> = vec![
@@ -376,11 +364,25 @@ fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
         "--state-dir".as_ref(),
         state.as_os_str(),
     ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    tandem(&args)
+}
+
+/// `tandem finetune` on the transformers-made checkpoint with 2 workers; transformers loads
+/// the exported model and tokenizer (tests/fixtures/hf_export/make_export_fixture.py, same
+/// command) and its probabilities equal tandem's on the rerun job's export.
+#[test]
+fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
+    let fx = common::repo().join("tests/fixtures/hf_export");
+    let exp = read_json(&fx.join("expected.json"));
+    let dir = common::TmpDir::new("hf", "finetune-cmd");
+    let state = dir.join("state");
+    let init = fixtures().join("seqcls_padded");
+    let dev = fx.join("dev.jsonl");
     let extra: Vec<&str> = (exp["args"].as_array().unwrap().iter())
         .map(|a| a.as_str().unwrap())
         .collect();
-    args.extend(extra.iter().map(std::ffi::OsStr::new));
-    let (ok, _, log) = tandem(&args);
+    let (ok, _, log) = finetune(&state, &extra);
     assert!(ok, "{log}");
     let s = common::summary(&dir);
     assert_eq!(s["status"], "completed", "{s:#}");
@@ -410,7 +412,7 @@ fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
         "fine-tuning moved no probability by more than {moved}"
     );
     // A second run into the same state dir refuses and says how to resume.
-    let (ok, _, log) = tandem(&args);
+    let (ok, _, log) = finetune(&state, &extra);
     assert!(!ok && log.contains("tandem launch --resume"), "{log}");
 }
 
@@ -418,29 +420,20 @@ fn tandem_finetune_exports_what_transformers_predicts_the_same_with() {
 /// trained (3 steps × 2 workers × 4), and it still evaluates dev and exports.
 #[test]
 fn a_fine_tuning_stage_cut_by_max_steps_accounts_for_what_it_trained() {
-    let fx = common::repo().join("tests/fixtures/hf_export");
     let dir = common::TmpDir::new("hf", "finetune-cut");
     let state = dir.join("state");
-    let init = fixtures().join("seqcls_padded");
-    let (train, dev) = (fx.join("train.jsonl"), fx.join("dev.jsonl"));
-    let (ok, _, log) = tandem(&[
-        "finetune".as_ref(),
-        "--checkpoint".as_ref(),
-        init.as_os_str(),
-        "--task".as_ref(),
-        "sequence_classification".as_ref(),
-        "--train".as_ref(),
-        train.as_os_str(),
-        "--dev".as_ref(),
-        dev.as_os_str(),
-        "--state-dir".as_ref(),
-        state.as_os_str(),
-        "--batch-size".as_ref(),
-        "4".as_ref(),
-        "--max-steps".as_ref(),
-        "3".as_ref(),
-        "--no-progress".as_ref(),
-    ]);
+    let (ok, _, log) = finetune(
+        &state,
+        &[
+            "--task",
+            "sequence_classification",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--no-progress",
+        ],
+    );
     assert!(ok, "{log}");
     let s = common::summary(&dir);
     let st = &s["stages"][0];
@@ -466,30 +459,18 @@ fn a_fine_tuning_stage_cut_by_max_steps_accounts_for_what_it_trained() {
 /// longer than its tokenizer's model_max_length (128 here, positions 256) only warned about.
 #[test]
 fn a_max_seq_length_beyond_the_checkpoint_is_refused_or_warned_about() {
-    let fx = common::repo().join("tests/fixtures/hf_export");
     let dir = common::TmpDir::new("hf", "finetune-len");
-    let init = fixtures().join("seqcls_padded");
-    let (train, dev) = (fx.join("train.jsonl"), fx.join("dev.jsonl"));
     let run = |len: &str| {
-        let state = dir.join(format!("state{len}"));
-        tandem(&[
-            "finetune".as_ref(),
-            "--checkpoint".as_ref(),
-            init.as_os_str(),
-            "--task".as_ref(),
-            "sequence_classification".as_ref(),
-            "--train".as_ref(),
-            train.as_os_str(),
-            "--dev".as_ref(),
-            dev.as_os_str(),
-            "--state-dir".as_ref(),
-            state.as_os_str(),
-            "--max-seq-length".as_ref(),
-            len.as_ref(),
-            "--max-steps".as_ref(),
-            "1".as_ref(),
-            "--no-progress".as_ref(),
-        ])
+        let flags = [
+            "--task",
+            "sequence_classification",
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ];
+        let mut extra = vec!["--max-seq-length", len];
+        extra.extend(flags);
+        finetune(&dir.join(format!("state{len}")), &extra)
     };
     let (ok, _, log) = run("512");
     assert!(!ok, "{log}");

@@ -59,25 +59,18 @@ fn a_hand_started_coordinator_shows_progress_and_the_summary() {
     let end = start + text[start..].find("summary: ").unwrap();
     let end = end + text[end..].find('\n').unwrap();
     let printed = &text[start..end];
-    let out = Command::new(bin())
-        .args(["summary"])
-        .arg(dir.join("state"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), printed);
+    let state = dir.join("state");
+    let (ok, out, err) = common::tandem(&["summary".as_ref(), state.as_os_str()]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), printed);
     // The coordinator recorded its config, so launch --resume knows the job.
-    let out = Command::new(bin())
-        .args(["launch", "--no-progress", "--resume"])
-        .arg(dir.join("state"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (ok, _, err) = common::tandem(&[
+        "launch".as_ref(),
+        "--no-progress".as_ref(),
+        "--resume".as_ref(),
+        state.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
     assert!(err.contains("already finished"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -86,14 +79,8 @@ fn a_hand_started_coordinator_shows_progress_and_the_summary() {
 #[test]
 fn summary_of_a_directory_without_a_job_says_so() {
     let dir = common::TmpDir::new("operator", "empty");
-    let out = Command::new(bin())
-        .arg("summary")
-        .arg(&*dir)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a tandem state dir"), "{err}");
+    let (ok, _, err) = common::tandem(&["summary".as_ref(), dir.as_os_str()]);
+    assert!(!ok && err.contains("not a tandem state dir"), "{err}");
 }
 
 /// A worker pointed at a port where nothing listens says so at once, with the reason and
@@ -180,14 +167,11 @@ fn refused_joins_are_logged_and_named_by_the_join_timeout() {
 fn config_errors_name_their_source_and_missing_inputs_fail_the_check() {
     let dir = common::TmpDir::new("operator", "config");
     let check = |file: &std::path::Path, sets: &[&str]| {
-        let mut c = Command::new(bin());
-        c.args(["config", "check"]).arg(file);
+        let mut args = vec!["config".as_ref(), "check".as_ref(), file.as_os_str()];
         for s in sets {
-            c.args(["--set", s]);
+            args.extend(["--set".as_ref(), std::ffi::OsStr::new(s)]);
         }
-        let out = c.output().unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.success(), text(&out.stdout), text(&out.stderr))
+        common::tandem(&args)
     };
     std::fs::create_dir_all(dir.join("conf/data")).unwrap();
     std::fs::write(dir.join("conf/data/c.txt"), "one.\ntwo.\n").unwrap();

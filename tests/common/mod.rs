@@ -15,6 +15,13 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Runs the tandem binary to its end; returns whether it succeeded, its stdout and stderr.
+pub fn tandem<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
 /// A fresh directory with a small job on the bundled corpus and a very small BERT.
 /// `cluster` and `stage` are extra TOML lines for those sections.
 pub fn job_dir(
