@@ -524,10 +524,11 @@ impl JobConfig {
                 return Err(invalid(k, format!("{v}: must be positive")));
             }
         }
-        if !(c.progress_log_s >= 0.0 && c.progress_log_s.is_finite()) {
+        let p = c.progress_log_s;
+        if !(p == 0.0 || p >= 0.1 && p.is_finite()) {
             return Err(invalid(
                 "cluster.progress_log_s",
-                "must be 0 (off) or a number of seconds",
+                format!("{p}: must be 0 (off) or at least 0.1 seconds"),
             ));
         }
         if c.progress_every == 0 {

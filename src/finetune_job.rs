@@ -30,7 +30,7 @@ pub struct FinetuneJob {
     pub epochs: u32,
     /// Peak learning rate (warm-up over the first 10% of steps, then linear decay).
     #[arg(long, default_value_t = 3e-5)]
-    pub lr: f32,
+    pub lr: f64,
     /// Examples per worker per step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -105,7 +105,7 @@ impl FinetuneJob {
         stage.insert("dev".into(), abs(&self.dev)?.into());
         stage.insert("epochs".into(), i64::from(self.epochs).into());
         stage.insert("batch_size".into(), (self.batch_size as i64).into());
-        stage.insert("lr".into(), f64::from(self.lr).into());
+        stage.insert("lr".into(), self.lr.into());
         stage.insert("warmup_fraction".into(), 0.1.into());
         stage.insert("max_seq_length".into(), (self.max_seq_length as i64).into());
         let mut root = toml::Table::new();

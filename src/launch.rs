@@ -91,6 +91,9 @@ pub fn effective_config(opts: &LaunchOptions) -> anyhow::Result<JobConfig> {
     if let Some(d) = &opts.state_dir {
         cfg.job.state_dir = d.clone();
     }
+    // The flags are relative to the working directory; the job.toml written from this config
+    // is read from the state dir.
+    cfg.make_paths_absolute();
     cfg.validate()?;
     Ok(cfg)
 }
@@ -369,8 +372,10 @@ mod tests {
             resume: false,
         };
         let c = effective_config(&opts(vec!["data.tokenizer=tok".into()])).unwrap();
-        assert_eq!(c.data.corpus, ["mine.txt"]);
-        assert_eq!(c.data.tokenizer.as_deref(), Some(Path::new("tok")));
+        // Flags are relative to the working directory, and made absolute for job.toml.
+        let abs = |p: &str| std::path::absolute(p).unwrap();
+        assert_eq!(c.data.corpus, [abs("mine.txt").display().to_string()]);
+        assert_eq!(c.data.tokenizer, Some(abs("tok")));
         let c = effective_config(&opts(vec![])).unwrap();
         assert_eq!(c.data.tokenizer, None);
         std::fs::remove_dir_all(dir).unwrap();

@@ -486,6 +486,25 @@ fn a_max_seq_length_beyond_the_checkpoint_is_refused_or_warned_about() {
     );
     let (ok, _, log) = run("128");
     assert!(ok && !log.contains("model_max_length"), "{log}");
+    // A later stage with init_from = "previous" starts from that checkpoint: its positions.
+    let fx = |f: &str| common::repo().join("tests/fixtures/hf_export").join(f);
+    let job = dir.join("state128/finetune.toml");
+    let two = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("state128", "two")
+        + "\n[[stages]]\nname = \"again\"\nkind = \"sequence_classification\"\n\
+           init_from = \"previous\"\nlr = 1e-3\nmax_seq_length = 300\n"
+        + &format!(
+            "train = {:?}\ndev = {:?}\n",
+            fx("train.jsonl"),
+            fx("dev.jsonl")
+        );
+    std::fs::write(dir.join("two.toml"), two).unwrap();
+    let (ok, _, log) = tandem(&["launch".as_ref(), dir.join("two.toml").as_os_str()]);
+    assert!(
+        !ok && log.contains("stages[1].max_seq_length 300 exceeds the max_position_embeddings 256 of stages[0].init_from"),
+        "{log}"
+    );
 }
 
 /// Pre-training with the padded tokenizer as data.tokenizer: the instances are made from the

@@ -143,8 +143,14 @@ fn refused_joins_are_logged_and_named_by_the_join_timeout() {
     assert!(!bad.status.success());
     let status = wait_with_timeout(&mut coord, Duration::from_secs(60));
     assert!(!status.success());
+    // The failed job's Stop makes its worker exit with an error, naming why.
     let mut good = good;
-    let _ = wait_with_timeout(&mut good, Duration::from_secs(30));
+    assert!(!wait_with_timeout(&mut good, Duration::from_secs(30)).success());
+    let wlog = std::fs::read_to_string(dir.join("good.log")).unwrap();
+    assert!(
+        wlog.contains("the job failed: only 1 of min_workers"),
+        "{wlog}"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("refused a request: wrong job token") && text.contains("peer=127.0.0.1"),
@@ -327,13 +333,16 @@ fn the_readme_multi_host_example_runs_as_written() {
             .spawn()
             .unwrap()
     };
-    let mut coord = spawn(commands[0], "coordinator.log");
-    let mut workers = [spawn(commands[1], "w1.log"), spawn(commands[2], "w2.log")];
-    let ok = wait_with_timeout(&mut coord, Duration::from_secs(300)).success();
+    let mut coord = common::Reap(spawn(commands[0], "coordinator.log"));
+    let mut workers = [
+        common::Reap(spawn(commands[1], "w1.log")),
+        common::Reap(spawn(commands[2], "w2.log")),
+    ];
+    let ok = wait_with_timeout(&mut coord.0, Duration::from_secs(300)).success();
     let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
     assert!(ok, "{log}");
     for w in &mut workers {
-        assert!(wait_with_timeout(w, Duration::from_secs(30)).success());
+        assert!(wait_with_timeout(&mut w.0, Duration::from_secs(30)).success());
     }
     assert!(
         log.contains("progress: stage pretrain (1/2) · step "),
@@ -356,4 +365,43 @@ fn the_readme_multi_host_example_runs_as_written() {
         printed.contains("stage \"sentiment\" (sequence_classification): 20 steps"),
         "{printed}"
     );
+}
+
+/// Relative `--state-dir` and `--corpus` are relative to the working directory of `launch`,
+/// though the coordinator reads the job from the state dir's job.toml.
+#[test]
+fn launch_flags_with_relative_paths_mean_the_working_directory() {
+    let dir = job_dir("relative", 2, 2, "", "max_steps = 2", 32);
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(common::repo().join("configs/data/corpus"))
+        .arg(cwd.join("mycorpus"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .args([
+            "--no-progress",
+            "--corpus",
+            "mycorpus",
+            "--state-dir",
+            "out/state",
+        ])
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(cwd.join("out/state/summary.json").exists(), "{err}");
+    let job = std::fs::read_to_string(cwd.join("out/state/job.toml")).unwrap();
+    let abs = std::path::absolute(&cwd).unwrap();
+    assert!(
+        job.contains(&abs.join("mycorpus").display().to_string()),
+        "{job}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 }

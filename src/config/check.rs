@@ -14,7 +14,9 @@ impl JobConfig {
                 missing.push(format!("{key} {}: no such {what}", p.display()));
             }
         };
-        if let Some(f) = &self.job.token_file {
+        // TANDEM_TOKEN wins over the file, which is then never read.
+        let token_env = std::env::var("TANDEM_TOKEN").is_ok_and(|t| !t.is_empty());
+        if let Some(f) = self.job.token_file.as_ref().filter(|_| !token_env) {
             need("job.token_file".into(), f, "file");
         }
         if let Some(f) = &self.model.config {

@@ -32,7 +32,33 @@ pub(super) fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, Confi
             .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
         sets.push((o.as_str(), k.trim(), v.trim()));
     }
-    layered(&file, true, &sets).map_err(|e| explain(path, &text, &file, &sets, e))
+    let mut cfg = layered(&file, true, &sets).map_err(|e| explain(path, &text, &file, &sets, e))?;
+    cfg.make_paths_absolute();
+    Ok(cfg)
+}
+
+impl JobConfig {
+    /// Makes every path absolute against the working directory (those from the file already
+    /// are): a config written out again (launch's `STATE_DIR/job.toml`) must mean the same
+    /// files wherever it is read from. The same keys as [`resolve_paths`].
+    pub fn make_paths_absolute(&mut self) {
+        let abs = |p: &Path| clean(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+        let fix = |p: &mut PathBuf| *p = abs(p);
+        fix(&mut self.job.state_dir);
+        self.job.token_file.as_mut().map(fix);
+        self.model.config.as_mut().map(fix);
+        self.data.tokenizer.as_mut().map(fix);
+        for c in &mut self.data.corpus {
+            *c = abs(Path::new(c.as_str())).display().to_string();
+        }
+        for s in &mut self.stages {
+            s.train.as_mut().map(fix);
+            s.dev.as_mut().map(fix);
+            if let Some(d) = s.init_from.as_mut().filter(|d| *d != "previous") {
+                *d = abs(Path::new(d.as_str())).display().to_string();
+            }
+        }
+    }
 }
 
 /// The file's text, the environment if `env`, then `sets`, deserialised.
@@ -67,9 +93,11 @@ fn explain(
     layered_err: String,
 ) -> ConfigError {
     let file_alone = toml::from_str::<JobConfig>(text);
+    let env_vars = std::env::vars().any(|(k, _)| k.starts_with("TANDEM__"));
     if let Err(e) = &file_alone {
         // A key missing from the file may be one an override supplies: then look further.
-        if sets.is_empty() || !e.message().starts_with("missing field") {
+        let supplied_elsewhere = !sets.is_empty() || env_vars;
+        if !supplied_elsewhere || !e.message().starts_with("missing field") {
             return ConfigError::Load {
                 path: path.into(),
                 msg: toml_error(text, e),
@@ -101,7 +129,8 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[line_start..].chars().count() + 1;
             format!("line {line}, column {column}: {}", e.message().trim())
         }
         None => e.message().trim().to_string(),
@@ -119,6 +148,18 @@ fn resolve_paths(t: &mut toml::Table, base: &Path) {
             }
         }
     };
+    // A corpus entry may be a glob: the directory part must then match itself literally.
+    let fix_glob = |v: &mut toml::Value| {
+        if let toml::Value::String(s) = v {
+            let is_glob = s.contains(['*', '?', '[']);
+            if Path::new(s.as_str()).is_relative() && is_glob {
+                let dir = glob::Pattern::escape(&clean(base).display().to_string());
+                *s = format!("{dir}/{s}");
+            } else {
+                fix(Some(v));
+            }
+        }
+    };
     if let Some(job) = t.get_mut("job").and_then(toml::Value::as_table_mut) {
         fix(job.get_mut("state_dir"));
         fix(job.get_mut("token_file"));
@@ -129,7 +170,7 @@ fn resolve_paths(t: &mut toml::Table, base: &Path) {
     if let Some(data) = t.get_mut("data").and_then(toml::Value::as_table_mut) {
         fix(data.get_mut("tokenizer"));
         if let Some(toml::Value::Array(corpus)) = data.get_mut("corpus") {
-            corpus.iter_mut().for_each(|v| fix(Some(v)));
+            corpus.iter_mut().for_each(fix_glob);
         }
     }
     if let Some(toml::Value::Array(stages)) = t.get_mut("stages") {
@@ -203,7 +244,8 @@ mod tests {
         assert_eq!(cfg.data.tokenizer, Some(root.join("tok")));
         assert_eq!(cfg.stages[1].train, Some(root.join("t.jsonl")));
         // --set is relative to the working directory.
-        assert_eq!(cfg.stages[1].dev, Some(PathBuf::from("here.jsonl")));
+        let here = std::path::absolute("here.jsonl").unwrap();
+        assert_eq!(cfg.stages[1].dev, Some(here));
         std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
     }
 

@@ -159,7 +159,7 @@ impl Driver {
             } else {
                 reason.clone()
             },
-            kind: stop_kind(status).into(),
+            kind: stop_kind(status) as i32,
         }));
         self.summary(status, reason)
     }
@@ -518,11 +518,11 @@ pub(super) async fn drive(
 
 /// What a job's end status tells its workers (see `Stop.kind`): an interrupted job can be
 /// resumed, so its workers wait to rejoin.
-fn stop_kind(status: &str) -> &'static str {
+fn stop_kind(status: &str) -> proto::StopKind {
     match status {
-        "completed" => "finished",
-        "interrupted" => "paused",
-        _ => "failed",
+        "completed" => proto::StopKind::Finished,
+        "interrupted" => proto::StopKind::Paused,
+        _ => proto::StopKind::Failed,
     }
 }
 

@@ -112,16 +112,8 @@ pub fn prepare(cfg: &JobConfig) -> anyhow::Result<Prepared> {
     );
     model_cfg.validate()?;
     tokenizer.warn_beyond_max_length(seq, "data.instances.max_seq_length");
-    for (i, s) in cfg.stages.iter().enumerate() {
-        if s.kind != crate::config::StageKind::Pretrain
-            && s.init_from.as_deref().unwrap_or("previous") == "previous"
-        {
-            check_positions(i, s.max_seq_length, &model_cfg, "the pre-trained model")?;
-            tokenizer
-                .warn_beyond_max_length(s.max_seq_length, &format!("stages[{i}].max_seq_length"));
-        }
-    }
     let stages = all_stage_inputs(cfg)?;
+    check_previous_positions(cfg, &stages, Some((&model_cfg, &tokenizer)))?;
     Ok(Prepared {
         index_json: serde_json::to_string(&index)?,
         index,
@@ -144,6 +136,7 @@ fn prepare_finetuning(cfg: &JobConfig, opts: CorpusOptions) -> anyhow::Result<Pr
             .expect("the first stage imports its init_from"),
     )?;
     check_model_section(cfg, &model_cfg, init)?;
+    check_previous_positions(cfg, &stages, None)?;
     // The stage trains with its checkpoint's own tokenizer when it has one (as any stage
     // does), so a different data.tokenizer would be ignored: refuse it instead.
     let tokenizer_json = match (&cfg.data.tokenizer, &stages[0].tokenizer_json) {
@@ -217,6 +210,35 @@ fn check_positions(i: usize, len: usize, model: &BertConfig, from: &str) -> anyh
         "stages[{i}].max_seq_length {len} exceeds the max_position_embeddings {} of {from}",
         model.max_position_embeddings
     );
+    Ok(())
+}
+
+/// A stage with `init_from = "previous"` starts from the model the stage before it ended
+/// with: the pre-trained one, or the checkpoint an earlier stage started from. Its sequences
+/// must fit that model's positions (a stage's own `init_from` is checked in `stage_inputs`).
+fn check_previous_positions(
+    cfg: &JobConfig,
+    stages: &[StageInputs],
+    pretrained: Option<(&BertConfig, &Tokenizer)>,
+) -> anyhow::Result<()> {
+    let mut model = pretrained.map(|(m, _)| (m.clone(), "the pre-trained model".to_string()));
+    let mut tokenizer = pretrained.map(|(_, t)| t);
+    for (i, (s, inputs)) in cfg.stages.iter().zip(stages).enumerate() {
+        if let Some(json) = &inputs.model_cfg_json {
+            let from = format!(
+                "stages[{i}].init_from {}",
+                s.init_from.as_deref().unwrap_or("")
+            );
+            model = Some((serde_json::from_str(json)?, from));
+            tokenizer = None; // that checkpoint's own tokenizer was checked with it
+        } else if s.kind != crate::config::StageKind::Pretrain {
+            if let Some((m, from)) = &model {
+                check_positions(i, s.max_seq_length, m, from)?;
+            }
+            let key = format!("stages[{i}].max_seq_length");
+            tokenizer.inspect(|t| t.warn_beyond_max_length(s.max_seq_length, &key));
+        }
+    }
     Ok(())
 }
 

@@ -16,8 +16,8 @@ struct Since {
     step: u64,
 }
 
-/// Logs a progress line every `every` while the job runs and its step advances; ends with
-/// the process (the task is dropped with the runtime).
+/// Logs a progress line every `every` while the job runs and its step advances; the
+/// coordinator aborts the task when the job ends.
 pub(super) async fn run(shared: Arc<Shared>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;

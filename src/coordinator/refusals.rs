@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Per (reason, peer): how many, and when one was last logged.
+type Seen = BTreeMap<(String, String), (u64, Option<Instant>)>;
+
 #[derive(Default)]
 pub struct Refusals {
-    seen: Mutex<BTreeMap<(String, String), (u64, Instant)>>,
+    seen: Mutex<Seen>,
 }
 
 impl Refusals {
@@ -23,10 +26,10 @@ impl Refusals {
         let now = Instant::now();
         let e = seen
             .entry((reason.to_string(), peer.clone()))
-            .or_insert((0, now - LOG_EVERY * 2));
+            .or_insert((0, None));
         e.0 += 1;
-        if now.duration_since(e.1) >= LOG_EVERY {
-            e.1 = now;
+        if e.1.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            e.1 = Some(now);
             tracing::warn!(%peer, count = e.0, "refused a request: {reason}");
         }
     }

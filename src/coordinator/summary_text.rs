@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{StageSummary, Summary};
 
-/// "dev accuracy 0.583 (best epoch 5, exported; last epoch 0.533) · majority-class baseline 0.500"
+/// "accuracy 0.583 (best epoch 5, exported; last epoch 0.533) · majority-class baseline accuracy 0.500"
 fn dev_line(metrics: &serde_json::Value, baseline: Option<f64>) -> String {
     let metric = metrics["metric"].as_str().unwrap_or("score");
     let last = metrics["final"][metric].as_f64();

@@ -43,7 +43,9 @@ pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Resu
         .map_err(|_| anyhow::anyhow!("the job token must be printable ASCII"))?;
     let start = Instant::now();
     let mut wait = Duration::from_millis(500);
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         match endpoint.connect().await {
             Ok(ch) => {
                 if attempt > 1 {
@@ -74,7 +76,6 @@ pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Resu
             ),
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// A coordinator URL is `http://HOST:PORT` (tonic's own error for anything else is an
@@ -96,7 +97,7 @@ fn check_url(url: &str) -> anyhow::Result<()> {
         return Err(bad("no host"));
     }
     if uri.port_u16().is_none() {
-        return Err(bad("no port (the coordinator listens on 50051 by default)"));
+        tracing::warn!("coordinator URL {url} names no port: using 80 (the coordinator listens on 50051 by default)");
     }
     Ok(())
 }
@@ -254,12 +255,12 @@ mod tests {
     fn coordinator_urls_are_checked_before_any_attempt() {
         check_url("http://127.0.0.1:50051").unwrap();
         check_url("http://coordinator.default.svc:50051").unwrap();
+        check_url("http://coordinator").unwrap(); // port 80, as HTTP means
         for (url, why) in [
             ("127.0.0.1:50051", "scheme"),
             ("localhost:50051", "scheme"),
             ("https://h:50051", "TLS"),
-            ("http://h", "no port"),
-            ("http://:50051", "URL"),
+            ("http://:50051", "host"),
             ("grpc://h:1", "scheme \"grpc\""),
         ] {
             let e = check_url(url).unwrap_err().to_string();

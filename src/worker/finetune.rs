@@ -385,7 +385,9 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     let mut epoch = state.cursor.epoch;
     // A stage cut by max_steps still evaluates (and may export) what it trained.
     let mut stopped = false;
-    while epoch < stage.epochs && !stopped {
+    // (Resumed from the cut's checkpoint, the stage is already over.)
+    let over = |step: u64| stage.max_steps.is_some_and(|m| step >= m);
+    while epoch < stage.epochs && !stopped && !over(state.step) {
         // Every example once per epoch: a seeded permutation, dealt round-robin.
         let mut order: Vec<usize> = (0..n).collect();
         rand::seq::SliceRandom::shuffle(
@@ -468,7 +470,7 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
                 super::train::log_step(&mut p, record);
             }
             drop(p);
-            if stage.max_steps.is_some_and(|m| state.step >= m) {
+            if over(state.step) {
                 // Stopped mid-epoch: the epoch's first (s + 1) steps' examples were used
                 // (ranks deal the order round-robin, so they are its first positions).
                 consumed = (((s + 1) * per_step) as u64).min(n as u64);

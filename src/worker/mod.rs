@@ -169,19 +169,25 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
                         tracing::warn!(generation = a.generation, "abort: {}", a.reason);
                         stop_training(&abort, &ring_abort);
                     }
-                    Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) if s.kind == "paused" => {
-                        tracing::info!(
-                            "the coordinator paused the job ({}); rejoining when it resumes (within --connect-timeout-s {} s)",
-                            s.reason,
-                            opts.connect_timeout.as_secs()
-                        );
-                        stop_training(&abort, &ring_abort);
-                        continue 'session;
-                    }
                     Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) => {
-                        tracing::info!("stop: {} (job {})", s.reason, if s.kind.is_empty() { "finished" } else { &s.kind });
                         stop_training(&abort, &ring_abort);
-                        break 'session Ok(());
+                        match s.kind() {
+                            proto::StopKind::Paused => {
+                                tracing::info!(
+                                    "the coordinator paused the job ({}); rejoining when it resumes (within --connect-timeout-s {} s)",
+                                    s.reason,
+                                    opts.connect_timeout.as_secs()
+                                );
+                                continue 'session;
+                            }
+                            proto::StopKind::Finished => {
+                                tracing::info!("stop: {} (job finished)", s.reason);
+                                break 'session Ok(());
+                            }
+                            proto::StopKind::Failed => {
+                                break 'session Err(anyhow::anyhow!("the job failed: {}", s.reason));
+                            }
+                        }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => {

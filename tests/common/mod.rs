@@ -213,6 +213,16 @@ pub fn worker(url: &str, token: &str, id: &str, log: &Path) -> Child {
         .unwrap()
 }
 
+/// Kills its process when dropped (a failed assertion leaves no process running).
+pub struct Reap(pub Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn signal(child: &Child, sig: i32) {
     unsafe {
         libc::kill(child.id() as i32, sig);
