@@ -108,9 +108,12 @@ fn explain(
         if let Err(e) = layered(file, false, std::slice::from_ref(s)) {
             if file_alone.is_ok() || !e.contains("missing field") {
                 let msg = e.strip_prefix(&format!("--set {}: ", s.0)).unwrap_or(&e);
+                // serde's own message (it lists an enum's valid values) where the override
+                // can be placed in the file's table; the config crate's otherwise.
+                let msg = serde_message(text, s.1, s.2).unwrap_or_else(|| msg.to_string());
                 return ConfigError::Override {
                     arg: s.0.to_string(),
-                    msg: msg.to_string(),
+                    msg,
                 };
             }
         }
@@ -121,6 +124,38 @@ fn explain(
             "{layered_err} (with the TANDEM__… environment variables and --set overrides)"
         ),
     }
+}
+
+/// What serde says of the file with `key = value` set in it (`stages[0].kind`-style keys), if
+/// that makes it fail; None when the key cannot be placed or the result parses.
+fn serde_message(text: &str, key: &str, value: &str) -> Option<String> {
+    let mut table: toml::Table = toml::from_str(text).ok()?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut at = &mut table;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (name, index) = match part.split_once('[') {
+            Some((n, i)) => (n, Some(i.strip_suffix(']')?.parse::<usize>().ok()?)),
+            None => (part, None),
+        };
+        if parts.peek().is_none() && index.is_none() {
+            at.insert(name.to_string(), value);
+            break;
+        }
+        let next = at
+            .entry(name.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        let next = match index {
+            Some(i) => next.as_array_mut()?.get_mut(i)?,
+            None => next,
+        };
+        at = next.as_table_mut()?;
+    }
+    let e = toml::from_str::<JobConfig>(&toml::to_string(&table).ok()?).err()?;
+    Some(format!("{} for key `{key}`", e.message().trim()))
 }
 
 /// "line 12, column 8: unknown variant `pretraining`, expected one of `pretrain`, …".
@@ -268,6 +303,13 @@ mod tests {
         .to_string();
         assert!(
             e.starts_with("--set stages[0].max_step=30: ") && e.contains("max_step"),
+            "{e}"
+        );
+        let e = load(&p, &["stages[0].kind=pretraining".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--set stages[0].kind=pretraining: unknown variant `pretraining`, expected one of `pretrain`"),
             "{e}"
         );
         // A key the file lacks but a --set gives is no error.
