@@ -174,8 +174,9 @@ pub enum Command {
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
         /// Longest sequence in tokens (capped at the model's max_position_embeddings).
-        #[arg(long, default_value_t = 128)]
-        max_seq_length: usize,
+        /// Default: the tokenizer's model_max_length, as transformers truncates, else 128.
+        #[arg(long)]
+        max_seq_length: Option<usize>,
         /// QA: tokens shared by consecutive windows of a long context (reduced to fit).
         #[arg(long, default_value_t = 128)]
         doc_stride: usize,

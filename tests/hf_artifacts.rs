@@ -533,3 +533,25 @@ fn pre_training_with_a_padded_tokenizer_masks_real_tokens() {
     assert_eq!(cfg["vocab_size"], vocab.lines().count(), "{cfg:#}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Without --max-seq-length, `predict` truncates where transformers would: at the
+/// tokenizer's model_max_length (here raised to 256, within the model's 256 positions).
+#[test]
+fn predict_truncates_at_the_tokenizers_model_max_length_by_default() {
+    let dir = common::TmpDir::new("hf", "max-length");
+    let src = fixtures().join("seqcls_padded");
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg = read_json(&cfg_path);
+    cfg["model_max_length"] = 256.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let input = dir.join("inputs.jsonl");
+    let default = predict(&dir, &input, &[]);
+    assert_eq!(default, predict(&dir, &input, &["--max-seq-length", "256"]));
+    let cut = predict(&dir, &input, &["--max-seq-length", "128"]);
+    // The long text (over 256 tokens) reads further at 256 than at 128.
+    assert_ne!(default.last(), cut.last());
+    assert_eq!(default[..default.len() - 1], cut[..cut.len() - 1]);
+}

@@ -455,7 +455,7 @@ fn predict_options_reject_a_zero_batch() {
         input: input.clone(),
         output: None,
         batch_size: 0,
-        max_seq_length: 16,
+        max_seq_length: Some(16),
         doc_stride: 4,
     };
     let p = Predictor::load(&ck, &Device::Cpu).unwrap();

@@ -57,6 +57,9 @@ use crate::metrics::{argmax, entities, postprocess_qa, QaPostprocess};
 use crate::model::hf::CONFIG_FILE;
 use crate::model::{BertConfig, TaskHead, TaskModel};
 
+/// Sequence length when neither `--max-seq-length` nor the tokenizer's config gives one.
+pub const DEFAULT_MAX_SEQ_LENGTH: usize = 128;
+
 /// What `tandem predict` does.
 #[derive(Clone, Debug)]
 pub struct PredictOptions {
@@ -66,8 +69,9 @@ pub struct PredictOptions {
     pub output: Option<PathBuf>,
     /// Sequences (QA: windows) per forward pass.
     pub batch_size: usize,
-    /// Longest sequence in tokens (at most the model's `max_position_embeddings`).
-    pub max_seq_length: usize,
+    /// Longest sequence in tokens (at most the model's `max_position_embeddings`); `None`:
+    /// the tokenizer's `model_max_length`, else [`DEFAULT_MAX_SEQ_LENGTH`].
+    pub max_seq_length: Option<usize>,
     /// QA: tokens shared by consecutive windows of a long context.
     pub doc_stride: usize,
 }

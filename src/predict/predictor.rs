@@ -175,10 +175,16 @@ impl Predictor {
         Ok(())
     }
 
-    /// `max_seq_length`, at most the model's positions.
-    fn max_seq_length(&self, want: usize) -> usize {
-        self.tokenizer
-            .warn_beyond_max_length(want, "--max-seq-length");
+    /// `max_seq_length` (given, or the tokenizer's model_max_length as transformers would
+    /// truncate), at most the model's positions.
+    fn max_seq_length(&self, want: Option<usize>) -> usize {
+        let want = match want {
+            Some(n) => {
+                self.tokenizer.warn_beyond_max_length(n, "--max-seq-length");
+                n
+            }
+            None => (self.tokenizer.model_max_length()).unwrap_or(super::DEFAULT_MAX_SEQ_LENGTH),
+        };
         let limit = self.model.cfg.max_position_embeddings;
         if want > limit {
             tracing::info!(
