@@ -46,6 +46,71 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Ends the process with a job's exit code when it is not 0.
+fn exit_with(code: i32) {
+    if code != 0 {
+        std::process::exit(code);
+    }
+}
+
+/// `tandem launch`: the job's exit code.
+fn launch(
+    config: std::path::PathBuf,
+    corpus: Vec<String>,
+    resume: Option<std::path::PathBuf>,
+    run: tandem::cli::RunArgs,
+) -> anyhow::Result<i32> {
+    let config = match &resume {
+        Some(dir) => dir.join("job.toml"),
+        None => config,
+    };
+    if !config.exists() {
+        anyhow::bail!(
+            "{}: no such config file (run from the repository root for the bundled job, or pass a config)",
+            config.display()
+        );
+    }
+    let mut opts = tandem::launch::LaunchOptions::new(config, run);
+    opts.corpus = corpus;
+    opts.resume = resume.is_some();
+    runtime()?.block_on(tandem::launch::run(opts, shutdown_signal()))
+}
+
+/// `tandem coordinator`: runs the job; an error unless it completed.
+fn coordinator(
+    config: &std::path::Path,
+    sets: &[String],
+    listen: std::net::SocketAddr,
+    addr_file: Option<std::path::PathBuf>,
+    resume: tandem::coordinator::Resume,
+    print_summary: bool,
+) -> anyhow::Result<()> {
+    let cfg = tandem::config::JobConfig::load(config, sets)?;
+    cfg.check_paths()?;
+    let token = tandem::coordinator::resolve_token(&cfg)?;
+    let opts = tandem::coordinator::CoordinatorOptions {
+        listen,
+        addr_file,
+        token,
+        resume,
+    };
+    let state_dir = cfg.job.state_dir.clone();
+    let summary = runtime()?.block_on(tandem::coordinator::run(cfg, opts, shutdown_signal()))?;
+    if print_summary {
+        eprintln!(
+            "{}",
+            tandem::coordinator::human_summary(&summary, &state_dir)
+        );
+    }
+    anyhow::ensure!(
+        summary.status == "completed",
+        "job {}: {}",
+        summary.status,
+        summary.reason
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Launch {
@@ -53,32 +118,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             corpus,
             resume,
             run,
-        } => {
-            let config = match &resume {
-                Some(dir) => dir.join("job.toml"),
-                None => config,
-            };
-            if !config.exists() {
-                anyhow::bail!(
-                    "{}: no such config file (run from the repository root for the bundled job, or pass a config)",
-                    config.display()
-                );
-            }
-            let mut opts = tandem::launch::LaunchOptions::new(config, run);
-            opts.corpus = corpus;
-            opts.resume = resume.is_some();
-            let code = runtime()?.block_on(tandem::launch::run(opts, shutdown_signal()))?;
-            if code != 0 {
-                std::process::exit(code);
-            }
-        }
-        Command::Finetune { job, run } => {
-            let code =
-                runtime()?.block_on(tandem::finetune_job::run(job, run, shutdown_signal()))?;
-            if code != 0 {
-                std::process::exit(code);
-            }
-        }
+        } => exit_with(launch(config, corpus, resume, run)?),
+        Command::Finetune { job, run } => exit_with(
+            runtime()?.block_on(tandem::finetune_job::run(job, run, shutdown_signal()))?,
+        ),
         Command::Coordinator {
             config,
             listen,
@@ -88,8 +131,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resume_if_present,
             no_summary,
         } => {
-            let cfg = tandem::config::JobConfig::load(&config, &sets)?;
-            cfg.check_paths()?;
             let resume = if resume_if_present {
                 tandem::coordinator::Resume::IfPresent
             } else if resume {
@@ -97,25 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 tandem::coordinator::Resume::Never
             };
-            let token = tandem::coordinator::resolve_token(&cfg)?;
-            let opts = tandem::coordinator::CoordinatorOptions {
-                listen,
-                addr_file,
-                token,
-                resume,
-            };
-            let state_dir = cfg.job.state_dir.clone();
-            let summary =
-                runtime()?.block_on(tandem::coordinator::run(cfg, opts, shutdown_signal()))?;
-            if !no_summary {
-                eprintln!(
-                    "{}",
-                    tandem::coordinator::human_summary(&summary, &state_dir)
-                );
-            }
-            if summary.status != "completed" {
-                anyhow::bail!("job {}: {}", summary.status, summary.reason);
-            }
+            coordinator(&config, &sets, listen, addr_file, resume, !no_summary)?;
         }
         Command::Summary { state_dir } => {
             println!("{}", tandem::coordinator::summary_of(&state_dir)?);

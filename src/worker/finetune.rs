@@ -12,6 +12,7 @@ use anyhow::Context;
 use candle_core::Tensor;
 
 use super::client;
+use super::recent::Recent;
 use super::train::{connect_collective, report_done, set_phase, Ctx};
 
 use crate::comm::Collective;
@@ -378,8 +379,8 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
     let metric = stage.best_metric().to_string();
     let mut best: Option<(f64, u32)> = None;
     let mut last_metrics = BTreeMap::new();
-    let (mut loss_window, mut examples) = (Vec::<f32>::new(), 0u64);
-    let mut acc_window = Vec::<(f32, f32)>::new();
+    // Per recent step: loss, examples right and examples labelled (all ranks).
+    let (mut recent, mut examples) = (Recent::<(f32, f32, f32)>::new(), 0u64);
     let started = Instant::now();
     let bucket = ((cfg.cluster.bucket_mib * (1 << 20) as f64) / 4.0) as usize;
     let mut epoch = state.cursor.epoch;
@@ -440,21 +441,15 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
             update.apply(&model.store, &mut ring, stage.max_grad_norm, lr, state.step)?;
             state.step += 1;
             examples += sums[2] as u64;
-            loss_window.push(sums[0] * w);
-            acc_window.push((sums[1], count[0]));
-            if loss_window.len() > 20 {
-                loss_window.remove(0);
-                acc_window.remove(0);
-            }
+            recent.push((sums[0] * w, sums[1], count[0]));
             let mut p = ctx.progress.lock().unwrap();
             p.epoch = epoch;
             p.step = state.step;
             p.total_steps = state.total_steps;
-            p.loss = loss_window.iter().sum::<f32>() / loss_window.len() as f32;
-            // Training accuracy over the last 20 steps (one step's is too noisy to report).
-            let (right, seen) = acc_window
-                .iter()
-                .fold((0f32, 0f32), |(a, b), (r, c)| (a + r, b + c));
+            // Loss and training accuracy over the recent steps (one step's is too noisy).
+            let (loss, right, seen) =
+                (recent.iter()).fold((0f32, 0f32, 0f32), |t, s| (t.0 + s.0, t.1 + s.1, t.2 + s.2));
+            p.loss = loss / recent.len() as f32;
             p.mlm_accuracy = if seen > 0.0 { right / seen } else { 0.0 };
             p.examples = examples;
             p.samples_per_s = (examples as f64 / started.elapsed().as_secs_f64().max(1e-9)) as f32;

@@ -4,6 +4,7 @@
 mod client;
 mod feed;
 mod finetune;
+mod recent;
 mod train;
 
 use std::future::Future;
@@ -171,22 +172,9 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
                     }
                     Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) => {
                         stop_training(&abort, &ring_abort);
-                        match s.kind() {
-                            proto::StopKind::Paused => {
-                                tracing::info!(
-                                    "the coordinator paused the job ({}); rejoining when it resumes (within --connect-timeout-s {} s)",
-                                    s.reason,
-                                    opts.connect_timeout.as_secs()
-                                );
-                                continue 'session;
-                            }
-                            proto::StopKind::Finished => {
-                                tracing::info!("stop: {} (job finished)", s.reason);
-                                break 'session Ok(());
-                            }
-                            proto::StopKind::Failed => {
-                                break 'session Err(anyhow::anyhow!("the job failed: {}", s.reason));
-                            }
+                        match after_stop(&s, opts.connect_timeout) {
+                            Some(end) => break 'session end,
+                            None => continue 'session,
                         }
                     }
                     Ok(Some(_)) => {}
@@ -211,6 +199,26 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     result
+}
+
+/// What a Stop means for this worker: the end of its run (Ok for a finished job, the reason
+/// for a failed one), or None for a paused job, which it rejoins when the coordinator resumes.
+fn after_stop(s: &proto::Stop, connect_timeout: Duration) -> Option<anyhow::Result<()>> {
+    match s.kind() {
+        proto::StopKind::Paused => {
+            tracing::info!(
+                "the coordinator paused the job ({}); rejoining when it resumes (within --connect-timeout-s {} s)",
+                s.reason,
+                connect_timeout.as_secs()
+            );
+            None
+        }
+        proto::StopKind::Finished => {
+            tracing::info!("stop: {} (job finished)", s.reason);
+            Some(Ok(()))
+        }
+        proto::StopKind::Failed => Some(Err(anyhow::anyhow!("the job failed: {}", s.reason))),
+    }
 }
 
 /// Sends the current progress report (nothing before the first assignment or after the

@@ -3,6 +3,8 @@
 //! progress; rank 0 uploads checkpoints with the data cursor and the consumption ledger.
 
 use std::collections::VecDeque;
+
+use super::recent::Recent;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -275,7 +277,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         "global batch {global} is smaller than the world size {world}"
     );
 
-    let mut window: VecDeque<StepStats> = VecDeque::new();
+    let mut window: Recent<StepStats> = Recent::new();
     let mut examples = 0u64;
     // Throughput is measured from the end of the second step on (start-up excluded).
     let mut since = (Instant::now(), 0u64);
@@ -514,10 +516,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
             if trainer.step == 2 {
                 since = (Instant::now(), examples);
             }
-            window.push_back(stats);
-            if window.len() > 20 {
-                window.pop_front();
-            }
+            window.push(stats);
             if trainer.step % cfg.cluster.progress_every == 0 {
                 let mut p = ctx.progress.lock().unwrap();
                 let samples_per_s = rate_or_whole(examples, since, stage_start, last_step_end);
