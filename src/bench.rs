@@ -145,6 +145,7 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
         bucket_elems: crate::train::step::DEFAULT_BUCKET_ELEMS,
         seed: 0,
         dropout: true,
+        dropout_stream: None,
     };
     let mut trainer = Trainer::new(model, options)?;
     let mut comm = Local;

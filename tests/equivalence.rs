@@ -1,22 +1,32 @@
-//! Exact data-parallel semantics: 2 ranks × batch b over the real TCP ring follow the same
-//! trajectory as 1 rank × batch 2b (dropout off, same seed, same examples per step); and the
-//! GPU's update path (flat device tensors, tensor-op AdamW, tensor all-reduce) does exactly
-//! what the CPU's host path does.
+//! Exact data-parallel semantics for every stage kind: 2 ranks × batch b over the real TCP ring
+//! follow the same trajectory as 1 rank × batch 2b (dropout off, same seed, same examples per
+//! step), sharded and unsharded; on a device update path every gradient bucket goes through
+//! the collective's tensor all-reduce (NCCL's path on a GPU); and the GPU's update path (flat
+//! device tensors, tensor-op AdamW, tensor all-reduce) does exactly what the CPU's host path
+//! does.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use rand::Rng;
 use tandem::bench::synthetic_batch;
 use tandem::comm::ring::{Ring, RingConfig};
-use tandem::comm::Local;
-use tandem::data::batch::PretrainBatch;
-use tandem::model::{BertConfig, PretrainModel};
+use tandem::comm::{Collective, Local};
+use tandem::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
+use tandem::model::{BertConfig, PretrainModel, TaskHead, TaskModel};
 use tandem::train::checkpoint::{checkpoint_files, restore, TrainerState};
 use tandem::train::step::DEFAULT_BUCKET_ELEMS;
-use tandem::train::{AdamWConfig, Decay, Schedule, StepOptions, Trainer, UpdatePlace};
+use tandem::train::{
+    AdamWConfig, Decay, Schedule, StageModel, StepOptions, StepStats, TaskStats, Trainer,
+    UpdatePlace,
+};
 
 const STEPS: usize = 5;
+/// Rows of each step's global batch (b = 3 per rank on two ranks).
+const ROWS: usize = 6;
+const SEQ: usize = 16;
 
 fn cfg() -> BertConfig {
     let mut c = BertConfig::new(60, 32, 2, 2, 64);
@@ -37,27 +47,203 @@ fn options(bucket_elems: usize) -> StepOptions {
         bucket_elems,
         seed: 9,
         dropout: false,
+        dropout_stream: None,
     }
 }
 
-fn global_batches() -> Vec<PretrainBatch> {
+/// A stage kind's batch, cut into the rows each rank takes.
+trait Rows: Clone + Send + 'static {
+    fn rows(&self, r: std::ops::Range<usize>) -> Self;
+}
+impl Rows for PretrainBatch {
+    fn rows(&self, r: std::ops::Range<usize>) -> Self {
+        PretrainBatch::rows(self, r)
+    }
+}
+impl Rows for FinetuneBatch {
+    fn rows(&self, r: std::ops::Range<usize>) -> Self {
+        FinetuneBatch::rows(self, r)
+    }
+}
+
+/// A stage kind's step statistics: its loss.
+trait Loss {
+    fn loss(&self) -> f32;
+}
+impl Loss for StepStats {
+    fn loss(&self) -> f32 {
+        self.loss
+    }
+}
+impl Loss for TaskStats {
+    fn loss(&self) -> f32 {
+        self.loss
+    }
+}
+
+/// Makes the same freshly initialised model on every call.
+type Make<M> = Arc<dyn Fn() -> M + Send + Sync>;
+
+fn pretrain_model() -> Make<PretrainModel> {
+    Arc::new(|| PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap())
+}
+
+fn task_model(head: TaskHead) -> Make<TaskModel> {
+    Arc::new(move || TaskModel::new(&cfg(), head, 3, &Device::Cpu).unwrap())
+}
+
+fn pretrain_batches() -> Vec<PretrainBatch> {
     // Uneven MLM counts between the halves, so normalising per rank would give a different
     // answer than normalising by the global count.
     (0..STEPS)
-        .map(|s| synthetic_batch(&cfg(), 6, 16, 50 + s as u64))
+        .map(|s| synthetic_batch(&cfg(), ROWS, SEQ, 50 + s as u64))
         .collect()
 }
 
-/// `batches` split in halves over two ranks joined by a real ring, each updating at
-/// `place`: every rank's losses and final parameters.
-fn two_ranks(batches: &[PretrainBatch], place: UpdatePlace) -> Vec<(Vec<f32>, Vec<f32>)> {
-    two_ranks_run(batches, place, false, 1.0)
+/// The fine-tuning kinds: name, head and each step's global batch. Rows are padded to
+/// different lengths, and token classification labels a different number of positions in
+/// each half, so a per-rank mean would differ from the global one.
+fn task_cases() -> Vec<(&'static str, TaskHead, Vec<FinetuneBatch>)> {
+    let kinds: [(&str, TaskHead); 4] = [
+        (
+            "sequence_classification",
+            TaskHead::SequenceClassification { num_labels: 3 },
+        ),
+        (
+            "sentence_pairs",
+            TaskHead::SequenceClassification { num_labels: 2 },
+        ),
+        (
+            "token_classification",
+            TaskHead::TokenClassification { num_labels: 5 },
+        ),
+        ("question_answering", TaskHead::QuestionAnswering),
+    ];
+    kinds
         .into_iter()
-        .map(|r| (r.losses, r.params))
+        .enumerate()
+        .map(|(k, (name, head))| {
+            let batches = (0..STEPS)
+                .map(|s| task_batch(name, head, 100 * k as u64 + s as u64))
+                .collect();
+            (name, head, batches)
+        })
         .collect()
 }
 
-/// How one rank of [`two_ranks_run`] ended.
+/// A synthetic batch of `name`'s kind: `[CLS]` … `[SEP]` (two segments for pairs and QA),
+/// padded at a random length per row.
+fn task_batch(name: &str, head: TaskHead, seed: u64) -> FinetuneBatch {
+    let mut rng = tandem::util::rng(&[seed]);
+    let n = ROWS * SEQ;
+    let (mut ids, mut types, mut mask) = (vec![0u32; n], vec![0u32; n], vec![0u32; n]);
+    let mut lens = vec![];
+    for r in 0..ROWS {
+        let len = rng.random_range(6..=SEQ);
+        lens.push(len);
+        for j in 0..len {
+            let i = r * SEQ + j;
+            mask[i] = 1;
+            ids[i] = match j {
+                0 => 2,
+                _ if j == len - 1 => 3,
+                _ => rng.random_range(5..60),
+            };
+            let pair = name == "sentence_pairs" || name == "question_answering";
+            types[i] = u32::from(pair && j > len / 2);
+        }
+    }
+    let labels = match head {
+        TaskHead::SequenceClassification { num_labels } => TaskLabels::Classes(
+            (0..ROWS)
+                .map(|_| rng.random_range(0..num_labels as u32))
+                .collect(),
+        ),
+        TaskHead::TokenClassification { num_labels } => {
+            let mut l = vec![IGNORE; n];
+            for (r, &len) in lens.iter().enumerate() {
+                for j in 1..len - 1 {
+                    // Some positions are later sub-tokens of a word: no loss there.
+                    if rng.random_bool(0.7) {
+                        l[r * SEQ + j] = rng.random_range(0..num_labels as i64);
+                    }
+                }
+            }
+            TaskLabels::Tokens(l)
+        }
+        TaskHead::QuestionAnswering => {
+            let (mut start, mut end) = (vec![], vec![]);
+            for &len in &lens {
+                // Some questions have no answer: the span is [CLS].
+                let s = if rng.random_bool(0.2) {
+                    0
+                } else {
+                    rng.random_range(len / 2 + 1..len - 1)
+                };
+                let e = if s == 0 {
+                    0
+                } else {
+                    rng.random_range(s..len - 1)
+                };
+                start.push(s as u32);
+                end.push(e as u32);
+            }
+            TaskLabels::Spans { start, end }
+        }
+    };
+    FinetuneBatch {
+        batch: ROWS,
+        seq: SEQ,
+        input_ids: ids,
+        token_type_ids: types,
+        attention_mask: mask,
+        labels,
+    }
+}
+
+/// The ring wrapped so that each kind of call is counted: what a step sends through the
+/// tensor all-reduce (NCCL's path on a GPU) and through the host all-reduce.
+struct Recording {
+    inner: Ring,
+    /// Floats and calls of the tensor all-reduce.
+    tensor_floats: usize,
+    tensor_buckets: usize,
+    /// The largest host all-reduce.
+    largest_host: usize,
+}
+
+impl Collective for Recording {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> tandem::Result<()> {
+        self.largest_host = self.largest_host.max(buf.len());
+        self.inner.all_reduce_sum(buf)
+    }
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> tandem::Result<Vec<Tensor>> {
+        self.tensor_buckets += ts.len();
+        self.tensor_floats += ts.iter().map(|t| t.elem_count()).sum::<usize>();
+        tandem::comm::tensors_through_host(&mut self.inner, ts)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> tandem::Result<()> {
+        self.largest_host = self.largest_host.max(buf.len());
+        self.inner.reduce_scatter_sum(buf)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> tandem::Result<()> {
+        self.inner.all_gather(buf)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> tandem::Result<()> {
+        self.inner.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> tandem::Result<()> {
+        self.inner.barrier()
+    }
+}
+
+/// How one rank of [`two_ranks`] ended.
 struct RankEnd {
     losses: Vec<f32>,
     params: Vec<f32>,
@@ -65,15 +251,35 @@ struct RankEnd {
     m_before: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// What went through the collective (see [`Recording`]).
+    tensor_floats: usize,
+    tensor_buckets: usize,
+    largest_host: usize,
 }
 
-/// [`two_ranks`], with the optimiser step `sharded` or not and clipping at `max_grad_norm`.
-fn two_ranks_run(
-    batches: &[PretrainBatch],
+/// How a run of [`two_ranks`] updates.
+#[derive(Clone, Copy)]
+struct Run {
     place: UpdatePlace,
     sharded: bool,
     max_grad_norm: f32,
-) -> Vec<RankEnd> {
+}
+
+const PLAIN: Run = Run {
+    place: UpdatePlace::Host,
+    sharded: false,
+    max_grad_norm: 1.0,
+};
+
+/// Each of `batches` split in halves over two ranks joined by a real ring (buckets of 1000
+/// floats, so the gradient crosses it in many pieces): every rank's losses, final state and
+/// what it sent through the collective.
+fn two_ranks<M>(make: &Make<M>, batches: &[M::Batch], run: Run) -> Vec<RankEnd>
+where
+    M: StageModel + 'static,
+    M::Batch: Rows,
+    M::Stats: Loss,
+{
     let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -82,49 +288,172 @@ fn two_ranks_run(
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let peers = peers.clone();
-            let batches = batches.to_vec();
+            let (peers, batches, make) = (peers.clone(), batches.to_vec(), make.clone());
             std::thread::spawn(move || {
                 let mut rc = RingConfig::new(rank, 2, peers, "equivalence", 1);
                 rc.timeout = Duration::from_secs(20);
-                let mut ring = Ring::connect(rc, l).unwrap();
-                // Small buckets: the gradient crosses the ring in many pieces.
+                let mut comm = Recording {
+                    inner: Ring::connect(rc, l).unwrap(),
+                    tensor_floats: 0,
+                    tensor_buckets: 0,
+                    largest_host: 0,
+                };
                 let mut o = options(1000);
-                o.max_grad_norm = max_grad_norm;
-                let mut t = Trainer::with_update_place(
-                    PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
-                    o,
-                    place,
-                )
-                .unwrap();
-                t.set_sharded(sharded);
-                t.broadcast_params(&mut ring, 0).unwrap();
+                o.max_grad_norm = run.max_grad_norm;
+                let mut t = Trainer::with_update_place(make(), o, run.place).unwrap();
+                t.set_sharded(run.sharded);
+                t.broadcast_params(&mut comm, 0).unwrap();
                 let losses: Vec<f32> = batches
                     .iter()
                     .map(|b| {
-                        let half = b.batch / 2;
+                        let half = ROWS / 2;
                         let mine = if rank == 0 {
                             b.rows(0..half)
                         } else {
-                            b.rows(half..b.batch)
+                            b.rows(half..ROWS)
                         };
-                        t.train_step(&[mine], &mut ring).unwrap().loss
+                        t.train_step(&[mine], &mut comm).unwrap().loss()
                     })
                     .collect();
                 let m_before = t.adamw().unwrap().m.clone();
-                t.gather_state(&mut ring).unwrap();
+                t.gather_state(&mut comm).unwrap();
                 let opt = t.adamw().unwrap();
                 RankEnd {
                     m_before,
                     losses,
-                    params: t.model.store.to_flat().unwrap(),
+                    params: t.model.store().to_flat().unwrap(),
                     m: opt.m.clone(),
                     v: opt.v.clone(),
+                    tensor_floats: comm.tensor_floats,
+                    tensor_buckets: comm.tensor_buckets,
+                    largest_host: comm.largest_host,
                 }
             })
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// One rank updating at `place` over `batches` whole, clipping at `max_grad_norm`.
+fn one_rank<M: StageModel>(
+    make: &Make<M>,
+    batches: &[M::Batch],
+    place: UpdatePlace,
+    max_grad_norm: f32,
+) -> (Trainer<M>, Vec<f32>)
+where
+    M::Stats: Loss,
+{
+    let mut o = options(DEFAULT_BUCKET_ELEMS);
+    o.max_grad_norm = max_grad_norm;
+    let mut t = Trainer::with_update_place(make(), o, place).unwrap();
+    let losses = batches
+        .iter()
+        .map(|b| {
+            t.train_step(std::slice::from_ref(b), &mut Local)
+                .unwrap()
+                .loss()
+        })
+        .collect();
+    (t, losses)
+}
+
+/// 2 ranks × b against 1 rank × 2b for one stage kind, sharded and unsharded: the same loss
+/// at every step (relative 1e-5), the same final weights (1e-5), replicas bit-identical.
+fn check_equivalence<M>(kind: &str, make: &Make<M>, batches: &[M::Batch])
+where
+    M: StageModel + 'static,
+    M::Batch: Rows,
+    M::Stats: Loss,
+{
+    let (single, single_losses) = one_rank(make, batches, UpdatePlace::Host, 1.0);
+    let single_params = single.model.store().to_flat().unwrap();
+    assert!(
+        single_params != make().store().to_flat().unwrap(),
+        "{kind}: the run trained"
+    );
+    for sharded in [false, true] {
+        let what = format!("{kind}, sharded {sharded}");
+        let ranks = two_ranks(make, batches, Run { sharded, ..PLAIN });
+        for (rank, r) in ranks.iter().enumerate() {
+            for (s, (a, b)) in r.losses.iter().zip(&single_losses).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "{what}: rank {rank} step {s}: loss {a} vs single {b}"
+                );
+            }
+        }
+        assert_same(
+            &ranks[0].params,
+            &ranks[1].params,
+            &format!("{what}: replicas"),
+        );
+        let worst = max_diff(&ranks[0].params, &single_params);
+        assert!(
+            worst < 1e-5,
+            "{what}: 2 ranks vs 1 rank: weights differ by {worst}"
+        );
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn pretraining_two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
+    check_equivalence("pretrain", &pretrain_model(), &pretrain_batches());
+}
+
+#[test]
+fn every_fine_tuning_kind_two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
+    for (kind, head, batches) in task_cases() {
+        check_equivalence(kind, &task_model(head), &batches);
+    }
+}
+
+/// On the device update path (a model on a GPU), every gradient bucket of every step goes
+/// through the collective's tensor all-reduce, which NCCL overrides; the host all-reduce only
+/// carries the few floats of the label counts and the step's sums.
+fn check_buckets_take_the_tensor_path<M>(kind: &str, make: &Make<M>, batches: &[M::Batch])
+where
+    M: StageModel + 'static,
+    M::Batch: Rows,
+    M::Stats: Loss,
+{
+    let params = make().store().to_flat().unwrap().len();
+    let run = Run {
+        place: UpdatePlace::Device,
+        ..PLAIN
+    };
+    for (rank, r) in two_ranks(make, batches, run).iter().enumerate() {
+        assert_eq!(
+            r.tensor_floats,
+            STEPS * params,
+            "{kind}: rank {rank}: floats through the tensor all-reduce"
+        );
+        assert_eq!(
+            r.tensor_buckets,
+            STEPS * params.div_ceil(1000),
+            "{kind}: rank {rank}: buckets through the tensor all-reduce"
+        );
+        assert!(
+            r.largest_host < 16,
+            "{kind}: rank {rank}: a host all-reduce of {} floats",
+            r.largest_host
+        );
+    }
+}
+
+#[test]
+fn every_stage_kind_sends_every_gradient_bucket_through_the_tensor_all_reduce() {
+    check_buckets_take_the_tensor_path("pretrain", &pretrain_model(), &pretrain_batches());
+    for (kind, head, batches) in task_cases() {
+        check_buckets_take_the_tensor_path(kind, &task_model(head), &batches);
+    }
 }
 
 /// The sharded optimiser step (ZeRO stage 1: reduce-scatter, each rank's own part clipped
@@ -134,10 +463,25 @@ fn two_ranks_run(
 /// still bit-identical between the ranks.
 #[test]
 fn a_sharded_optimiser_step_matches_the_unsharded_one() {
-    let batches = global_batches();
-    for max_norm in [0.0, 0.05] {
-        let plain = two_ranks_run(&batches, UpdatePlace::Host, false, max_norm);
-        let sharded = two_ranks_run(&batches, UpdatePlace::Host, true, max_norm);
+    let (make, batches) = (pretrain_model(), pretrain_batches());
+    for max_grad_norm in [0.0, 0.05] {
+        let plain = two_ranks(
+            &make,
+            &batches,
+            Run {
+                max_grad_norm,
+                ..PLAIN
+            },
+        );
+        let sharded = two_ranks(
+            &make,
+            &batches,
+            Run {
+                sharded: true,
+                max_grad_norm,
+                ..PLAIN
+            },
+        );
         // Each sharded rank updated its own half of the state only (the other half is still
         // zero until gathered); the unsharded ranks updated all of it.
         for r in 0..2 {
@@ -155,106 +499,39 @@ fn a_sharded_optimiser_step_matches_the_unsharded_one() {
             assert_same(&sharded[r].v, &sharded[0].v, "ranks' second moments");
         }
         let (a, b) = (&sharded[0], &plain[0]);
-        if max_norm == 0.0 {
+        if max_grad_norm == 0.0 {
             assert_same(&a.params, &b.params, "sharded vs unsharded weights");
             assert_same(&a.m, &b.m, "sharded vs unsharded first moments");
             assert_same(&a.v, &b.v, "sharded vs unsharded second moments");
             assert_eq!(a.losses, b.losses);
         } else {
-            let worst = a
-                .params
-                .iter()
-                .zip(&b.params)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let worst = max_diff(&a.params, &b.params);
             assert!(worst < 1e-6, "clipped: weights differ by {worst}");
-            assert!(a.params != plain_start(), "the run trained");
-        }
-    }
-}
-
-/// The weights every run starts from.
-fn plain_start() -> Vec<f32> {
-    PretrainModel::new(&cfg(), 3, &Device::Cpu)
-        .unwrap()
-        .store
-        .to_flat()
-        .unwrap()
-}
-
-#[test]
-fn two_ranks_with_batch_b_equal_one_rank_with_batch_2b() {
-    let batches = global_batches();
-    let mut single = Trainer::new(
-        PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
-        options(DEFAULT_BUCKET_ELEMS),
-    )
-    .unwrap();
-    let single_losses: Vec<f32> = batches
-        .iter()
-        .map(|b| {
-            single
-                .train_step(std::slice::from_ref(b), &mut Local)
-                .unwrap()
-                .loss
-        })
-        .collect();
-    let single_params = single.model.store.to_flat().unwrap();
-
-    let results = two_ranks(&batches, UpdatePlace::Host);
-    for (rank, (losses, _)) in results.iter().enumerate() {
-        for (s, (a, b)) in losses.iter().zip(&single_losses).enumerate() {
             assert!(
-                (a - b).abs() <= 1e-5 * b.abs(),
-                "rank {rank} step {s}: loss {a} vs single {b}"
+                a.params != make().store.to_flat().unwrap(),
+                "the run trained"
             );
         }
     }
-    assert_eq!(
-        results[0].1, results[1].1,
-        "replicas must stay bit-identical"
-    );
-    let worst = results[0]
-        .1
-        .iter()
-        .zip(&single_params)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst < 1e-5,
-        "2 ranks vs 1 rank: parameters differ by {worst}"
-    );
 }
 
-/// One rank updating at `place` for `steps` of `batches`, clipping at `max_grad_norm`.
-fn one_rank(batches: &[PretrainBatch], place: UpdatePlace, max_grad_norm: f32) -> Trainer {
-    let mut o = options(1000);
-    o.max_grad_norm = max_grad_norm;
-    let mut t = Trainer::with_update_place(
-        PretrainModel::new(&cfg(), 3, &Device::Cpu).unwrap(),
-        o,
-        place,
-    )
-    .unwrap();
-    for b in batches {
-        t.train_step(std::slice::from_ref(b), &mut Local).unwrap();
-    }
-    t
-}
-
-#[test]
-fn the_device_update_path_matches_the_host_path_bit_for_bit() {
-    let batches = global_batches();
+/// The device update path against the host path, bit for bit, for one stage kind.
+fn check_device_matches_host<M>(kind: &str, make: &Make<M>, batches: &[M::Batch])
+where
+    M: StageModel + 'static,
+    M::Batch: Rows,
+    M::Stats: Loss,
+{
     // Clipping off, and clipping on every step (the gradient norm is well above 0.05).
     for max_norm in [0.0, 0.05] {
-        let host = one_rank(&batches, UpdatePlace::Host, max_norm);
-        let dev = one_rank(&batches, UpdatePlace::Device, max_norm);
+        let (host, _) = one_rank(make, batches, UpdatePlace::Host, max_norm);
+        let (dev, _) = one_rank(make, batches, UpdatePlace::Device, max_norm);
         assert_eq!(host.update_place(), UpdatePlace::Host);
         assert_eq!(dev.update_place(), UpdatePlace::Device);
-        let what = format!("after {STEPS} steps, max_grad_norm {max_norm}");
+        let what = format!("{kind}: after {STEPS} steps, max_grad_norm {max_norm}");
         assert_same(
-            &host.model.store.to_flat().unwrap(),
-            &dev.model.store.to_flat().unwrap(),
+            &host.model.store().to_flat().unwrap(),
+            &dev.model.store().to_flat().unwrap(),
             &format!("weights {what}"),
         );
         assert_same(
@@ -268,19 +545,35 @@ fn the_device_update_path_matches_the_host_path_bit_for_bit() {
         assert_eq!(a.t, b.t);
         assert!(a.t == STEPS as u64 && a.v.iter().any(|v| *v > 0.0));
     }
-    // The clipped run really clipped (so the comparison above covered clipping).
-    let mut t = one_rank(&batches[..1], UpdatePlace::Device, 0.05);
+    // Two ranks over the ring, gradients all-reduced as tensors: the same as the host path.
+    let host = two_ranks(make, batches, PLAIN);
+    let run = Run {
+        place: UpdatePlace::Device,
+        ..PLAIN
+    };
+    let dev = two_ranks(make, batches, run);
+    for (rank, (h, d)) in host.iter().zip(&dev).enumerate() {
+        assert_eq!(h.losses, d.losses, "{kind}: rank {rank}: losses");
+        assert_same(
+            &h.params,
+            &d.params,
+            &format!("{kind}: rank {rank}: weights over the ring"),
+        );
+    }
+}
+
+#[test]
+fn the_device_update_path_matches_the_host_path_bit_for_bit() {
+    let (make, batches) = (pretrain_model(), pretrain_batches());
+    check_device_matches_host("pretrain", &make, &batches);
+    // The clipped run really clipped (so the comparison covered clipping).
+    let (mut t, _) = one_rank(&make, &batches[..1], UpdatePlace::Device, 0.05);
     let s = t
         .train_step(std::slice::from_ref(&batches[1]), &mut Local)
         .unwrap();
     assert!(s.grad_norm > 0.05, "norm {}", s.grad_norm);
-
-    // Two ranks over the ring, gradients all-reduced as tensors: the same as the host path.
-    let host = two_ranks(&batches, UpdatePlace::Host);
-    let dev = two_ranks(&batches, UpdatePlace::Device);
-    for (rank, (h, d)) in host.iter().zip(&dev).enumerate() {
-        assert_eq!(h.0, d.0, "rank {rank}: losses");
-        assert_same(&h.1, &d.1, &format!("rank {rank}: weights over the ring"));
+    for (kind, head, batches) in task_cases() {
+        check_device_matches_host(kind, &task_model(head), &batches);
     }
 }
 
@@ -294,25 +587,23 @@ fn assert_same(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn a_device_path_checkpoint_resumes_on_the_host_path_and_back() {
-    let batches = global_batches();
+    let (make, batches) = (pretrain_model(), pretrain_batches());
     let (head, rest) = batches.split_at(3);
-    let reference = one_rank(&batches, UpdatePlace::Host, 1.0);
+    let (reference, _) = one_rank(&make, &batches, UpdatePlace::Host, 1.0);
     for (from, to) in [
         (UpdatePlace::Device, UpdatePlace::Host),
         (UpdatePlace::Host, UpdatePlace::Device),
     ] {
-        let first = one_rank(head, from, 1.0);
+        let (first, _) = one_rank(&make, head, from, 1.0);
         let mut state = TrainerState::start(0, "pretrain", 1, 1);
         state.step = 3;
         state.total_steps = 10;
         let files = checkpoint_files(&first, &state).unwrap();
         let files = files.into_iter().collect();
-        let mut o = options(1000);
-        o.max_grad_norm = 1.0;
         // Different initial weights: everything must come from the checkpoint.
         let mut t = Trainer::with_update_place(
             PretrainModel::new(&cfg(), 77, &Device::Cpu).unwrap(),
-            o,
+            options(DEFAULT_BUCKET_ELEMS),
             to,
         )
         .unwrap();

@@ -416,3 +416,95 @@ fn a_lost_worker_shrinks_the_world_mid_epoch_and_no_instance_is_lost() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A short pre-training stage, then a sentiment-like classification stage of 1200 examples
+/// (global batch 12: 100 steps an epoch, 2 epochs) checkpointed every 5 steps, on 3 workers.
+fn finetune_job(name: &str) -> std::path::PathBuf {
+    let cluster = "max_restarts = 3\njoin_window_s = 3";
+    let dir = job_dir(name, 3, 3, cluster, "max_steps = 3\nepochs = 1", 32);
+    let words = ["food", "service", "room", "view", "staff", "price"];
+    let rows = |n: usize, off: usize| -> String {
+        (0..n)
+            .map(|i| {
+                let (w, l) = if (i + off) % 2 == 0 {
+                    ("good", "pos")
+                } else {
+                    ("bad", "neg")
+                };
+                let a = words[i % words.len()];
+                let b = words[(i / 6) % words.len()];
+                format!("{{\"text\": \"the {a} was {w} and the {b}\", \"label\": \"{l}\"}}\n")
+            })
+            .collect()
+    };
+    std::fs::write(dir.join("train.jsonl"), rows(1200, 0)).unwrap();
+    std::fs::write(dir.join("dev.jsonl"), rows(30, 1)).unwrap();
+    let toml = std::fs::read_to_string(dir.join("job.toml")).unwrap()
+        + &format!(
+            "\n[[stages]]\nname = \"sentiment\"\nkind = \"sequence_classification\"\n\
+             init_from = \"previous\"\ntrain = \"{}\"\ndev = \"{}\"\nmax_seq_length = 16\n\
+             epochs = 2\nbatch_size = 4\nlr = 1e-3\n",
+            dir.join("train.jsonl").display(),
+            dir.join("dev.jsonl").display()
+        );
+    std::fs::write(dir.join("job.toml"), toml).unwrap();
+    dir
+}
+
+/// Fine-tuning has pre-training's fault tolerance: a worker killed (-9) mid-epoch costs only
+/// the steps since the last step checkpoint; the stage resumes from it with every example of
+/// every epoch used exactly once, and ends bit-identical to an uninterrupted run.
+#[test]
+fn a_fine_tuning_stage_killed_mid_epoch_resumes_from_its_last_step_checkpoint() {
+    let every = ["--set", "checkpoint.every_steps=5"];
+    let base = finetune_job("ft-kill-base");
+    assert!(wait_with_timeout(&mut launch(&base, &every), LONG).success());
+    let uninterrupted = summary(&base);
+
+    let dir = finetune_job("ft-kill");
+    let mut child = launch(&dir, &every);
+    wait_for("a step checkpoint of the fine-tuning stage", LONG, || {
+        checkpoints(&dir)
+            .iter()
+            .any(|c| c.starts_with("stage1-step"))
+    });
+    let pid = worker_pid(&coordinator_url(&dir), 1).expect("worker local-1 is running");
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let status = wait_with_timeout(&mut child, LONG);
+    let log = std::fs::read_to_string(dir.join("launch.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed", "{s:#}");
+    assert_eq!(s["restarts"], 1, "{s:#}");
+    // The generation after the kill started from a step checkpoint of the fine-tuning stage
+    // (mid-epoch: the epoch has 100 steps), not from the stage's start.
+    let resumed: Vec<&str> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["start_checkpoint"].as_str())
+        .filter(|c| c.starts_with("stage1-step"))
+        .collect();
+    assert!(!resumed.is_empty(), "{s:#}");
+    let st = &s["stages"][1];
+    assert!(st["generations"].as_array().unwrap().len() >= 2, "{st:#}");
+    assert_eq!(st["replicas_identical"], true, "{st:#}");
+    let ledger = st["epochs_ledger"].as_array().unwrap();
+    assert_eq!(ledger.len(), 2, "{st:#}");
+    for e in ledger {
+        assert_eq!(e["instances_planned"], 1200, "{e}");
+        assert_eq!(e["instances_consumed"], 1200, "{e}");
+        assert_eq!(e["instances_repeated"], 0, "{e}");
+    }
+    let hash = |s: &serde_json::Value| s["stages"][1]["param_hashes"][0].clone();
+    assert_eq!(
+        hash(&s),
+        hash(&uninterrupted),
+        "resumed run vs uninterrupted run"
+    );
+    assert_eq!(st["steps"], uninterrupted["stages"][1]["steps"]);
+    std::fs::remove_dir_all(base).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -223,6 +223,12 @@ fn default_halves_of_a_collective_agree_with_the_ring() {
         fn all_reduce_sum(&mut self, buf: &mut [f32]) -> tandem::Result<()> {
             self.0.all_reduce_sum(buf)
         }
+        fn all_reduce_sum_tensors(
+            &mut self,
+            ts: &[candle_core::Tensor],
+        ) -> tandem::Result<Vec<candle_core::Tensor>> {
+            tandem::comm::tensors_through_host(self, ts)
+        }
         fn broadcast(&mut self, buf: &mut [f32], root: usize) -> tandem::Result<()> {
             self.0.broadcast(buf, root)
         }

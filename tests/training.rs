@@ -31,6 +31,7 @@ fn options(lr: f32, steps: u64, dropout: bool) -> StepOptions {
         bucket_elems: DEFAULT_BUCKET_ELEMS,
         seed: 3,
         dropout,
+        dropout_stream: None,
     }
 }
 

@@ -19,24 +19,12 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// Replaces `buf` on every rank by the element-wise sum of all ranks' `buf`.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
-    /// The element-wise sum over all ranks of the 1-D f32 tensor `t`, on `t`'s device. By
-    /// default through the host ([`Self::all_reduce_sum`]); a device collective (NCCL)
-    /// overrides it so that gradients stay on the GPU.
-    fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
-        if self.world_size() == 1 {
-            return Ok(t.clone()); // the sum over one rank: no trip through the host
-        }
-        // A bucket is a view of the whole gradient; candle would copy all of the storage down
-        // to read it, so copy the bucket out first.
-        let mut host = t.force_contiguous()?.to_vec1::<f32>()?;
-        self.all_reduce_sum(&mut host)?;
-        Ok(Tensor::from_vec(host, t.dims(), t.device())?)
-    }
-    /// [`Self::all_reduce_sum_tensor`] of several buckets; a device collective enqueues them
-    /// all and waits once.
-    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
-        ts.iter().map(|t| self.all_reduce_sum_tensor(t)).collect()
-    }
+    /// The element-wise sums over all ranks of the 1-D f32 tensors `ts` (gradient buckets),
+    /// on their device. Required, with no default, so that no backend or wrapper can take the
+    /// host path for device buffers without saying so: a device collective (NCCL) keeps them
+    /// on the GPU and enqueues them all before waiting once; host collectives call
+    /// [`tensors_through_host`].
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>>;
     /// Sums `buf` over all ranks into this rank's part of it ([`owned_segment`]); the rest
     /// of `buf` is left unspecified. With [`Self::all_gather`] after it, an all-reduce in two
     /// halves, between which each rank works on its own part only (a sharded optimiser step).
@@ -70,6 +58,27 @@ pub fn owned_segment(len: usize, world: usize, rank: usize) -> std::ops::Range<u
     }
 }
 
+/// [`Collective::all_reduce_sum_tensors`] through the host: each bucket copied out, summed
+/// with [`Collective::all_reduce_sum`] and copied back to its device (the ring's way, on the
+/// CPU and for GPU workers with `cluster.gpu_collective = "ring"`).
+pub fn tensors_through_host<C: Collective + ?Sized>(
+    c: &mut C,
+    ts: &[Tensor],
+) -> Result<Vec<Tensor>> {
+    ts.iter()
+        .map(|t| {
+            if c.world_size() == 1 {
+                return Ok(t.clone()); // the sum over one rank: no trip through the host
+            }
+            // A bucket is a view of the whole gradient; candle would copy all of the storage
+            // down to read it, so copy the bucket out first.
+            let mut host = t.force_contiguous()?.to_vec1::<f32>()?;
+            c.all_reduce_sum(&mut host)?;
+            Ok(Tensor::from_vec(host, t.dims(), t.device())?)
+        })
+        .collect()
+}
+
 impl<C: Collective + ?Sized> Collective for Box<C> {
     fn rank(&self) -> usize {
         (**self).rank()
@@ -79,9 +88,6 @@ impl<C: Collective + ?Sized> Collective for Box<C> {
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         (**self).all_reduce_sum(buf)
-    }
-    fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
-        (**self).all_reduce_sum_tensor(t)
     }
     fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
         (**self).all_reduce_sum_tensors(ts)
@@ -113,6 +119,9 @@ impl Collective for Local {
     }
     fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
         Ok(())
+    }
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        Ok(ts.to_vec())
     }
     fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<()> {
         Ok(())

@@ -296,10 +296,6 @@ impl<C: Collective> Collective for Nccl<C> {
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
         self.inner.all_gather(buf)
     }
-    fn all_reduce_sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
-        let mut out = self.all_reduce_sum_tensors(std::slice::from_ref(t))?;
-        Ok(out.pop().expect("one bucket in, one out"))
-    }
     /// Enqueues every bucket on the stream, then waits once.
     fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
         if ts.iter().any(|t| !t.device().is_cuda()) {

@@ -68,6 +68,18 @@ pub struct Member {
     pub step: u64,
 }
 
+impl Member {
+    fn status(&self) -> proto::MemberStatus {
+        proto::MemberStatus {
+            worker_id: self.worker_id.clone(),
+            assigned: self.rank.is_some(),
+            rank: self.rank.unwrap_or(0),
+            phase: self.phase.clone(),
+            step: self.step,
+        }
+    }
+}
+
 pub enum Event {
     Joined,
     Left(u64),
@@ -170,6 +182,8 @@ impl Shared {
             samples_per_s: last.samples_per_s,
             elapsed_s: self.started.elapsed().as_secs_f64(),
             message: st.message.clone(),
+            members: st.members.values().map(Member::status).collect(),
+            train_accuracy: last.train_accuracy,
         }
     }
 

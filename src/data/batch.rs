@@ -274,6 +274,31 @@ impl PretrainBatch {
     }
 }
 
+impl FinetuneBatch {
+    /// The examples `rows` of this batch, as a batch of their own (labels cut to match).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> FinetuneBatch {
+        let t = self.seq;
+        let span = rows.start * t..rows.end * t;
+        let labels = match &self.labels {
+            TaskLabels::None => TaskLabels::None,
+            TaskLabels::Classes(c) => TaskLabels::Classes(c[rows.clone()].to_vec()),
+            TaskLabels::Tokens(l) => TaskLabels::Tokens(l[span.clone()].to_vec()),
+            TaskLabels::Spans { start, end } => TaskLabels::Spans {
+                start: start[rows.clone()].to_vec(),
+                end: end[rows.clone()].to_vec(),
+            },
+        };
+        FinetuneBatch {
+            batch: rows.len(),
+            seq: t,
+            input_ids: self.input_ids[span.clone()].to_vec(),
+            token_type_ids: self.token_type_ids[span.clone()].to_vec(),
+            attention_mask: self.attention_mask[span].to_vec(),
+            labels,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

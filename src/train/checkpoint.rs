@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::kind::StageModel;
 use super::optim::AdamW;
 use super::step::Trainer;
 use crate::error::{Error, Result};
@@ -47,6 +48,19 @@ pub struct TrainerState {
     /// What the committed steps of the stage consumed, over all ranks.
     #[serde(default)]
     pub totals: StageTotals,
+    /// Fine-tuning: the last dev evaluation's metrics, and the best epoch so far by the
+    /// stage's metric (kept across a resume, so a worse later epoch never replaces it).
+    #[serde(default)]
+    pub dev_metrics: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub best: Option<BestEpoch>,
+}
+
+/// A fine-tuning stage's best epoch by its metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestEpoch {
+    pub score: f64,
+    pub epoch: u32,
 }
 
 /// Running totals of a stage's committed steps, over all ranks (for summary.json).
@@ -63,7 +77,12 @@ pub struct StageTotals {
 }
 
 impl StageTotals {
-    /// Adds one committed step's global counts.
+    /// Adds one committed fine-tuning step's global counts (its examples).
+    pub fn add_task(&mut self, s: &crate::train::TaskStats) {
+        self.examples += s.examples;
+    }
+
+    /// Adds one committed pre-training step's global counts.
     pub fn add(&mut self, s: &crate::train::StepStats) {
         self.tokens += s.tokens;
         self.masked += s.mlm_tokens;
@@ -108,6 +127,8 @@ impl TrainerState {
             planned: vec![],
             stage_done: false,
             totals: StageTotals::default(),
+            dev_metrics: BTreeMap::new(),
+            best: None,
         }
     }
 }
@@ -197,10 +218,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The files of a checkpoint of `trainer`, as (file name, bytes).
-pub fn checkpoint_files(trainer: &Trainer, state: &TrainerState) -> Result<Files> {
+pub fn checkpoint_files<M: StageModel>(
+    trainer: &Trainer<M>,
+    state: &TrainerState,
+) -> Result<Files> {
     let m = &trainer.model;
-    let cfg_bytes = m.cfg.to_hf_json(crate::model::pretrain::ARCHITECTURE);
-    store_files(&m.store, cfg_bytes, &*trainer.adamw()?, state)
+    store_files(m.store(), m.config_json()?, &*trainer.adamw()?, state)
 }
 
 /// The files of a checkpoint of any model: weights (HF names), its `config.json`, the
@@ -241,11 +264,14 @@ pub fn store_files(
 }
 
 /// Restores weights, optimiser moments and step counters from checkpoint files.
-pub fn restore(trainer: &mut Trainer, files: &HashMap<String, Vec<u8>>) -> Result<TrainerState> {
-    let init_std = trainer.model.cfg.initializer_range;
+pub fn restore<M: StageModel>(
+    trainer: &mut Trainer<M>,
+    files: &HashMap<String, Vec<u8>>,
+) -> Result<TrainerState> {
+    let init_std = trainer.model.init_std();
     // restore_store replaces every moment and the step count: start from a blank state.
-    let mut adam = AdamW::new(trainer.options.adamw, &trainer.model.store);
-    let state = restore_store(&trainer.model.store, &mut adam, init_std, files)?;
+    let mut adam = AdamW::new(trainer.options.adamw, trainer.model.store());
+    let state = restore_store(trainer.model.store(), &mut adam, init_std, files)?;
     trainer.set_adamw(adam)?;
     trainer.step = state.step;
     trainer.reload_params()?;

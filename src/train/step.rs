@@ -1,10 +1,11 @@
-//! The exact data-parallel training step for pre-training.
+//! The exact data-parallel training step, one for every stage kind ([`StageModel`]).
 //!
 //! One optimiser step over `k` micro-batches on each of `n` ranks:
-//! 1. all-reduce the MLM-token and NSP-example counts of the whole step (cheap, known from
-//!    the labels before any forward pass);
-//! 2. per micro-batch: forward, loss = Σ_mlm / N_mlm + Σ_nsp / N_nsp with the *global*
-//!    counts, backward, add the gradients into one flat buffer (sorted-name order);
+//! 1. all-reduce the normaliser of each loss term over the whole step (pre-training: masked
+//!    tokens and NSP examples; fine-tuning: labelled examples or positions), cheap and known
+//!    from the labels before any forward pass;
+//! 2. per micro-batch: forward, loss = Σ_i sum_i / N_i with the *global* counts N_i,
+//!    backward, add the gradients into one flat buffer (sorted-name order);
 //! 3. all-reduce the flat buffer in buckets — the sum over ranks is then exactly the
 //!    gradient of the global mean loss, so n ranks × batch b follow 1 rank × batch n·b;
 //! 4. refuse a non-finite gradient, clip by global norm, AdamW at the scheduled rate, and
@@ -12,8 +13,12 @@
 
 use candle_core::{backprop::GradStore, Tensor};
 
+use rand_chacha::ChaCha8Rng;
+
+use super::kind::{inv, StageModel, StepSums};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
+use super::traced::{CollectiveHook, Traced};
 use super::update::{UpdatePlace, Updater};
 use crate::comm::Collective;
 use crate::data::batch::PretrainBatch;
@@ -35,31 +40,14 @@ pub struct StepOptions {
     pub seed: u64,
     /// Dropout on (training mode) or off.
     pub dropout: bool,
+    /// Mixed into the dropout seed after `seed` when set (fine-tuning stages: the stage
+    /// index, so two stages never share masks).
+    pub dropout_stream: Option<u64>,
 }
 
-/// What one step did, already reduced over all ranks.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct StepStats {
-    pub step: u64,
-    pub lr: f32,
-    pub loss: f32,
-    pub mlm_loss: f32,
-    pub nsp_loss: f32,
-    pub mlm_accuracy: f32,
-    pub nsp_accuracy: f32,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f32,
-    /// Masked tokens and examples in this step, over all ranks.
-    pub mlm_tokens: u64,
-    pub examples: u64,
-    /// Non-padding tokens and IsNext examples in this step, over all ranks.
-    pub tokens: u64,
-    pub is_next: u64,
-}
-
-/// Model, optimiser and the flat buffers of one replica.
-pub struct Trainer {
-    pub model: PretrainModel,
+/// Model, optimiser and the flat buffers of one replica, for any stage kind.
+pub struct Trainer<M: StageModel = PretrainModel> {
+    pub model: M,
     pub options: StepOptions,
     /// Master weights, gradient and AdamW state (on the host or on the model's device).
     update: Updater,
@@ -67,6 +55,8 @@ pub struct Trainer {
     pub step: u64,
     /// Where the last step's time went.
     pub phases: PhaseTimes,
+    /// Told about every collective call ([`Traced`]).
+    hook: Option<Box<dyn CollectiveHook>>,
 }
 
 /// Wall time of the parts of one step, in milliseconds.
@@ -139,81 +129,92 @@ pub fn forward_backward<S: GradSink + ?Sized>(
     m: &PretrainModel,
     batch: &PretrainBatch,
     weights: (f64, f64),
-    dropout: Option<&mut rand_chacha::ChaCha8Rng>,
+    dropout: Option<&mut ChaCha8Rng>,
     grad: &mut S,
 ) -> Result<LossSums> {
-    forward_backward_timed(m, batch, weights, dropout, grad, &mut PhaseTimes::default())
+    let mut times = PhaseTimes::default();
+    let (sums, metrics) =
+        forward_backward_terms(m, batch, &[weights.0, weights.1], dropout, grad, &mut times)?;
+    Ok(LossSums {
+        mlm_sum: sums[0],
+        mlm_count: batch.mlm_count() as u64,
+        mlm_correct: metrics[0] as u64,
+        nsp_sum: sums[1],
+        nsp_count: batch.nsp_count() as u64,
+        nsp_correct: metrics[1] as u64,
+    })
 }
 
-/// [`forward_backward`], adding the time of each part to `times`.
-pub fn forward_backward_timed<S: GradSink + ?Sized>(
-    m: &PretrainModel,
-    batch: &PretrainBatch,
-    weights: (f64, f64),
-    dropout: Option<&mut rand_chacha::ChaCha8Rng>,
+/// Forward and backward of `Σ_i sum_i · weights[i]` over the model's loss terms, adding the
+/// gradient into `grad` and the time of each part to `times`; returns the loss sums and the
+/// metric counts as plain numbers.
+pub fn forward_backward_terms<M: StageModel, S: GradSink + ?Sized>(
+    m: &M,
+    batch: &M::Batch,
+    weights: &[f64],
+    dropout: Option<&mut ChaCha8Rng>,
     grad: &mut S,
     times: &mut PhaseTimes,
-) -> Result<LossSums> {
-    let mut rng = dropout;
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let t0 = std::time::Instant::now();
-    let out = m.model.forward(batch, &mut rng)?;
+    let out = m.forward(batch, dropout)?;
     // Weights as tensors, not `x * w`: candle prunes an affine op whose factor is 0 from the
-    // backward pass, which would leave the MLM head without a gradient on a step with no
-    // masked token (and break the buckets' layout).
-    let w = |x: f64| Tensor::new(x as f32, out.mlm_sum.device());
-    let loss = (out.mlm_sum.mul(&w(weights.0)?)? + out.nsp_sum.mul(&w(weights.1)?)?)?;
+    // backward pass, which would leave a head without a gradient on a step with no label of
+    // its term (and break the buckets' layout).
+    let mut loss: Option<Tensor> = None;
+    for (sum, &w) in out.loss_sums.iter().zip(weights) {
+        let term = sum.mul(&Tensor::new(w as f32, sum.device())?)?;
+        loss = Some(match loss {
+            None => term,
+            Some(l) => (l + term)?,
+        });
+    }
+    let loss = loss.expect("a stage kind has at least one loss term");
     let t1 = std::time::Instant::now();
     let grads = loss.backward()?;
     let t2 = std::time::Instant::now();
-    grad.add_grads(&m.store, &grads)?;
+    grad.add_grads(m.store(), &grads)?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
     times.forward_ms += ms(t0, t1);
     times.backward_ms += ms(t1, t2);
     times.pack_ms += ms(t2, std::time::Instant::now());
-    Ok(LossSums {
-        mlm_sum: scalar(&out.mlm_sum)?,
-        mlm_count: out.mlm_count as u64,
-        mlm_correct: out.mlm_correct as u64,
-        nsp_sum: scalar(&out.nsp_sum)?,
-        nsp_count: out.nsp_count as u64,
-        nsp_correct: out.nsp_correct as u64,
-    })
+    let sums = out
+        .loss_sums
+        .iter()
+        .map(|t| Ok(t.to_scalar::<f32>()? as f64))
+        .collect::<Result<Vec<f64>>>()?;
+    Ok((sums, out.metrics))
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_scalar::<f32>()? as f64)
+/// Adds `b` into `a` element by element.
+fn add_into(a: &mut [f64], b: &[f64]) {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
 }
 
-fn inv(x: f64) -> f64 {
-    if x > 0.0 {
-        1.0 / x
-    } else {
-        0.0
-    }
-}
-
-impl Trainer {
+impl<M: StageModel> Trainer<M> {
     /// A trainer that updates where the model lives ([`UpdatePlace::for_device`]).
-    pub fn new(model: PretrainModel, options: StepOptions) -> Result<Self> {
-        let place = UpdatePlace::for_device(model.store.device());
+    pub fn new(model: M, options: StepOptions) -> Result<Self> {
+        let place = UpdatePlace::for_device(model.store().device());
         Self::with_update_place(model, options, place)
     }
 
     /// A trainer whose update runs at `place` (the device path on a CPU model is how the
     /// tests check it against the host path).
-    pub fn with_update_place(
-        model: PretrainModel,
-        options: StepOptions,
-        place: UpdatePlace,
-    ) -> Result<Self> {
-        let update = Updater::new(&model.store, options.adamw, place)?;
+    pub fn with_update_place(model: M, options: StepOptions, place: UpdatePlace) -> Result<Self> {
+        let update = Updater::new(model.store(), options.adamw, place)?;
         Ok(Trainer {
             model,
             options,
             update,
             step: 0,
             phases: PhaseTimes::default(),
+            hook: None,
         })
+    }
+
+    /// Tells `hook` about every collective call from now on.
+    pub fn set_hook(&mut self, hook: Box<dyn CollectiveHook>) {
+        self.hook = Some(hook);
     }
 
     pub fn update_place(&self) -> UpdatePlace {
@@ -227,18 +228,18 @@ impl Trainer {
 
     /// The optimiser state, on the host (for checkpoints).
     pub fn adamw(&self) -> Result<std::borrow::Cow<'_, AdamW>> {
-        self.update.adamw(&self.model.store)
+        self.update.adamw(self.model.store())
     }
 
     /// Replaces the optimiser state (from a checkpoint).
     pub fn set_adamw(&mut self, state: AdamW) -> Result<()> {
-        self.update.set_adamw(state, &self.model.store)
+        self.update.set_adamw(state, self.model.store())
     }
 
     /// Re-reads the master copy of the parameters from the model (after weights were loaded
     /// into the store from outside).
     pub fn reload_params(&mut self) -> Result<()> {
-        self.update.reload_params(&self.model.store)
+        self.update.reload_params(self.model.store())
     }
 
     /// Shards the optimiser step over the ranks ([`Updater::set_sharded`]; host path only);
@@ -247,62 +248,86 @@ impl Trainer {
         self.update.set_sharded(on)
     }
 
+    /// `comm` with the hook around its calls, as calls of the step being taken.
+    fn traced<'a>(
+        hook: &'a mut Option<Box<dyn CollectiveHook>>,
+        comm: &'a mut dyn Collective,
+        step: u64,
+    ) -> Traced<'a> {
+        let hook = hook.as_deref_mut().map(|h| h as &mut dyn CollectiveHook);
+        Traced::new(comm, hook, step)
+    }
+
     /// Brings the AdamW state up to date on every rank after sharded steps (all ranks call it
     /// before a checkpoint is taken; [`Updater::gather_state`]).
     pub fn gather_state(&mut self, comm: &mut dyn Collective) -> Result<()> {
-        self.update.gather_state(comm, self.options.bucket_elems)
+        let mut comm = Self::traced(&mut self.hook, comm, self.step);
+        self.update
+            .gather_state(&mut comm, self.options.bucket_elems)
     }
 
     /// Copies `root`'s weights to every rank (used once at start so replicas are identical).
     pub fn broadcast_params(&mut self, comm: &mut dyn Collective, root: usize) -> Result<()> {
-        self.update.broadcast_params(comm, root, &self.model.store)
+        let mut comm = Self::traced(&mut self.hook, comm, self.step);
+        self.update
+            .broadcast_params(&mut comm, root, self.model.store())
     }
 
-    /// One optimiser step over `micro` (this rank's micro-batches), as described above.
+    /// The dropout masks' generator of micro-batch `i` of the step being taken on `rank`.
+    fn dropout_rng(&self, rank: u64, i: usize) -> ChaCha8Rng {
+        let o = &self.options;
+        match o.dropout_stream {
+            None => util::rng(&[o.seed, self.step, rank, i as u64]),
+            Some(s) => util::rng(&[o.seed, s, self.step, rank, i as u64]),
+        }
+    }
+
+    /// One optimiser step over `micro` (this rank's micro-batches, possibly none), as
+    /// described above.
     pub fn train_step(
         &mut self,
-        micro: &[PretrainBatch],
+        micro: &[M::Batch],
         comm: &mut dyn Collective,
-    ) -> Result<StepStats> {
+    ) -> Result<M::Stats> {
         let rank = comm.rank() as u64;
-        let mut counts = [
-            micro.iter().map(|b| b.mlm_count()).sum::<usize>() as f32,
-            micro.iter().map(|b| b.nsp_count()).sum::<usize>() as f32,
-        ];
+        let mut counts = vec![0f64; M::TERMS];
+        for b in micro {
+            add_into(&mut counts, &self.model.counts(b));
+        }
+        let mut counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+        let rngs: Vec<ChaCha8Rng> = (0..micro.len())
+            .map(|i| self.dropout_rng(rank, i))
+            .collect();
+        let mut comm = Self::traced(&mut self.hook, comm, self.step + 1);
         let t_counts = std::time::Instant::now();
         comm.all_reduce_sum(&mut counts)?;
         let sync_ms = t_counts.elapsed().as_secs_f64() * 1e3;
-        let weights = (inv(counts[0] as f64), inv(counts[1] as f64));
+        let weights: Vec<f64> = counts.iter().map(|&c| inv(c as f64)).collect();
 
         self.update.zero_grad()?;
-        let mut local = LossSums::default();
+        let (mut loss_sums, mut metrics) = (vec![0f64; M::TERMS], vec![0f64; M::METRICS]);
         let mut times = PhaseTimes::default();
-        for (i, b) in micro.iter().enumerate() {
-            let mut rng = util::rng(&[self.options.seed, self.step, rank, i as u64]);
+        for (b, mut rng) in micro.iter().zip(rngs) {
             let dropout = self.options.dropout.then_some(&mut rng);
-            let s = forward_backward_timed(
+            let (l, m) = forward_backward_terms(
                 &self.model,
                 b,
-                weights,
+                &weights,
                 dropout,
                 &mut self.update,
                 &mut times,
             )?;
-            local.mlm_sum += s.mlm_sum;
-            local.nsp_sum += s.nsp_sum;
-            local.mlm_correct += s.mlm_correct;
-            local.nsp_correct += s.nsp_correct;
+            add_into(&mut loss_sums, &l);
+            add_into(&mut metrics, &m);
         }
         let t_reduce = std::time::Instant::now();
-        self.update.all_reduce(comm, self.options.bucket_elems)?;
-        let mut sums = [
-            local.mlm_sum as f32,
-            local.nsp_sum as f32,
-            local.mlm_correct as f32,
-            local.nsp_correct as f32,
-            micro.iter().map(|b| b.token_count()).sum::<usize>() as f32,
-            micro.iter().map(|b| b.is_next_count()).sum::<usize>() as f32,
-        ];
+        self.update
+            .all_reduce(&mut comm, self.options.bucket_elems)?;
+        let mut sums: Vec<f32> = loss_sums
+            .iter()
+            .chain(&metrics)
+            .map(|&x| x as f32)
+            .collect();
         comm.all_reduce_sum(&mut sums)?;
         let t_opt = std::time::Instant::now();
         times.sync_ms = sync_ms;
@@ -310,8 +335,8 @@ impl Trainer {
 
         let lr = self.options.schedule.lr(self.step);
         let grad_norm = self.update.apply(
-            &self.model.store,
-            comm,
+            self.model.store(),
+            &mut comm,
             self.options.max_grad_norm,
             lr,
             self.step,
@@ -319,22 +344,14 @@ impl Trainer {
         self.step += 1;
         times.optimizer_ms = t_opt.elapsed().as_secs_f64() * 1e3;
         self.phases = times;
-
-        let mlm_loss = sums[0] as f64 * weights.0;
-        let nsp_loss = sums[1] as f64 * weights.1;
-        Ok(StepStats {
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        Ok(self.model.stats(&StepSums {
             step: self.step,
             lr,
-            loss: (mlm_loss + nsp_loss) as f32,
-            mlm_loss: mlm_loss as f32,
-            nsp_loss: nsp_loss as f32,
-            mlm_accuracy: (sums[2] as f64 * weights.0) as f32,
-            nsp_accuracy: (sums[3] as f64 * weights.1) as f32,
             grad_norm,
-            mlm_tokens: counts[0] as u64,
-            examples: counts[1] as u64,
-            tokens: sums[4] as u64,
-            is_next: sums[5] as u64,
-        })
+            counts: f64s(&counts),
+            loss_sums: f64s(&sums[..M::TERMS]),
+            metrics: f64s(&sums[M::TERMS..]),
+        }))
     }
 }

@@ -6,7 +6,7 @@
 //!   there is on a CPU, and what the ring all-reduce reads directly;
 //! - **device** (GPU models): flat tensors on the model's device and the same AdamW written as
 //!   tensor ops, so gradients never leave the GPU: they are concatenated there, summed there
-//!   (NCCL, through [`Collective::all_reduce_sum_tensor`]), clipped and applied there, and
+//!   (NCCL, through [`crate::comm::Collective::all_reduce_sum_tensors`]), clipped and applied there, and
 //!   written back into the parameters device to device. On a GPU the host path would copy
 //!   every gradient down and every weight up each step and run AdamW on one CPU core.
 //!
@@ -21,7 +21,8 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor};
 use super::optim::{
     clip_global_norm, clip_scale, sum_of_squares, AdamW, AdamWConfig, NORM_CHUNK, NORM_LANES,
 };
-use crate::comm::{owned_segment, Collective};
+use super::traced::Traced;
+use crate::comm::owned_segment;
 use crate::error::{Error, Result};
 use crate::model::ParamStore;
 
@@ -146,7 +147,7 @@ impl Updater {
 
     /// Sums the accumulated gradient over all ranks, in buckets of `bucket_elems` floats (on
     /// a sharded host updater: each bucket's own part only).
-    pub fn all_reduce(&mut self, comm: &mut dyn Collective, bucket_elems: usize) -> Result<()> {
+    pub fn all_reduce(&mut self, comm: &mut Traced<'_>, bucket_elems: usize) -> Result<()> {
         let bucket = bucket_elems.max(1);
         let (rank, world) = (comm.rank(), comm.world_size());
         match self {
@@ -188,7 +189,7 @@ impl Updater {
     pub fn apply(
         &mut self,
         store: &ParamStore,
-        comm: &mut dyn Collective,
+        comm: &mut Traced<'_>,
         max_grad_norm: f32,
         lr: f32,
         step: u64,
@@ -247,7 +248,7 @@ impl Updater {
     /// Copies `root`'s weights to every rank and into `store`.
     pub fn broadcast_params(
         &mut self,
-        comm: &mut dyn Collective,
+        comm: &mut Traced<'_>,
         root: usize,
         store: &ParamStore,
     ) -> Result<()> {
@@ -268,7 +269,7 @@ impl Updater {
     /// Brings every rank's AdamW state up to date in all parts (after sharded steps each rank
     /// has its own parts only): all ranks call it before a checkpoint is taken. `bucket_elems`
     /// is the all-reduce's. Nothing to do when the steps were not sharded.
-    pub fn gather_state(&mut self, comm: &mut dyn Collective, bucket_elems: usize) -> Result<()> {
+    pub fn gather_state(&mut self, comm: &mut Traced<'_>, bucket_elems: usize) -> Result<()> {
         if let Updater::Host {
             opt, sharded: true, ..
         } = self

@@ -1,267 +1,300 @@
 //! A fine-tuning stage on one rank: the task model starts from the previous stage's (or an
-//! imported) encoder, trains data-parallel with the same exact normalisation as pre-training
-//! (loss sums over global counts), and evaluates the dev set across ranks at the end of every
-//! epoch (each rank scores its share; metric counts are all-reduced, never averaged).
-//! Checkpoints are taken at epoch ends; rank 0 keeps the best one by the configured metric.
+//! imported) encoder, or resumes the stage's checkpoint, and trains in the same loop as
+//! pre-training (`stage`). Every example is used once per epoch: a seeded permutation, of
+//! which each step takes the next global batch, dealt round-robin over the ranks, so the
+//! epoch's consumed part is always a prefix of the permutation and one count is an exact
+//! cursor for any world size. At every epoch's end the dev set is scored across ranks (each
+//! scores its share; metric counts are all-reduced, never averaged) and rank 0 keeps the
+//! best epoch's checkpoint by the stage's metric.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::collections::HashMap;
 
 use anyhow::Context;
-use candle_core::Tensor;
 
 use super::client;
-use super::recent::Recent;
-use super::train::{connect_collective, report_done, set_phase, Ctx};
-
+use super::ctx::{precision, set_phase, Ctx, PhaseHook};
+use super::phase::Phase;
+use super::pretrain::{start_or_restore, step_options};
+use super::stage::{global_batch, StageFeed, StageRun};
+use super::task_data::TaskData;
+use super::upload::Uploads;
 use crate::comm::Collective;
-use crate::config::{JobConfig, StageKind};
-use crate::data::batch::{FinetuneBatch, TaskLabels, IGNORE};
-use crate::data::finetune::{
-    collate_classification, collate_qa, collate_tokens, ClassificationFeature, ClassificationSet,
-    LabelMap, Padding, QaExample, QaFeature, QaOptions, QaSet, TokenFeature, TokenSet,
-};
+use crate::config::{JobConfig, StageConfig};
+use crate::data::batch::FinetuneBatch;
 use crate::data::tokenizer::Tokenizer;
-use crate::metrics::{postprocess_qa, MetricCounts, MetricKind, QaPostprocess};
+use crate::metrics::MetricCounts;
 use crate::model::{hf, BertConfig, TaskHead, TaskModel};
 use crate::proto;
-use crate::train::checkpoint::{
-    checkpoint_name, restore_store, store_files, DataCursor, LedgerRange, TrainerState,
-};
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::Schedule;
-use crate::train::{UpdatePlace, Updater};
+use crate::train::checkpoint::{checkpoint_name, BestEpoch, DataCursor, LedgerRange, TrainerState};
+use crate::train::Trainer;
 use crate::util;
 
-/// A stage's featurised data.
-enum TaskData {
-    Classes {
-        train: Vec<ClassificationFeature>,
-        dev: Vec<ClassificationFeature>,
-        labels: LabelMap,
-    },
-    Tokens {
-        train: Vec<TokenFeature>,
-        dev: Vec<TokenFeature>,
-        labels: LabelMap,
-    },
-    Qa {
-        train: Vec<QaFeature>,
-        dev: Vec<QaExample>,
-        opts: QaOptions,
-    },
+/// An epoch's order and how far into it the steps are: a plain type.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct EpochOrder {
+    pub epoch: u32,
+    /// The epoch's permutation of the training examples.
+    pub order: Vec<usize>,
+    /// Examples of `order` consumed (by all ranks), and that count at the last cut.
+    pub pos: u64,
+    pub mark: u64,
 }
 
-impl TaskData {
-    fn load(
-        kind: StageKind,
-        files: &[proto::DataFile],
-        fetch: impl Fn(&str) -> anyhow::Result<Vec<u8>>,
-        tok: &Tokenizer,
-        cfg: &crate::config::StageConfig,
-        dir: &std::path::Path,
+impl EpochOrder {
+    /// Epoch `epoch` of `n` examples (permuted from `seed`), from `cursor` when it is mid-way
+    /// through this epoch.
+    pub(super) fn start(
+        epoch: u32,
+        n: usize,
+        seed: &[u64],
+        cursor: &DataCursor,
     ) -> anyhow::Result<Self> {
-        let path = |role: &str| -> anyhow::Result<std::path::PathBuf> {
-            let f = files
-                .iter()
-                .find(|f| f.role == role)
-                .with_context(|| format!("the assignment carries no {role} file"))?;
-            let data = fetch(role)?;
+        let mut order: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut util::rng(seed));
+        let pos = if cursor.epoch == epoch && !cursor.consumed.is_empty() {
             anyhow::ensure!(
-                crate::train::checkpoint::sha256_hex(&data) == f.sha256,
-                "the {role} file {} differs from the one the coordinator announced",
-                f.name
+                cursor.bounds == [0, n as u64] && cursor.consumed.len() == 1 && cursor.consumed[0] <= n as u64,
+                "the checkpoint's data cursor (epoch {epoch}: bounds {:?}, consumed {:?}) does not \
+                 describe this stage's {n} training examples: the train file, the tokenizer or \
+                 max_seq_length changed since the checkpoint was written",
+                cursor.bounds,
+                cursor.consumed
             );
-            let p = dir.join(format!("{role}-{}", f.name));
-            std::fs::write(&p, &data)?;
-            Ok(p)
+            cursor.consumed[0]
+        } else {
+            0
         };
-        let (train, dev) = (path("train")?, path("dev")?);
-        Ok(match kind {
-            StageKind::SequenceClassification | StageKind::PairClassification => {
-                let t = ClassificationSet::read(&train)?;
-                let labels = t.label_map()?;
-                let d = ClassificationSet::read(&dev)?;
-                TaskData::Classes {
-                    train: t.featurize(tok, Some(&labels), cfg.max_seq_length)?,
-                    dev: d.featurize(tok, Some(&labels), cfg.max_seq_length)?,
-                    labels,
-                }
-            }
-            StageKind::TokenClassification => {
-                let t = TokenSet::read(&train)?;
-                let labels = t.label_map()?;
-                let d = TokenSet::read(&dev)?;
-                TaskData::Tokens {
-                    train: t.featurize(tok, Some(&labels), cfg.max_seq_length)?,
-                    dev: d.featurize(tok, Some(&labels), cfg.max_seq_length)?,
-                    labels,
-                }
-            }
-            StageKind::QuestionAnswering => {
-                let opts = QaOptions {
-                    max_seq_length: cfg.max_seq_length,
-                    doc_stride: cfg.doc_stride,
-                    max_query_length: cfg.max_query_length,
-                };
-                TaskData::Qa {
-                    train: QaSet::read(&train)?.featurize(tok, &opts)?,
-                    dev: QaSet::read(&dev)?.examples,
-                    opts,
-                }
-            }
-            StageKind::Pretrain => anyhow::bail!("not a fine-tuning stage"),
+        Ok(EpochOrder {
+            epoch,
+            order,
+            pos,
+            mark: pos,
         })
     }
 
-    fn head(&self) -> TaskHead {
-        match self {
-            TaskData::Classes { labels, .. } => TaskHead::SequenceClassification {
-                num_labels: labels.len(),
-            },
-            TaskData::Tokens { labels, .. } => TaskHead::TokenClassification {
-                num_labels: labels.len(),
-            },
-            TaskData::Qa { .. } => TaskHead::QuestionAnswering,
-        }
+    pub(super) fn steps_left(&self, global: usize) -> u64 {
+        (self.order.len() as u64 - self.pos).div_ceil(global as u64)
     }
 
-    fn label_names(&self) -> Vec<String> {
-        match self {
-            TaskData::Classes { labels, .. } | TaskData::Tokens { labels, .. } => {
-                labels.names().to_vec()
-            }
-            TaskData::Qa { .. } => vec![],
-        }
+    /// The next step's examples of `rank`: positions `rank, rank + world, …` of the next
+    /// `global` examples.
+    pub(super) fn take(&mut self, global: usize, world: usize, rank: usize) -> Vec<usize> {
+        let from = self.pos as usize;
+        let to = (from + global).min(self.order.len());
+        self.pos = to as u64;
+        self.order[from..to]
+            .iter()
+            .copied()
+            .skip(rank)
+            .step_by(world)
+            .collect()
     }
 
-    fn n_train(&self) -> usize {
-        match self {
-            TaskData::Classes { train, .. } => train.len(),
-            TaskData::Tokens { train, .. } => train.len(),
-            TaskData::Qa { train, .. } => train.len(),
+    /// The ledger range since the last cut up to `to`.
+    pub(super) fn advance(&mut self, to: u64, ledger: &mut Vec<LedgerRange>) {
+        if to > self.mark {
+            ledger.push(LedgerRange {
+                epoch: self.epoch,
+                partitions: 1,
+                partition: 0,
+                start: self.mark,
+                end: to,
+            });
         }
+        self.mark = to;
     }
 
-    fn batch(&self, idx: &[usize], pad: u32) -> anyhow::Result<FinetuneBatch> {
-        Ok(match self {
-            TaskData::Classes { train, .. } => {
-                collate_classification(&pick(train, idx), pad, Padding::Longest)?
-            }
-            TaskData::Tokens { train, .. } => {
-                collate_tokens(&pick(train, idx), pad, Padding::Longest)?
-            }
-            TaskData::Qa { train, .. } => collate_qa(&pick(train, idx), pad, Padding::Longest)?,
-        })
-    }
-
-    fn metric_kind(&self) -> MetricKind {
-        match self {
-            TaskData::Classes { labels, .. } => MetricKind::Classification {
-                num_labels: labels.len(),
-            },
-            TaskData::Tokens { .. } => MetricKind::Entities,
-            TaskData::Qa { .. } => MetricKind::Squad,
+    pub(super) fn cursor(&self) -> DataCursor {
+        DataCursor {
+            epoch: self.epoch,
+            consumed: vec![self.mark],
+            bounds: vec![0, self.order.len() as u64],
         }
-    }
-
-    /// This rank's share of the dev metrics (examples `rank`, `rank + world`, …).
-    fn evaluate(
-        &self,
-        model: &TaskModel,
-        tok: &Tokenizer,
-        rank: usize,
-        world: usize,
-    ) -> anyhow::Result<MetricCounts> {
-        let mut counts = MetricCounts::new(self.metric_kind());
-        let pad = tok.pad_id();
-        let mine = |n: usize| (rank..n).step_by(world).collect::<Vec<_>>();
-        match (self, &mut counts) {
-            (TaskData::Classes { dev, .. }, MetricCounts::Classification(cm)) => {
-                for idx in mine(dev.len()).chunks(64) {
-                    let b = collate_classification(&pick(dev, idx), pad, Padding::Longest)?;
-                    let pred = model.logits(&b)?.argmax(1)?.to_vec1::<u32>()?;
-                    let TaskLabels::Classes(gold) = &b.labels else {
-                        anyhow::bail!("dev set without labels")
-                    };
-                    cm.add_all(gold, &pred)?;
-                }
-            }
-            (TaskData::Tokens { dev, labels, .. }, MetricCounts::Entities(ec)) => {
-                for idx in mine(dev.len()).chunks(64) {
-                    let b = collate_tokens(&pick(dev, idx), pad, Padding::Longest)?;
-                    let pred = model
-                        .logits(&b)?
-                        .argmax(2)?
-                        .flatten_all()?
-                        .to_vec1::<u32>()?;
-                    let TaskLabels::Tokens(gold) = &b.labels else {
-                        anyhow::bail!("dev set without labels")
-                    };
-                    for r in 0..b.batch {
-                        let span = r * b.seq..(r + 1) * b.seq;
-                        ec.add_positions(&gold[span.clone()], &pred[span], labels)?;
-                    }
-                }
-            }
-            (TaskData::Qa { dev, opts, .. }, MetricCounts::Squad(sc)) => {
-                let examples: Vec<QaExample> = mine(dev.len())
-                    .into_iter()
-                    .map(|i| dev[i].clone())
-                    .collect();
-                let features = crate::data::finetune::featurize_qa(&examples, tok, opts)?;
-                let (mut starts, mut ends) = (vec![], vec![]);
-                for chunk in features.chunks(32) {
-                    let b = collate_qa(chunk, pad, Padding::Longest)?;
-                    let logits = model.logits(&b)?; // [batch, seq, 2]
-                    let s = logits.narrow(2, 0, 1)?.squeeze(2)?.to_vec2::<f32>()?;
-                    let e = logits.narrow(2, 1, 1)?.squeeze(2)?.to_vec2::<f32>()?;
-                    starts.extend(s);
-                    ends.extend(e);
-                }
-                let v2 = dev.iter().any(|e| e.is_impossible);
-                let post = QaPostprocess {
-                    version_2_with_negative: v2,
-                    ..Default::default()
-                };
-                let preds = postprocess_qa(&examples, &features, &starts, &ends, &post)?;
-                sc.add_predictions(&examples, &preds)?;
-            }
-            _ => unreachable!("metric kind follows the data"),
-        }
-        Ok(counts)
     }
 }
 
-fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
-    idx.iter().map(|i| v[*i].clone()).collect()
+/// Fine-tuning's [`StageFeed`].
+struct TaskFeed<'a> {
+    ctx: &'a Ctx,
+    a: &'a proto::Assignment,
+    stage: &'a StageConfig,
+    seed: u64,
+    data: TaskData,
+    tokenizer: Tokenizer,
+    global: usize,
+    metric: String,
+    epoch: Option<EpochOrder>,
 }
 
-/// Examples that carry a loss in a batch (the task's normaliser).
-fn labelled(b: &FinetuneBatch) -> usize {
-    match &b.labels {
-        TaskLabels::Classes(c) => c.len(),
-        TaskLabels::Tokens(t) => t.iter().filter(|l| **l != IGNORE).count(),
-        TaskLabels::Spans { start, .. } => start.len(),
-        TaskLabels::None => 0,
+impl TaskFeed<'_> {
+    fn rank(&self) -> usize {
+        self.a.rank as usize
+    }
+    fn world(&self) -> usize {
+        self.a.world_size as usize
     }
 }
 
-fn task_config_json(model: &TaskModel, labels: &[String]) -> anyhow::Result<Vec<u8>> {
-    Ok(model
-        .hf_config(labels)?
-        .to_hf_json(model.head.architecture()))
+impl StageFeed for TaskFeed<'_> {
+    type Model = TaskModel;
+
+    fn begin_epoch(
+        &mut self,
+        epoch: u32,
+        state: &mut TrainerState,
+        _: &mut dyn Collective,
+    ) -> anyhow::Result<u64> {
+        let n = self.data.n_train();
+        let seed = [self.seed, self.a.stage_index as u64, epoch as u64];
+        let order = EpochOrder::start(epoch, n, &seed, &state.cursor)?;
+        if !state.planned.iter().any(|(e, _)| *e == epoch) {
+            state.planned.push((epoch, n as u64));
+        }
+        let steps = order.steps_left(self.global);
+        self.epoch = Some(order);
+        Ok(steps)
+    }
+
+    fn next_step(&mut self) -> anyhow::Result<Vec<FinetuneBatch>> {
+        let (global, world, rank) = (self.global, self.world(), self.rank());
+        let mine = self
+            .epoch
+            .as_mut()
+            .expect("epoch begun")
+            .take(global, world, rank);
+        mine.chunks(self.stage.batch_size)
+            .map(|c| self.data.batch(c, self.tokenizer.pad_id()))
+            .collect()
+    }
+
+    fn work(&self, micro: &[FinetuneBatch]) -> (usize, usize) {
+        let tokens = micro
+            .iter()
+            .map(|b| b.attention_mask.iter().filter(|m| **m != 0).count());
+        (tokens.sum(), 0)
+    }
+
+    /// Every rank knows the position (the steps are deterministic): no collective.
+    fn cut(&mut self, state: &mut TrainerState, _: &mut dyn Collective) -> anyhow::Result<()> {
+        let e = self.epoch.as_mut().expect("epoch begun");
+        e.advance(e.pos, &mut state.ledger);
+        state.cursor = e.cursor();
+        Ok(())
+    }
+
+    fn end_epoch(&mut self, state: &mut TrainerState) {
+        if let Some(e) = self.epoch.as_mut() {
+            e.advance(e.order.len() as u64, &mut state.ledger);
+        }
+    }
+
+    /// Dev evaluation across ranks; the epoch's checkpoint is the stage's best when it
+    /// improved on every earlier epoch (stored once, pinned; it is also a resume point like
+    /// any other, as the newest checkpoint of the stage wins).
+    fn after_epoch(
+        &mut self,
+        epoch: u32,
+        trainer: &Trainer<TaskModel>,
+        state: &mut TrainerState,
+        comm: &mut dyn Collective,
+    ) -> anyhow::Result<Option<String>> {
+        set_phase(self.ctx, Phase::Evaluating);
+        let (rank, world) = (self.rank(), self.world());
+        let counts = self
+            .data
+            .evaluate(&trainer.model, &self.tokenizer, rank, world)?;
+        let mut v = counts.to_vec();
+        comm.all_reduce_sum(&mut v)?;
+        let total = MetricCounts::from_vec(counts.kind(), &v)?;
+        state.dev_metrics = total
+            .summary()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let score = state
+            .dev_metrics
+            .get(self.metric.as_str())
+            .copied()
+            .unwrap_or(0.0);
+        tracing::info!(rank, epoch, metrics = ?state.dev_metrics, "dev evaluation");
+        self.ctx.progress.lock().unwrap().metrics_json = serde_json::to_string(&state.dev_metrics)?;
+        state.step = trainer.step;
+        let improved = state.best.is_none_or(|b| score > b.score);
+        Ok(Some(if improved {
+            state.best = Some(BestEpoch { score, epoch });
+            format!("stage{}-best", self.a.stage_index)
+        } else {
+            checkpoint_name(state)
+        }))
+    }
+
+    fn done_metrics(&self, state: &TrainerState) -> Option<String> {
+        let mut m = serde_json::json!({ "final": state.dev_metrics, "metric": self.metric });
+        if let Some(b) = state.best {
+            m["best"] = serde_json::json!({ "score": b.score, "epoch": b.epoch });
+        }
+        Some(m.to_string())
+    }
 }
 
-pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::Result<()> {
-    let stage = cfg.stages[a.stage_index as usize].clone();
-    let tokenizer = Tokenizer::from_json(&a.tokenizer_json)?;
-    let mut model_cfg: BertConfig =
-        serde_json::from_str(&a.model_config_json).context("model config")?;
+/// The fine-tuning stage of assignment `a` on this rank.
+pub(super) fn run_finetune(
+    a: &proto::Assignment,
+    ctx: &Ctx,
+    cfg: &JobConfig,
+    stage: &StageConfig,
+) -> anyhow::Result<()> {
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    let seed = cfg.job.seed;
-    let job_id = cfg.job.name.clone();
+    let tokenizer = Tokenizer::from_json(&a.tokenizer_json)?;
+    set_phase(ctx, Phase::PreparingData);
+    let data = load_data(a, ctx, cfg, stage, &tokenizer)?;
+    let mut comm = super::collective::connect_collective(a, ctx, cfg)?;
+    set_phase(ctx, Phase::InitialisingModel);
+    let model = task_model(a, ctx, cfg, data.head(), &data.label_names())?;
+    let mut trainer = Trainer::new(model, step_options(cfg, stage, Some(a.stage_index as u64)))?;
+    trainer.set_hook(Box::new(PhaseHook(ctx.progress.clone())));
+    let sharded = trainer.set_sharded(cfg.cluster.shard_optimizer) && world > 1;
+    tracing::info!(rank, device = ?ctx.device, update = ?trainer.update_place(), sharded, "model ready");
+    let state = start_or_restore(a, ctx, cfg, &mut trainer, &mut *comm)?;
+    let global = global_batch(
+        cfg,
+        stage,
+        &state,
+        world,
+        &mut trainer.options.schedule.peak_lr,
+    )?;
+    let mut feed = TaskFeed {
+        ctx,
+        a,
+        stage,
+        seed: cfg.job.seed,
+        data,
+        tokenizer,
+        global,
+        metric: stage.best_metric().to_string(),
+        epoch: None,
+    };
+    let run = StageRun {
+        ctx,
+        cfg,
+        stage,
+        rank,
+        trainer,
+        state,
+        comm,
+        uploads: Uploads::new(&cfg.job.name, a.generation),
+    };
+    run.run(&mut feed)
+}
+
+/// The stage's train and dev files from the coordinator, featurised.
+fn load_data(
+    a: &proto::Assignment,
+    ctx: &Ctx,
+    cfg: &JobConfig,
+    stage: &StageConfig,
+    tokenizer: &Tokenizer,
+) -> anyhow::Result<TaskData> {
     let scratch = std::env::temp_dir().join(format!(
         "tandem-stage-{}-{}-{}",
         std::process::id(),
@@ -269,12 +302,11 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         a.stage_index
     ));
     std::fs::create_dir_all(&scratch)?;
-    set_phase(&ctx, "preparing data");
     let fetch = |role: &str| {
         let mut c = ctx.client.clone();
         ctx.rt.block_on(client::fetch_stage_file(
             &mut c,
-            &job_id,
+            &cfg.job.name,
             a.generation,
             a.stage_index,
             role,
@@ -284,276 +316,54 @@ pub fn run_finetune(a: proto::Assignment, ctx: Ctx, cfg: JobConfig) -> anyhow::R
         stage.kind,
         &a.stage_files,
         fetch,
-        &tokenizer,
-        &stage,
+        tokenizer,
+        stage,
         &scratch,
-    )?;
+    );
     let _ = std::fs::remove_dir_all(&scratch);
-    let head = data.head();
-    let labels = data.label_names();
-    let mut ring = connect_collective(&a, &ctx, &cfg)?;
+    data
+}
 
-    // The model: resume this stage, or start it from the encoder checkpoint.
-    set_phase(&ctx, "initialising model");
-    let mut c = ctx.client.clone();
-    let (mut model, adam, mut state) = if !a.init_checkpoint.is_empty() {
+/// The task model: the encoder checkpoint's weights with a fresh head (or all fresh), with
+/// the stage's label names in its configuration. A resumed stage's weights are restored
+/// into it afterwards.
+fn task_model(
+    a: &proto::Assignment,
+    ctx: &Ctx,
+    cfg: &JobConfig,
+    head: TaskHead,
+    labels: &[String],
+) -> anyhow::Result<TaskModel> {
+    let model_cfg: BertConfig =
+        serde_json::from_str(&a.model_config_json).context("model config")?;
+    let (seed, rank) = (cfg.job.seed, a.rank as usize);
+    let mut model = if a.encoder_checkpoint.is_empty() || !a.init_checkpoint.is_empty() {
+        TaskModel::new(&model_cfg, head, seed, &ctx.device)?
+    } else {
+        let mut c = ctx.client.clone();
         let files: HashMap<String, Vec<u8>> = ctx
             .rt
             .block_on(client::get_checkpoint(
                 &mut c,
-                &job_id,
+                &cfg.job.name,
                 a.generation,
-                &a.init_checkpoint,
+                &a.encoder_checkpoint,
             ))?
             .into_iter()
             .collect();
-        model_cfg = serde_json::from_slice(&files[hf::CONFIG_FILE]).context("checkpoint config")?;
-        let model = TaskModel::new(&model_cfg, head, seed, &ctx.device)?;
-        let mut adam = AdamW::new(
-            AdamWConfig {
-                weight_decay: stage.weight_decay,
-                ..Default::default()
-            },
-            &model.store,
-        );
-        let state = restore_store(&model.store, &mut adam, model_cfg.initializer_range, &files)?;
-        tracing::info!(rank, checkpoint = %a.init_checkpoint, step = state.step, "resumed");
-        (model, adam, state)
-    } else {
-        let model = if a.encoder_checkpoint.is_empty() {
-            TaskModel::new(&model_cfg, head, seed, &ctx.device)?
-        } else {
-            let files: HashMap<String, Vec<u8>> = ctx
-                .rt
-                .block_on(client::get_checkpoint(
-                    &mut c,
-                    &job_id,
-                    a.generation,
-                    &a.encoder_checkpoint,
-                ))?
-                .into_iter()
-                .collect();
-            let tensors = hf::tensors_from_bytes(&files[hf::WEIGHTS_FILE], &a.encoder_checkpoint)?;
-            let (m, report) = TaskModel::from_encoder_tensors(
-                &model_cfg,
-                tensors,
-                std::path::Path::new(&a.encoder_checkpoint),
-                head,
-                seed,
-                &ctx.device,
-            )?;
-            if rank == 0 {
-                tracing::info!(from = %a.encoder_checkpoint, initialised = ?report.initialised, dropped = report.ignored.len(), "encoder loaded; task head initialised");
-            }
-            m
-        };
-        let adam = AdamW::new(
-            AdamWConfig {
-                weight_decay: stage.weight_decay,
-                ..Default::default()
-            },
-            &model.store,
-        );
-        let state = TrainerState::start(a.stage_index, &stage.name, world as u32, a.generation);
-        (model, adam, state)
-    };
-    model.set_precision(super::train::precision(&cfg, &ctx, rank));
-    let place = UpdatePlace::for_device(model.store.device());
-    let mut update = Updater::with_state(&model.store, adam, place)?;
-    update.broadcast_params(&mut ring, 0, &model.store)?;
-
-    let n = data.n_train();
-    let per_step = stage.batch_size * stage.grad_accum * world;
-    let steps_per_epoch = (n as u64).div_ceil(per_step as u64).max(1);
-    if state.total_steps == 0 {
-        state.total_steps = (steps_per_epoch * stage.epochs as u64)
-            .min(stage.max_steps.unwrap_or(u64::MAX))
-            .max(1);
-    }
-    let schedule = Schedule {
-        peak_lr: stage.lr,
-        warmup_steps: (state.total_steps as f64 * stage.warmup_fraction as f64).round() as u64,
-        total_steps: state.total_steps,
-        decay: stage.decay,
-    };
-    let metric = stage.best_metric().to_string();
-    let mut best: Option<(f64, u32)> = None;
-    let mut last_metrics = BTreeMap::new();
-    // Per recent step: loss, examples right and examples labelled (all ranks).
-    let (mut recent, mut examples) = (Recent::<(f32, f32, f32)>::new(), 0u64);
-    let started = Instant::now();
-    let bucket = ((cfg.cluster.bucket_mib * (1 << 20) as f64) / 4.0) as usize;
-    let mut epoch = state.cursor.epoch;
-    // A stage cut by max_steps still evaluates (and may export) what it trained.
-    let mut stopped = false;
-    // (Resumed from the cut's checkpoint, the stage is already over.)
-    let over = |step: u64| stage.max_steps.is_some_and(|m| step >= m);
-    while epoch < stage.epochs && !stopped && !over(state.step) {
-        // Every example once per epoch: a seeded permutation, dealt round-robin.
-        let mut order: Vec<usize> = (0..n).collect();
-        rand::seq::SliceRandom::shuffle(
-            order.as_mut_slice(),
-            &mut util::rng(&[seed, a.stage_index as u64, epoch as u64]),
-        );
-        let mine: Vec<usize> = order.iter().copied().skip(rank).step_by(world).collect();
-        if !state.planned.iter().any(|(e, _)| *e == epoch) {
-            state.planned.push((epoch, n as u64));
-        }
-        let q = stage.batch_size * stage.grad_accum;
-        let mut consumed = n as u64;
-        set_phase(&ctx, "training");
-        for s in 0..steps_per_epoch as usize {
-            if ctx.abort.load(Ordering::SeqCst) {
-                anyhow::bail!("aborted by the coordinator");
-            }
-            let take: Vec<usize> = mine.iter().copied().skip(s * q).take(q).collect();
-            let micro: Vec<FinetuneBatch> = take
-                .chunks(stage.batch_size)
-                .map(|c| data.batch(c, tokenizer.pad_id()))
-                .collect::<anyhow::Result<_>>()?;
-            let mut count = [micro.iter().map(labelled).sum::<usize>() as f32];
-            ring.all_reduce_sum(&mut count)?;
-            let w = if count[0] > 0.0 { 1.0 / count[0] } else { 0.0 };
-            update.zero_grad()?;
-            let mut sums = [
-                0f32,
-                0.0,
-                micro.iter().map(|b| b.batch).sum::<usize>() as f32,
-            ];
-            for (i, b) in micro.iter().enumerate() {
-                let mut rng = util::rng(&[
-                    seed,
-                    a.stage_index as u64,
-                    state.step,
-                    rank as u64,
-                    i as u64,
-                ]);
-                let out = model.forward(b, &mut Some(&mut rng))?;
-                let loss = out.loss_sum.mul(&Tensor::new(w, out.loss_sum.device())?)?;
-                let grads = loss.backward()?;
-                update.accumulate(&model.store, &grads)?;
-                sums[0] += out.loss_sum.to_scalar::<f32>()?;
-                sums[1] += out.correct as f32;
-            }
-            update.all_reduce(&mut ring, bucket)?;
-            ring.all_reduce_sum(&mut sums)?;
-            let lr = schedule.lr(state.step);
-            update.apply(&model.store, &mut ring, stage.max_grad_norm, lr, state.step)?;
-            state.step += 1;
-            examples += sums[2] as u64;
-            recent.push((sums[0] * w, sums[1], count[0]));
-            let mut p = ctx.progress.lock().unwrap();
-            p.epoch = epoch;
-            p.step = state.step;
-            p.total_steps = state.total_steps;
-            // Loss and training accuracy over the recent steps (one step's is too noisy).
-            let (loss, right, seen) =
-                (recent.iter()).fold((0f32, 0f32, 0f32), |t, s| (t.0 + s.0, t.1 + s.1, t.2 + s.2));
-            p.loss = loss / recent.len() as f32;
-            p.mlm_accuracy = if seen > 0.0 { right / seen } else { 0.0 };
-            p.examples = examples;
-            p.samples_per_s = (examples as f64 / started.elapsed().as_secs_f64().max(1e-9)) as f32;
-            if rank == 0 && state.step % cfg.cluster.progress_every == 0 {
-                let record = proto::StepRecord {
-                    step: state.step,
-                    epoch,
-                    loss: sums[0] * w,
-                    lr,
-                    samples_per_s: p.samples_per_s,
-                    ..Default::default()
-                };
-                super::train::log_step(&mut p, record);
-            }
-            drop(p);
-            if over(state.step) {
-                // Stopped mid-epoch: the epoch's first (s + 1) steps' examples were used
-                // (ranks deal the order round-robin, so they are its first positions).
-                consumed = (((s + 1) * per_step) as u64).min(n as u64);
-                stopped = true;
-                break;
-            }
-        }
-        state.ledger.push(LedgerRange {
-            epoch,
-            partitions: 1,
-            partition: 0,
-            start: 0,
-            end: consumed,
-        });
-        // Dev evaluation across ranks: each scores its share, the counts are summed.
-        set_phase(&ctx, "evaluating");
-        let counts = data.evaluate(&model, &tokenizer, rank, world)?;
-        let mut v = counts.to_vec();
-        ring.all_reduce_sum(&mut v)?;
-        let total = MetricCounts::from_vec(counts.kind(), &v)?;
-        last_metrics = total
-            .summary()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let score = last_metrics.get(metric.as_str()).copied().unwrap_or(0.0);
-        tracing::info!(rank, epoch, ?last_metrics, "dev evaluation");
-        epoch += 1;
-        state.cursor = DataCursor {
-            epoch,
-            ..Default::default()
-        };
-        let improved = best.is_none_or(|(b, _)| score > b);
-        if improved {
-            best = Some((score, epoch - 1));
-        }
-        ctx.progress.lock().unwrap().metrics_json = serde_json::to_string(&last_metrics)?;
+        let weights = files
+            .get(hf::WEIGHTS_FILE)
+            .with_context(|| format!("{} lacks {}", a.encoder_checkpoint, hf::WEIGHTS_FILE))?;
+        let tensors = hf::tensors_from_bytes(weights, &a.encoder_checkpoint)?;
+        let origin = std::path::Path::new(&a.encoder_checkpoint);
+        let (m, report) =
+            TaskModel::from_encoder_tensors(&model_cfg, tensors, origin, head, seed, &ctx.device)?;
         if rank == 0 {
-            let files = store_files(
-                &model.store,
-                task_config_json(&model, &labels)?,
-                &*update.adamw(&model.store)?,
-                &state,
-            )?;
-            let mut c = ctx.client.clone();
-            set_phase(&ctx, "checkpoint");
-            // An improved epoch's checkpoint is stored once, as the stage's best; it is also
-            // a resume point like any other (the newest checkpoint of the stage wins).
-            let name = if improved {
-                format!("stage{}-best", a.stage_index)
-            } else {
-                checkpoint_name(&state)
-            };
-            ctx.rt.block_on(client::put_checkpoint(
-                &mut c,
-                &job_id,
-                a.generation,
-                &name,
-                &files,
-            ))?;
+            tracing::info!(from = %a.encoder_checkpoint, initialised = ?report.initialised, dropped = report.ignored.len(), "encoder loaded; task head initialised");
         }
-    }
-    set_phase(&ctx, "finishing");
-    state.stage_done = true;
-    if rank == 0 {
-        let files = store_files(
-            &model.store,
-            task_config_json(&model, &labels)?,
-            &*update.adamw(&model.store)?,
-            &state,
-        )?;
-        let mut c = ctx.client.clone();
-        ctx.rt.block_on(client::put_checkpoint(
-            &mut c,
-            &job_id,
-            a.generation,
-            &checkpoint_name(&state),
-            &files,
-        ))?;
-    }
-    let fingerprint = model.store.fingerprint()?;
-    let mut done = ctx.progress.lock().unwrap().clone();
-    let mut m = serde_json::json!({ "final": last_metrics, "metric": metric });
-    if let Some((score, e)) = best {
-        m["best"] = serde_json::json!({ "score": score, "epoch": e });
-    }
-    done.metrics_json = m.to_string();
-    report_done(&ctx, done, fingerprint, state.step)?;
-    let _ = ring.barrier();
-    Ok(())
+        m
+    };
+    model.cfg = model.hf_config(labels)?;
+    model.set_precision(precision(cfg, ctx, rank));
+    Ok(model)
 }

@@ -1,11 +1,19 @@
 //! The worker: joins the coordinator, obeys its directives, and runs each assignment on a
 //! dedicated training thread that owns the model (the async runtime never blocks on a step).
 
+mod assignment;
 mod client;
+mod collective;
+mod ctx;
 mod feed;
 mod finetune;
+mod phase;
+mod pretrain;
+mod progress;
 mod recent;
-mod train;
+mod stage;
+mod task_data;
+mod upload;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,66 +59,14 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
         Some(h) => format!("{h}:{}", bound.port()),
         None => bound.to_string(),
     };
-    let abort = Arc::new(AtomicBool::new(false));
-    let ring_abort: Arc<Mutex<Option<crate::comm::ring::AbortHandle>>> = Arc::new(Mutex::new(None));
-    let progress = Arc::new(Mutex::new(proto::ProgressReport::default()));
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
-    let mut training: Option<std::thread::JoinHandle<()>> = None;
+    let mut training = Training::new(listener, device, opts.token.clone());
     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
     tokio::pin!(shutdown);
-
-    let stop_training =
-        |abort: &AtomicBool, ring_abort: &Mutex<Option<crate::comm::ring::AbortHandle>>| {
-            abort.store(true, Ordering::SeqCst);
-            if let Some(h) = ring_abort.lock().unwrap().take() {
-                h.abort();
-            }
-        };
     let mut first = true;
-    let result = 'session: loop {
-        // (Re)join. The first attempt waits up to connect_timeout for the coordinator to
-        // come up; later ones too (a restarted coordinator on the same address).
-        // (Re)join until connect_timeout: a coordinator that is starting (listening, but not yet
-        // serving) or restarting answers Unavailable for a while; a refusal (wrong token,
-        // protocol version, ended job) is final.
-        let joined = async {
-            let start = std::time::Instant::now();
-            let mut wait = Duration::from_millis(200);
-            loop {
-                let left = opts.connect_timeout.saturating_sub(start.elapsed());
-                let mut client = connect(&opts.coordinator, &opts.token, left).await?;
-                let r = client
-                    .join(proto::JoinRequest {
-                        protocol_version: proto::PROTOCOL_VERSION,
-                        job_id: String::new(),
-                        worker_id: opts.worker_id.clone(),
-                        ring_addr: ring_addr.clone(),
-                        threads: opts.threads as u32,
-                        device: opts.device.clone(),
-                    })
-                    .await;
-                match r {
-                    Ok(stream) => return anyhow::Ok((client, stream.into_inner())),
-                    Err(st)
-                        if matches!(
-                            st.code(),
-                            tonic::Code::Unavailable
-                                | tonic::Code::Unknown
-                                | tonic::Code::Cancelled
-                                | tonic::Code::DeadlineExceeded
-                        ) && start.elapsed() + wait < opts.connect_timeout =>
-                    {
-                        tracing::debug!("join not possible yet ({st}); retrying in {wait:?}");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
-                    }
-                    Err(st) => return Err(anyhow::Error::new(st).context("joining the job")),
-                }
-            }
-        };
-        let (mut client, mut directives) = tokio::select! {
+    let result = loop {
+        let (client, directives) = tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            r = joined => match r {
+            r = join(&opts, &ring_addr) => match r {
                 Ok(x) => x,
                 Err(e) if first => break Err(e),
                 Err(e) => break Err(e.context("the coordinator did not come back")),
@@ -118,87 +74,212 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
         };
         first = false;
         tracing::info!(coordinator = %opts.coordinator, %ring_addr, "joined; waiting for an assignment");
-        if let Some(h) = heartbeat.take() {
+        if let Some(h) = heartbeat.replace(tokio::spawn(heartbeat_loop(
+            client.clone(),
+            training.progress.clone(),
+        ))) {
             h.abort();
         }
-        heartbeat = Some(tokio::spawn(heartbeat_loop(
-            client.clone(),
-            progress.clone(),
-        )));
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => {
-                    stop_training(&abort, &ring_abort);
-                    break 'session Ok(());
-                }
-                res = done_rx.recv() => {
-                    if let Some(Err(e)) = res {
-                        if !abort.load(Ordering::SeqCst) {
-                            tracing::error!("training failed: {e:#}");
-                            let mut p = progress.lock().unwrap().clone();
-                            p.error = format!("{e:#}");
-                            let _ = client.report_progress(p).await;
-                        }
-                    }
-                }
-                d = directives.message() => match d {
-                    Ok(Some(proto::Directive { kind: Some(Kind::Assignment(a)) })) => {
-                        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, stage = a.stage_index, "assignment received");
-                        // A new assignment replaces the current one: stop it and wait for it.
-                        if let Some(t) = training.take() {
-                            stop_training(&abort, &ring_abort);
-                            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-                        }
-                        abort.store(false, Ordering::SeqCst);
-                        let ctx = train::Ctx {
-                            rt: tokio::runtime::Handle::current(),
-                            client: client.clone(),
-                            listener: listener.try_clone()?,
-                            token: opts.token.clone(),
-                            abort: abort.clone(),
-                            ring_abort: ring_abort.clone(),
-                            progress: progress.clone(),
-                            device: device.clone(),
-                        };
-                        let tx = done_tx.clone();
-                        training = Some(std::thread::Builder::new().name(format!("train-r{}", a.rank)).spawn(move || {
-                            let r = train::run_assignment(a, ctx);
-                            let _ = tx.send(r);
-                        })?);
-                    }
-                    Ok(Some(proto::Directive { kind: Some(Kind::Abort(a)) })) => {
-                        tracing::warn!(generation = a.generation, "abort: {}", a.reason);
-                        stop_training(&abort, &ring_abort);
-                    }
-                    Ok(Some(proto::Directive { kind: Some(Kind::Stop(s)) })) => {
-                        stop_training(&abort, &ring_abort);
-                        match after_stop(&s, opts.connect_timeout) {
-                            Some(end) => break 'session end,
-                            None => continue 'session,
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => {
-                        let why = match d {
-                            Err(status) => status.to_string(),
-                            _ => "the directive stream ended".into(),
-                        };
-                        tracing::warn!("lost the coordinator ({why}); stopping training and rejoining");
-                        stop_training(&abort, &ring_abort);
-                        continue 'session;
-                    }
-                }
+        tokio::select! {
+            _ = &mut shutdown => {
+                training.stop();
+                break Ok(());
+            }
+            end = training.session(client, directives, opts.connect_timeout) => match end {
+                Some(end) => break end,
+                None => continue, // rejoin
             }
         }
     };
     if let Some(h) = heartbeat {
         h.abort();
     }
-    if let Some(t) = training {
-        // The abort flag and the ring's abort make the thread return promptly.
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
-    }
+    training.join().await;
     result
+}
+
+/// Joins the job, retrying until `connect_timeout`: a coordinator that is starting
+/// (listening, but not yet serving) or restarting answers Unavailable for a while; a refusal
+/// (wrong token, protocol version, ended job) is final.
+async fn join(
+    opts: &WorkerOptions,
+    ring_addr: &str,
+) -> anyhow::Result<(Client, tonic::Streaming<proto::Directive>)> {
+    let start = std::time::Instant::now();
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let left = opts.connect_timeout.saturating_sub(start.elapsed());
+        let mut client = connect(&opts.coordinator, &opts.token, left).await?;
+        let r = client
+            .join(proto::JoinRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                job_id: String::new(),
+                worker_id: opts.worker_id.clone(),
+                ring_addr: ring_addr.into(),
+                threads: opts.threads as u32,
+                device: opts.device.clone(),
+            })
+            .await;
+        match r {
+            Ok(stream) => return Ok((client, stream.into_inner())),
+            Err(st)
+                if matches!(
+                    st.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) && start.elapsed() + wait < opts.connect_timeout =>
+            {
+                tracing::debug!("join not possible yet ({st}); retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(st) => return Err(anyhow::Error::new(st).context("joining the job")),
+        }
+    }
+}
+
+/// The training thread of the current assignment, and what the async side shares with it.
+struct Training {
+    listener: crate::comm::ring::RingListener,
+    device: candle_core::Device,
+    token: String,
+    /// Set by an Abort/Stop directive: the loop stops between steps.
+    abort: Arc<AtomicBool>,
+    /// Unblocks a collective in progress.
+    ring_abort: Arc<Mutex<Option<crate::comm::ring::AbortHandle>>>,
+    /// The latest progress, sent by the heartbeat.
+    progress: Arc<Mutex<proto::ProgressReport>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    done_tx: tokio::sync::mpsc::UnboundedSender<anyhow::Result<()>>,
+    done_rx: tokio::sync::mpsc::UnboundedReceiver<anyhow::Result<()>>,
+}
+
+impl Training {
+    fn new(
+        listener: crate::comm::ring::RingListener,
+        device: candle_core::Device,
+        token: String,
+    ) -> Self {
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        Training {
+            listener,
+            device,
+            token,
+            abort: Arc::new(AtomicBool::new(false)),
+            ring_abort: Arc::new(Mutex::new(None)),
+            progress: Arc::new(Mutex::new(proto::ProgressReport::default())),
+            thread: None,
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Asks the training thread to stop: between steps, or now inside a collective.
+    fn stop(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+        if let Some(h) = self.ring_abort.lock().unwrap().take() {
+            h.abort();
+        }
+    }
+
+    /// Waits for the training thread, if any (after [`Self::stop`] it returns promptly).
+    async fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    /// Replaces the current assignment by `a`: stops and waits for the running one, then
+    /// starts `a` on a new training thread.
+    async fn assign(&mut self, a: proto::Assignment, client: &Client) -> anyhow::Result<()> {
+        if self.thread.is_some() {
+            self.stop();
+            self.join().await;
+        }
+        self.abort.store(false, Ordering::SeqCst);
+        let ctx = ctx::Ctx {
+            rt: tokio::runtime::Handle::current(),
+            client: client.clone(),
+            listener: self.listener.try_clone()?,
+            token: self.token.clone(),
+            abort: self.abort.clone(),
+            ring_abort: self.ring_abort.clone(),
+            progress: self.progress.clone(),
+            device: self.device.clone(),
+        };
+        let tx = self.done_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("train-r{}", a.rank))
+            .spawn(move || {
+                let r = assignment::run_assignment(a, ctx);
+                let _ = tx.send(r);
+            })?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// Obeys the coordinator's directives until the session ends: Some(the worker's end) on a
+    /// Stop of a finished or failed job, None to rejoin (a paused job, a lost coordinator).
+    async fn session(
+        &mut self,
+        mut client: Client,
+        mut directives: tonic::Streaming<proto::Directive>,
+        connect_timeout: Duration,
+    ) -> Option<anyhow::Result<()>> {
+        loop {
+            tokio::select! {
+                res = self.done_rx.recv() => {
+                    if let Some(Err(e)) = res {
+                        self.report_failure(&mut client, e).await;
+                    }
+                }
+                d = directives.message() => {
+                    let kind = match d {
+                        Ok(Some(proto::Directive { kind })) => kind,
+                        Ok(None) | Err(_) => {
+                            let why = match d {
+                                Err(status) => status.to_string(),
+                                _ => "the directive stream ended".into(),
+                            };
+                            tracing::warn!("lost the coordinator ({why}); stopping training and rejoining");
+                            self.stop();
+                            return None;
+                        }
+                    };
+                    match kind {
+                        Some(Kind::Assignment(a)) => {
+                            tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, stage = a.stage_index, "assignment received");
+                            if let Err(e) = self.assign(a, &client).await {
+                                return Some(Err(e));
+                            }
+                        }
+                        Some(Kind::Abort(a)) => {
+                            tracing::warn!(generation = a.generation, "abort: {}", a.reason);
+                            self.stop();
+                        }
+                        Some(Kind::Stop(s)) => {
+                            self.stop();
+                            return after_stop(&s, connect_timeout);
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the coordinator why training failed (unless the failure is an abort's).
+    async fn report_failure(&self, client: &mut Client, e: anyhow::Error) {
+        if self.abort.load(Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!("training failed: {e:#}");
+        let mut p = self.progress.lock().unwrap().clone();
+        p.error = format!("{e:#}");
+        let _ = client.report_progress(p).await;
+    }
 }
 
 /// What a Stop means for this worker: the end of its run (Ok for a finished job, the reason

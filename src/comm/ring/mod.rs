@@ -15,6 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use sha2::{Digest, Sha256};
 
 use super::Collective;
@@ -512,6 +513,10 @@ impl Collective for Ring {
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.run(Kind::AllReduce, buf, 0)
+    }
+    /// Through the host: the ring moves host memory only.
+    fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        super::tensors_through_host(self, ts)
     }
     /// The first half of the all-reduce's schedule: this rank ends with its segment summed.
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {

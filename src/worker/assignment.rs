@@ -1,0 +1,29 @@
+//! An assignment on the training thread: the job's configuration, the stage, and the stage
+//! kind's run (pre-training or fine-tuning).
+
+use anyhow::Context;
+
+use super::ctx::Ctx;
+use crate::config::{JobConfig, StageKind};
+use crate::proto;
+
+/// Runs the stage of assignment `a` to its end (or its abort).
+pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
+    let cfg = JobConfig::from_json(&a.job_config_json)?;
+    let stage = cfg
+        .stages
+        .get(a.stage_index as usize)
+        .with_context(|| format!("stage {} does not exist", a.stage_index))?;
+    *ctx.progress.lock().unwrap() = proto::ProgressReport {
+        job_id: cfg.job.name.clone(),
+        generation: a.generation,
+        rank: a.rank,
+        stage_index: a.stage_index,
+        phase: super::phase::Phase::ConnectingRing.to_string(),
+        ..Default::default()
+    };
+    match stage.kind {
+        StageKind::Pretrain => super::pretrain::run_pretrain(&a, &ctx, &cfg, stage),
+        _ => super::finetune::run_finetune(&a, &ctx, &cfg, stage),
+    }
+}
