@@ -87,3 +87,43 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How the coordinator answers an RPC that failed on one of its own errors: a file or shard
+/// that is not there is NotFound, a checkpoint that does not verify is DataLoss, and anything
+/// else is Internal; the message is the error's own (it says what and where).
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match &e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                tonic::Status::not_found(msg)
+            }
+            Error::Shard { .. } => tonic::Status::not_found(msg),
+            Error::Checkpoint { .. } | Error::Json { .. } => tonic::Status::data_loss(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_become_statuses_by_what_went_wrong() {
+        let gone = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let s = tonic::Status::from(Error::io("/ckpt/stage0-step000010/manifest.json", gone));
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(s.message().contains("stage0-step000010"), "{s}");
+        let torn = Error::Checkpoint {
+            path: "/ckpt/x/model.safetensors".into(),
+            msg: "checksum mismatch".into(),
+        };
+        assert_eq!(tonic::Status::from(torn).code(), tonic::Code::DataLoss);
+        let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        assert_eq!(
+            tonic::Status::from(Error::io("/ckpt", full)).code(),
+            tonic::Code::Internal
+        );
+    }
+}

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::state::{Event, Phase, Shared};
+use super::status::JobStatus;
 use super::{StageSummary, Summary};
 use crate::data::tokenizer::Tokenizer;
 use crate::proto::{self, directive::Kind};
@@ -20,8 +21,7 @@ use crate::proto::{self, directive::Kind};
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct JobRecord {
     pub job: String,
-    /// "running", "completed", "failed" or "interrupted".
-    pub status: String,
+    pub status: JobStatus,
     pub stage_index: u32,
     pub generation: u64,
     /// Generations that failed and were restarted (since the last manual resume).
@@ -67,35 +67,62 @@ impl JobRecord {
     }
 }
 
-/// Per-generation bookkeeping of the driver.
+/// A generation training the current stage.
 struct Generation {
     world: u32,
+    /// The final reports of the ranks that finished the stage.
     done: BTreeMap<u32, proto::ProgressReport>,
 }
 
-/// What the driver decided after a generation failed.
-enum AfterFailure {
-    Restart,
-    Fail(Summary),
+/// Waiting for workers to form the next generation.
+struct Gathering {
+    /// The job fails if fewer than `min_workers` have joined by then.
+    deadline: Instant,
+    /// Since when `min_workers` are present (`join_window_s` counts from here).
+    quorum_since: Option<Instant>,
+    /// After a failed generation, none is formed before this (see [`RESTART_SETTLE`]).
+    settle_until: Option<Instant>,
+    /// Until when a quorum waits for a checkpoint upload still in flight.
+    upload_wait: Option<Instant>,
+}
+
+impl Gathering {
+    fn new(join_timeout_s: f64, settle: Option<Duration>) -> Self {
+        Gathering {
+            deadline: Instant::now() + Duration::from_secs_f64(join_timeout_s),
+            quorum_since: None,
+            settle_until: settle.map(|d| Instant::now() + d),
+            upload_wait: None,
+        }
+    }
+}
+
+/// The driver's state: everything its decisions depend on besides the job record.
+enum State {
+    Rendezvous(Gathering),
+    Running(Generation),
+}
+
+/// What an event or a tick leads to.
+enum Next {
+    /// Nothing more to do now.
+    Go,
+    /// The generation failed for this reason (and, for a stall, because of this member).
+    Failed(String, Option<u64>),
+    /// The job ended.
+    End(Summary),
 }
 
 struct Driver {
     shared: Arc<Shared>,
     record: JobRecord,
-    gen: Option<Generation>,
+    state: State,
     stages: Vec<StageSummary>,
-    quorum_since: Option<Instant>,
-    join_deadline: Instant,
     /// When the current stage's first generation was assigned, and the coordinator's CPU
     /// time then (for the stage's `wall_s` and `coordinator_cpu_s`).
     stage_clock: Option<(Instant, Option<f64>)>,
-    /// Until when a quorum waits for checkpoint uploads still in flight.
-    upload_wait: Option<Instant>,
     /// The member that was rank 0 (the uploader) of the latest generation.
     uploader: Option<u64>,
-    /// After a failed generation, no new one is formed before this instant (see
-    /// [`RESTART_SETTLE`]).
-    settle_until: Option<Instant>,
 }
 
 /// How long the coordinator lets a failure settle before it forms the next generation. A rank
@@ -115,15 +142,19 @@ impl Driver {
         }
     }
 
-    fn summary(&self, status: &str, reason: String) -> Summary {
+    fn summary(&self, status: JobStatus, reason: String) -> Summary {
+        let world_size = match &self.state {
+            State::Running(g) => g.world,
+            State::Rendezvous(_) => 0,
+        };
         Summary {
             job: self.shared.job_id.clone(),
-            status: status.into(),
+            status,
             reason,
             generations: self.record.generation,
             restarts: self.record.restarts,
             history: self.record.history.clone(),
-            world_size: self.gen.as_ref().map(|g| g.world).unwrap_or(0),
+            world_size,
             wall_s: self.shared.started.elapsed().as_secs_f64(),
             corpus_documents: self.shared.prepared.index.total_documents(),
             shards: self.shared.prepared.index.shards.len(),
@@ -132,8 +163,8 @@ impl Driver {
         }
     }
 
-    fn end(&mut self, status: &str, reason: String) -> Summary {
-        self.record.status = status.into();
+    fn end(&mut self, status: JobStatus, reason: String) -> Summary {
+        self.record.status = status;
         if let Some(h) = self.record.history.last_mut() {
             if h.outcome.is_empty() {
                 h.outcome = if reason.is_empty() {
@@ -146,12 +177,12 @@ impl Driver {
         self.persist();
         set_phase(
             &self.shared,
-            if status == "completed" {
+            if status == JobStatus::Completed {
                 Phase::Finished
             } else {
                 Phase::Failed
             },
-            status,
+            status.as_str(),
         );
         self.shared.broadcast(Kind::Stop(proto::Stop {
             reason: if reason.is_empty() {
@@ -159,14 +190,184 @@ impl Driver {
             } else {
                 reason.clone()
             },
-            kind: stop_kind(status) as i32,
+            kind: status.stop_kind() as i32,
         }));
         self.summary(status, reason)
     }
 
+    /// An event in the current state.
+    fn on_event(&mut self, ev: Event) -> anyhow::Result<Next> {
+        let running = matches!(self.state, State::Running(_));
+        Ok(match ev {
+            Event::Checkpoint(name) => {
+                tracing::debug!(%name, "checkpoint event");
+                Next::Go
+            }
+            Event::Joined => Next::Go,
+            Event::Left(id) => {
+                let m = self.shared.state.lock().unwrap().members.remove(&id);
+                match m {
+                    Some(m) if running && m.rank.is_some() => Next::Failed(
+                        format!(
+                            "rank {} (worker {}) disconnected at step {} while {}",
+                            m.rank.unwrap_or_default(),
+                            m.worker_id,
+                            m.step,
+                            m.phase
+                        ),
+                        None,
+                    ),
+                    _ => Next::Go,
+                }
+            }
+            Event::Failed { rank, error } if running => {
+                Next::Failed(format!("rank {rank} failed: {error}"), None)
+            }
+            Event::Failed { .. } => Next::Go,
+            Event::Done(r) if running => self.on_done(*r)?,
+            Event::Done(_) => Next::Go,
+        })
+    }
+
+    /// A rank's final report of the stage; once every rank has sent one, the stage ends.
+    fn on_done(&mut self, r: proto::ProgressReport) -> anyhow::Result<Next> {
+        let State::Running(g) = &mut self.state else {
+            return Ok(Next::Go);
+        };
+        tracing::info!(
+            rank = r.rank,
+            step = r.step,
+            fingerprint = format!("{:016x}", r.param_fingerprint),
+            "rank finished the stage"
+        );
+        g.done.insert(r.rank, r);
+        if g.done.len() as u32 == g.world {
+            return self.finish_stage();
+        }
+        Ok(Next::Go)
+    }
+
+    /// Every rank finished the stage: its summary, then the next stage with the same
+    /// workers, or the job's end.
+    fn finish_stage(&mut self) -> anyhow::Result<Next> {
+        let clock = self.stage_clock.take();
+        let State::Running(g) = &self.state else {
+            return Ok(Next::Go);
+        };
+        let shared = self.shared.clone();
+        // Rank 0 uploaded the stage's final checkpoint before reporting done.
+        let current = shared.state.lock().unwrap().stage_index;
+        let final_files = shared
+            .store
+            .read(&format!("stage{current}-final"))
+            .with_context(|| {
+                format!("stage {current} finished without a usable final checkpoint")
+            })?;
+        let s = stage_summary(&shared, g, &final_files, &self.record.history, clock);
+        tracing::info!("{}", super::stage_line(&s));
+        let (identical, fps) = (s.replicas_identical, s.param_fingerprints.clone());
+        self.stages.push(s);
+        if !identical {
+            let why = format!("replicas diverged: parameter fingerprints {fps:?}");
+            return Ok(Next::End(self.end(JobStatus::Failed, why)));
+        }
+        let next = current + 1;
+        if next as usize >= shared.cfg.stages.len() {
+            export_final(&shared, final_files)?;
+            return Ok(Next::End(self.end(JobStatus::Completed, String::new())));
+        }
+        shared.state.lock().unwrap().stage_index = next;
+        self.record.stage_index = next;
+        if let Some(h) = self.record.history.last_mut() {
+            h.outcome = format!("stage {current} completed");
+        }
+        tracing::info!(stage = next, name = %shared.cfg.stages[next as usize].name, "starting the next stage");
+        self.assign()?;
+        Ok(Next::Go)
+    }
+
+    /// What time alone decides: a stalled rank while running; forming a generation, or
+    /// giving up on one, while gathering.
+    fn tick(&mut self) -> anyhow::Result<Next> {
+        match &self.state {
+            State::Running(_) => Ok(self.stalled()),
+            State::Rendezvous(_) => self.gather(),
+        }
+    }
+
+    /// A rank silent for longer than `heartbeat_timeout_s`, as a failure.
+    fn stalled(&self) -> Next {
+        let c = &self.shared.cfg.cluster;
+        let limit = Duration::from_secs_f64(c.heartbeat_timeout_s);
+        let st = self.shared.state.lock().unwrap();
+        let silent = st
+            .members
+            .iter()
+            .find(|(_, m)| m.rank.is_some() && m.last_seen.elapsed() > limit);
+        match silent {
+            Some((id, m)) => Next::Failed(
+                format!(
+                    "rank {} (worker {}) stalled: silent for {:.0} s (heartbeat_timeout_s = {}) at step {} while {}",
+                    m.rank.unwrap_or_default(),
+                    m.worker_id,
+                    m.last_seen.elapsed().as_secs_f64(),
+                    c.heartbeat_timeout_s,
+                    m.step,
+                    m.phase
+                ),
+                Some(*id),
+            ),
+            None => Next::Go,
+        }
+    }
+
+    /// Rendezvous: forms a generation once `max_workers` joined, or `min_workers` stayed for
+    /// `join_window_s`, a failure has settled and no checkpoint upload is still arriving; fails
+    /// the job when `min_workers` did not join by the deadline.
+    fn gather(&mut self) -> anyhow::Result<Next> {
+        let c = &self.shared.cfg.cluster;
+        let n = self.shared.state.lock().unwrap().members.len();
+        let uploader_here = self
+            .uploader
+            .is_some_and(|id| self.shared.state.lock().unwrap().members.contains_key(&id));
+        let in_flight = self
+            .shared
+            .uploads
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let upload_limit = Duration::from_secs_f64(c.collective_timeout_s);
+        let State::Rendezvous(g) = &mut self.state else {
+            return Ok(Next::Go);
+        };
+        if n < c.min_workers {
+            g.quorum_since = None;
+            if Instant::now() <= g.deadline {
+                return Ok(Next::Go);
+            }
+            let mut reason = format!(
+                "only {n} of min_workers = {} joined within join_timeout_s = {}",
+                c.min_workers, c.join_timeout_s
+            );
+            if let Some(r) = self.shared.refusals.describe() {
+                reason += &format!("; {r}");
+            }
+            return Ok(Next::End(self.end(JobStatus::Failed, reason)));
+        }
+        let since = *g.quorum_since.get_or_insert_with(Instant::now);
+        let settled = g.settle_until.is_none_or(|t| Instant::now() >= t);
+        let full =
+            n >= c.max_workers || since.elapsed() >= Duration::from_secs_f64(c.join_window_s);
+        if full
+            && settled
+            && !waiting_for_uploads(&mut g.upload_wait, in_flight, uploader_here, upload_limit)
+        {
+            self.assign()?;
+        }
+        Ok(Next::Go)
+    }
+
     /// A generation ended badly: abort it everywhere, evict the culprit (if any), and either
     /// go back to rendezvous for a new generation or fail the job after `max_restarts`.
-    fn on_failure(&mut self, reason: String, culprit: Option<u64>) -> AfterFailure {
+    fn on_failure(&mut self, reason: String, culprit: Option<u64>) -> Option<Summary> {
         let generation = self.shared.state.lock().unwrap().generation;
         tracing::error!(generation, "generation failed: {reason}");
         if let Some(id) = culprit {
@@ -184,7 +385,7 @@ impl Driver {
         let max = self.shared.cfg.cluster.max_restarts;
         if self.record.restarts >= max {
             let r = format!("{reason}; giving up after max_restarts = {max} restarts");
-            return AfterFailure::Fail(self.end("failed", r));
+            return Some(self.end(JobStatus::Failed, r));
         }
         self.record.restarts += 1;
         self.persist();
@@ -196,57 +397,18 @@ impl Driver {
                 m.rank = None;
             }
         }
-        self.gen = None;
-        self.quorum_since = None;
-        self.settle_until = Some(Instant::now() + RESTART_SETTLE);
-        self.join_deadline =
-            Instant::now() + Duration::from_secs_f64(self.shared.cfg.cluster.join_timeout_s);
+        let join_timeout_s = self.shared.cfg.cluster.join_timeout_s;
+        self.state = State::Rendezvous(Gathering::new(join_timeout_s, Some(RESTART_SETTLE)));
         tracing::warn!(
             restart = self.record.restarts,
             max,
             "waiting for workers to (re)join for a new generation"
         );
-        AfterFailure::Restart
-    }
-
-    /// Whether to hold a new generation back because a checkpoint (of the generation that just
-    /// failed) is still arriving: it is newer than any the new generation could start from.
-    /// Bounded by `cluster.collective_timeout_s`.
-    fn waiting_for_uploads(&mut self) -> bool {
-        let in_flight = self
-            .shared
-            .uploads
-            .load(std::sync::atomic::Ordering::SeqCst);
-        let uploader_here = self
-            .uploader
-            .is_some_and(|id| self.shared.state.lock().unwrap().members.contains_key(&id));
-        // An uploader that left or was evicted (stalled) will not finish: do not wait for it.
-        if in_flight == 0 || !uploader_here {
-            self.upload_wait = None;
-            return false;
-        }
-        let limit = Duration::from_secs_f64(self.shared.cfg.cluster.collective_timeout_s);
-        let until = *self.upload_wait.get_or_insert_with(|| {
-            tracing::info!(
-                in_flight,
-                "a checkpoint upload is still arriving: the new generation waits for it (at most {:.0} s)",
-                limit.as_secs_f64()
-            );
-            Instant::now() + limit
-        });
-        if Instant::now() < until {
-            return true;
-        }
-        tracing::warn!(
-            "the checkpoint upload did not finish within {:.0} s: starting without it",
-            limit.as_secs_f64()
-        );
-        false
+        None
     }
 
     /// Starts a generation: ranks in join order, peers, the checkpoint to resume from.
     fn assign(&mut self) -> anyhow::Result<()> {
-        self.upload_wait = None;
         self.stage_clock
             .get_or_insert_with(|| (Instant::now(), crate::util::process_cpu_seconds()));
         let start_checkpoint = self.resume_point();
@@ -315,7 +477,7 @@ impl Driver {
         drop(st);
         tracing::info!(generation, world, ?peers, checkpoint = %start_checkpoint, encoder = %encoder_checkpoint, "assigned ranks");
         self.record.generation = generation;
-        self.record.status = "running".into();
+        self.record.status = JobStatus::Running;
         self.record.history.push(GenerationRecord {
             generation,
             stage_index,
@@ -327,7 +489,7 @@ impl Driver {
             outcome: String::new(),
         });
         self.persist();
-        self.gen = Some(Generation {
+        self.state = State::Running(Generation {
             world,
             done: BTreeMap::new(),
         });
@@ -354,175 +516,81 @@ impl Driver {
     }
 }
 
+/// Whether to hold a new generation back because a checkpoint (of the generation that just
+/// failed) is still arriving: it is newer than any the new generation could start from.
+/// Bounded by `limit` (`cluster.collective_timeout_s`) from the first wait (`wait`); an
+/// uploader that left or was evicted (stalled) will not finish, so it is not waited for.
+fn waiting_for_uploads(
+    wait: &mut Option<Instant>,
+    in_flight: usize,
+    uploader_here: bool,
+    limit: Duration,
+) -> bool {
+    if in_flight == 0 || !uploader_here {
+        *wait = None;
+        return false;
+    }
+    let until = *wait.get_or_insert_with(|| {
+        tracing::info!(
+            in_flight,
+            "a checkpoint upload is still arriving: the new generation waits for it (at most {:.0} s)",
+            limit.as_secs_f64()
+        );
+        Instant::now() + limit
+    });
+    if Instant::now() < until {
+        return true;
+    }
+    tracing::warn!(
+        "the checkpoint upload did not finish within {:.0} s: starting without it",
+        limit.as_secs_f64()
+    );
+    false
+}
+
+/// Runs the job's state machine until it ends: events from the gRPC handlers, and a tick for
+/// what time alone decides (heartbeats, join windows, deadlines).
 pub(super) async fn drive(
     shared: Arc<Shared>,
     mut events: mpsc::UnboundedReceiver<Event>,
     shutdown: impl Future<Output = ()>,
     record: JobRecord,
 ) -> anyhow::Result<Summary> {
-    let cfg = shared.cfg.clone();
-    let c = &cfg.cluster;
-    let heartbeat = Duration::from_secs_f64(c.heartbeat_timeout_s);
+    let join_timeout_s = shared.cfg.cluster.join_timeout_s;
     let mut d = Driver {
-        shared: shared.clone(),
+        shared,
         record,
-        gen: None,
+        state: State::Rendezvous(Gathering::new(join_timeout_s, None)),
         stages: vec![],
-        quorum_since: None,
-        join_deadline: Instant::now() + Duration::from_secs_f64(c.join_timeout_s),
         stage_clock: None,
-        upload_wait: None,
         uploader: None,
-        settle_until: None,
     };
     tokio::pin!(shutdown);
     loop {
         let ev = tokio::select! {
             _ = &mut shutdown => {
                 tracing::warn!("shutdown requested: telling workers to stop; the last checkpoint is kept");
-                return Ok(d.end("interrupted", "interrupted by signal".into()));
+                return Ok(d.end(JobStatus::Interrupted, "interrupted by signal".into()));
             }
             ev = events.recv() => ev,
             _ = tokio::time::sleep(Duration::from_millis(200)) => None,
         };
-        let phase = shared.state.lock().unwrap().phase;
-        let failure: Option<(String, Option<u64>)> = match (phase, ev) {
-            (_, Some(Event::Checkpoint(name))) => {
-                tracing::debug!(%name, "checkpoint event");
-                None
-            }
-            (Phase::Rendezvous, Some(Event::Left(id))) => {
-                shared.state.lock().unwrap().members.remove(&id);
-                None
-            }
-            (Phase::Running, Some(Event::Left(id))) => {
-                let m = shared.state.lock().unwrap().members.remove(&id);
-                m.filter(|m| m.rank.is_some()).map(|m| {
-                    (
-                        format!(
-                            "rank {} (worker {}) disconnected at step {} while {}",
-                            m.rank.unwrap(),
-                            m.worker_id,
-                            m.step,
-                            m.phase
-                        ),
-                        None,
-                    )
-                })
-            }
-            (Phase::Running, Some(Event::Failed { rank, error })) => {
-                Some((format!("rank {rank} failed: {error}"), None))
-            }
-            (Phase::Running, Some(Event::Done(r))) => {
-                let g = d.gen.as_mut().expect("running has a generation");
-                tracing::info!(
-                    rank = r.rank,
-                    step = r.step,
-                    fingerprint = format!("{:016x}", r.param_fingerprint),
-                    "rank finished the stage"
-                );
-                g.done.insert(r.rank, *r);
-                if g.done.len() as u32 == g.world {
-                    // Rank 0 uploaded the stage's final checkpoint before reporting done.
-                    let current = shared.state.lock().unwrap().stage_index;
-                    let final_files = shared
-                        .store
-                        .read(&format!("stage{current}-final"))
-                        .with_context(|| {
-                            format!("stage {current} finished without a usable final checkpoint")
-                        })?;
-                    let clock = d.stage_clock.take();
-                    let s = stage_summary(&shared, g, &final_files, &d.record.history, clock);
-                    tracing::info!("{}", super::stage_line(&s));
-                    let identical = s.replicas_identical;
-                    let fps = s.param_fingerprints.clone();
-                    d.stages.push(s);
-                    if !identical {
-                        return Ok(d.end(
-                            "failed",
-                            format!("replicas diverged: parameter fingerprints {fps:?}"),
-                        ));
-                    }
-                    let next = current + 1;
-                    if next as usize >= cfg.stages.len() {
-                        export_final(&shared, final_files)?;
-                        return Ok(d.end("completed", String::new()));
-                    }
-                    // The next stage starts at once with the same workers.
-                    shared.state.lock().unwrap().stage_index = next;
-                    d.record.stage_index = next;
-                    if let Some(h) = d.record.history.last_mut() {
-                        h.outcome = format!("stage {current} completed");
-                    }
-                    tracing::info!(stage = next, name = %cfg.stages[next as usize].name, "starting the next stage");
-                    d.assign()?;
-                }
-                None
-            }
-            _ => None,
+        let mut next = match ev {
+            Some(ev) => d.on_event(ev)?,
+            None => Next::Go,
         };
-        let failure = failure.or_else(|| {
-            if phase != Phase::Running {
-                return None;
-            }
-            let st = shared.state.lock().unwrap();
-            st.members.iter().find(|(_, m)| m.rank.is_some() && m.last_seen.elapsed() > heartbeat).map(|(id, m)| {
-                (
-                    format!(
-                        "rank {} (worker {}) stalled: silent for {:.0} s (heartbeat_timeout_s = {}) at step {} while {}",
-                        m.rank.unwrap(),
-                        m.worker_id,
-                        m.last_seen.elapsed().as_secs_f64(),
-                        c.heartbeat_timeout_s,
-                        m.step,
-                        m.phase
-                    ),
-                    Some(*id),
-                )
-            })
-        });
-        if let Some((reason, culprit)) = failure {
-            if let AfterFailure::Fail(summary) = d.on_failure(reason, culprit) {
-                return Ok(summary);
-            }
-            continue;
+        if let Next::Go = next {
+            next = d.tick()?;
         }
-        if phase == Phase::Rendezvous {
-            let n = shared.state.lock().unwrap().members.len();
-            if n >= c.min_workers {
-                let since = *d.quorum_since.get_or_insert_with(Instant::now);
-                let settled = d.settle_until.is_none_or(|t| Instant::now() >= t);
-                if (n >= c.max_workers
-                    || since.elapsed() >= Duration::from_secs_f64(c.join_window_s))
-                    && settled
-                    && !d.waiting_for_uploads()
-                {
-                    d.assign()?;
-                }
-            } else {
-                d.quorum_since = None;
-                if Instant::now() > d.join_deadline {
-                    let mut reason = format!(
-                        "only {n} of min_workers = {} joined within join_timeout_s = {}",
-                        c.min_workers, c.join_timeout_s
-                    );
-                    if let Some(r) = shared.refusals.describe() {
-                        reason += &format!("; {r}");
-                    }
-                    return Ok(d.end("failed", reason));
+        match next {
+            Next::Go => {}
+            Next::End(summary) => return Ok(summary),
+            Next::Failed(reason, culprit) => {
+                if let Some(summary) = d.on_failure(reason, culprit) {
+                    return Ok(summary);
                 }
             }
         }
-    }
-}
-
-/// What a job's end status tells its workers (see `Stop.kind`): an interrupted job can be
-/// resumed, so its workers wait to rejoin.
-fn stop_kind(status: &str) -> proto::StopKind {
-    match status {
-        "completed" => proto::StopKind::Finished,
-        "interrupted" => proto::StopKind::Paused,
-        _ => proto::StopKind::Failed,
     }
 }
 
@@ -577,7 +645,7 @@ fn stage_summary(
         .filter(|e| e.instances_planned > 0 && e.instances_consumed == e.instances_planned)
         .count() as u64;
     // Each kind reports what it measures: MLM/NSP and the data fractions for pre-training,
-    // the task's training accuracy for fine-tuning (carried in the report's mlm_accuracy).
+    // the task's training accuracy for fine-tuning.
     let pre = |v: f32| pretrain.then_some(v);
     StageSummary {
         name: stage.name.clone(),
@@ -592,7 +660,7 @@ fn stage_summary(
         nsp_loss: pre(r0.nsp_loss),
         mlm_accuracy: pre(r0.mlm_accuracy),
         nsp_accuracy: pre(r0.nsp_accuracy),
-        train_accuracy: (!pretrain).then_some(r0.mlm_accuracy),
+        train_accuracy: (!pretrain).then_some(r0.train_accuracy),
         samples_per_s: r0.samples_per_s,
         first_loss,
         last_loss: last_loss.or(Some(r0.loss)),

@@ -12,6 +12,7 @@ mod progress_log;
 mod refusals;
 mod service;
 mod state;
+mod status;
 mod summary_text;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ pub use driver::{GenerationRecord, JobRecord, JOB_RECORD};
 pub use prepare::prepare;
 pub use service::{auth_interceptor, checkpoint_chunks};
 use state::{JobState, Phase, Shared};
+pub use status::JobStatus;
 pub use summary_text::{human_summary, stage_line, summary_of};
 
 use crate::config::JobConfig;
@@ -58,8 +60,8 @@ pub enum Resume {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub job: String,
-    /// "completed", "failed" or "interrupted".
-    pub status: String,
+    /// Completed, failed or interrupted.
+    pub status: JobStatus,
     pub reason: String,
     pub generations: u64,
     /// Failed generations that were restarted.
@@ -163,7 +165,7 @@ pub async fn run(
             r.status,
             r.generation
         ),
-        Some(r) if r.status == "completed" => {
+        Some(r) if r.status == JobStatus::Completed => {
             let path = cfg.job.state_dir.join("summary.json");
             tracing::info!("job {:?} already finished; its summary is {}", r.job, path.display());
             let s: Summary = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
@@ -175,7 +177,7 @@ pub async fn run(
             r
         }
         None if opts.resume == Resume::Required => anyhow::bail!("--resume: {} holds no job to resume", cfg.job.state_dir.display()),
-        None => JobRecord { job: cfg.job.name.clone(), status: "running".into(), ..Default::default() },
+        None => JobRecord { job: cfg.job.name.clone(), status: JobStatus::Running, ..Default::default() },
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

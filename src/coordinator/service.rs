@@ -206,8 +206,7 @@ impl Coordinator for Service {
         let bytes =
             tokio::task::spawn_blocking(move || shared.prepared.index.read_shard(r.shard_id))
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::not_found(format!("shard {}: {e}", r.shard_id)))?;
+                .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(Box::pin(tokio_stream::iter(byte_chunks(
             &bytes,
         )))))
@@ -307,8 +306,7 @@ impl Coordinator for Service {
             shared.store.commit_hashed(&n2, &files, &hashes)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("storing checkpoint {name}: {e}")))?;
+        .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(checkpoint = %name, dir = %dir.display(), "checkpoint stored");
         let _ = self.shared.events.send(Event::Checkpoint(name.clone()));
         Ok(Response::new(proto::PutCheckpointResponse {
@@ -329,8 +327,7 @@ impl Coordinator for Service {
         let name = r.name.clone();
         let files = tokio::task::spawn_blocking(move || shared.store.read(&name))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::not_found(format!("checkpoint {}: {e}", r.name)))?;
+            .map_err(|e| Status::internal(e.to_string()))??;
         let chunks = checkpoint_chunks(&r.job_id, r.generation, &r.name, &files);
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),
