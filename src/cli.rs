@@ -92,57 +92,14 @@ pub enum Command {
         run: RunArgs,
     },
     /// Run the coordinator of a job (the job token comes from TANDEM_TOKEN or job.token_file).
-    Coordinator {
-        #[arg(long)]
-        config: PathBuf,
-        /// Address to serve gRPC on.
-        #[arg(long, default_value = "0.0.0.0:50051")]
-        listen: std::net::SocketAddr,
-        /// Write the bound address to this file once listening.
-        #[arg(long)]
-        addr_file: Option<PathBuf>,
-        /// Continue the job recorded in the config's state_dir (from its last good checkpoint).
-        #[arg(long)]
-        resume: bool,
-        /// Resume if the state_dir holds a job, start it otherwise (for pods that restart with
-        /// the same arguments).
-        #[arg(long, conflicts_with = "resume")]
-        resume_if_present: bool,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Print no human summary at the end (`launch` prints its own).
-        #[arg(long)]
-        no_summary: bool,
-    },
+    Coordinator(CoordinatorArgs),
     /// Print the summary of a job from its state dir (as `launch` prints it at the end; also
     /// for a state dir copied off a cluster).
     Summary { state_dir: PathBuf },
     /// Run a worker: join the coordinator and train what it assigns. The job token comes
     /// from the TANDEM_TOKEN environment variable (the coordinator's TANDEM_TOKEN or
     /// job.token_file).
-    Worker {
-        /// Coordinator URL, e.g. http://127.0.0.1:50051.
-        #[arg(long, env = "TANDEM_COORDINATOR")]
-        coordinator: String,
-        /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// CPU threads for this worker's kernels.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Stable worker id (defaults to host-pid).
-        #[arg(long, env = "TANDEM_WORKER_ID")]
-        worker_id: Option<String>,
-        /// Address the ring listener binds.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        ring_listen: std::net::SocketAddr,
-        /// Host name peers use to reach the ring listener (default: the bound IP).
-        #[arg(long, env = "TANDEM_ADVERTISE_HOST")]
-        advertise_host: Option<String>,
-        /// Keep trying to reach the coordinator this long (seconds).
-        #[arg(long, default_value_t = 300)]
-        connect_timeout_s: u64,
-    },
+    Worker(WorkerArgs),
     /// Losses (and gradient norms) of an HF checkpoint on one JSON batch, as transformers
     /// reports them.
     EvalBatch {
@@ -158,43 +115,12 @@ pub enum Command {
         grads: bool,
     },
     /// Batch inference with a fine-tuned head: one JSON line per input, in input order.
-    Predict {
-        /// Fine-tuned checkpoint directory (config.json with a task `architectures`,
-        /// model.safetensors, and tokenizer.json or vocab.txt), or a tandem state_dir.
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// JSONL (`text`, `text_a`/`text_b`, or `question`/`context`), or a classification
-        /// TSV, CoNLL file or SQuAD JSON.
-        #[arg(long)]
-        input: PathBuf,
-        /// Write the JSONL here instead of stdout.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Sequences (QA: context windows) per forward pass.
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
-        /// Longest sequence in tokens (capped at the model's max_position_embeddings).
-        /// Default: the tokenizer's model_max_length, as transformers truncates, else 128.
-        #[arg(long)]
-        max_seq_length: Option<usize>,
-        /// QA: tokens shared by consecutive windows of a long context (reduced to fit).
-        #[arg(long, default_value_t = 128)]
-        doc_stride: usize,
-    },
+    Predict(PredictArgs),
     /// Benchmarks that print one JSON line per measurement.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Print the WordPiece ids and tokens of a text (special tokens included).
-    Tokenize {
-        /// Directory with tokenizer.json or vocab.txt (or the file).
-        #[arg(long)]
-        tokenizer: PathBuf,
-        #[arg(long)]
-        text: String,
-        /// One JSON object with `ids` and `tokens`.
-        #[arg(long)]
-        json: bool,
-    },
+    Tokenize(TokenizeArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -300,4 +226,94 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 128)]
         seq: usize,
     },
+}
+
+/// `tandem coordinator`.
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: std::net::SocketAddr,
+    /// Write the bound address to this file once listening.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Continue the job recorded in the config's state_dir (from its last good checkpoint).
+    #[arg(long)]
+    pub resume: bool,
+    /// Resume if the state_dir holds a job, start it otherwise (for pods that restart with
+    /// the same arguments).
+    #[arg(long, conflicts_with = "resume")]
+    pub resume_if_present: bool,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print no human summary at the end (`launch` prints its own).
+    #[arg(long)]
+    pub no_summary: bool,
+}
+
+/// `tandem worker`.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "TANDEM_COORDINATOR")]
+    pub coordinator: String,
+    /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads for this worker's kernels.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Stable worker id (defaults to host-pid).
+    #[arg(long, env = "TANDEM_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Address the ring listener binds.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub ring_listen: std::net::SocketAddr,
+    /// Host name peers use to reach the ring listener (default: the bound IP).
+    #[arg(long, env = "TANDEM_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Keep trying to reach the coordinator this long (seconds).
+    #[arg(long, default_value_t = 300)]
+    pub connect_timeout_s: u64,
+}
+
+/// `tandem predict`.
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// Fine-tuned checkpoint directory (config.json with a task `architectures`,
+    /// model.safetensors, and tokenizer.json or vocab.txt), or a tandem state_dir.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// JSONL (`text`, `text_a`/`text_b`, or `question`/`context`), or a classification
+    /// TSV, CoNLL file or SQuAD JSON.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Write the JSONL here instead of stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Sequences (QA: context windows) per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Longest sequence in tokens (capped at the model's max_position_embeddings).
+    /// Default: the tokenizer's model_max_length, as transformers truncates, else 128.
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
+    /// QA: tokens shared by consecutive windows of a long context (reduced to fit).
+    #[arg(long, default_value_t = 128)]
+    pub doc_stride: usize,
+}
+
+/// `tandem tokenize`.
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    /// Directory with tokenizer.json or vocab.txt (or the file).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long)]
+    pub text: String,
+    /// One JSON object with `ids` and `tokens`.
+    #[arg(long)]
+    pub json: bool,
 }

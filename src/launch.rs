@@ -119,37 +119,20 @@ fn spawn(exe: &Path, args: &[String], token: &str, threads: usize) -> anyhow::Re
         .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
 }
 
-/// Forwards a child's output line by line with a prefix. A worker's prefix switches from its
-/// launch index to its rank once it logs its assignment ("assignment received rank=N").
-fn forward_output(child: &mut Child, prefix: String, tx: mpsc::UnboundedSender<String>) {
-    let prefix = std::sync::Arc::new(std::sync::Mutex::new(prefix));
-    let streams: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for s in streams {
+/// A child's log prefix, shared with the tasks that forward its output.
+type Prefix = std::sync::Arc<std::sync::Mutex<String>>;
+
+/// Forwards a child's output line by line with `prefix` (a worker's switches from its launch
+/// index to its rank once the coordinator's status shows it holds one).
+fn forward_output(child: &mut Child, prefix: Prefix, tx: mpsc::UnboundedSender<String>) {
+    type Stream = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+    let out = child.stdout.take().map(|s| Box::new(s) as Stream);
+    let err = child.stderr.take().map(|s| Box::new(s) as Stream);
+    for s in [out, err].into_iter().flatten() {
         let (tx, prefix) = (tx.clone(), prefix.clone());
         tokio::spawn(async move {
             let mut lines = BufReader::new(s).lines();
             while let Ok(Some(l)) = lines.next_line().await {
-                if l.contains("assignment received") {
-                    if let Some(rank) = l
-                        .split("rank=")
-                        .nth(1)
-                        .and_then(|r| r.split_whitespace().next())
-                    {
-                        *prefix.lock().unwrap() = format!("[rank {rank}]");
-                    }
-                }
                 let p = prefix.lock().unwrap().clone();
                 let _ = tx.send(format!("{p} {l}"));
             }
@@ -157,16 +140,148 @@ fn forward_output(child: &mut Child, prefix: String, tx: mpsc::UnboundedSender<S
     }
 }
 
-/// Runs the job; returns the process exit code (0 when the job completed).
-pub async fn run(
-    opts: LaunchOptions,
-    interrupt: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<i32> {
-    // A device the workers cannot use fails here, not after every worker's restarts.
-    let devices = crate::util::worker_devices(&opts.device)?;
-    let mut cfg = effective_config(&opts)?;
+/// The local elastic agent's workers: started once the coordinator listens, each started
+/// again when it dies (it rejoins; the coordinator restarts the generation from the last
+/// checkpoint), up to `cluster.max_restarts` times in all.
+struct Workers {
+    exe: PathBuf,
+    token: String,
+    threads: usize,
+    children: Vec<Child>,
+    args: Vec<Vec<String>>,
+    prefixes: Vec<Prefix>,
+    restarted: u32,
+    max_restarts: u32,
+    log: mpsc::UnboundedSender<String>,
+}
+
+impl Workers {
+    /// `local-{i}` for each of `n` workers, on `devices` in turn.
+    fn start(&mut self, url: &str, n: usize, devices: &[String]) -> anyhow::Result<()> {
+        for i in 0..n {
+            let args: Vec<String> = vec![
+                "worker".into(),
+                "--coordinator".into(),
+                url.into(),
+                "--threads".into(),
+                self.threads.to_string(),
+                "--device".into(),
+                devices[i % devices.len()].clone(),
+                "--worker-id".into(),
+                format!("local-{i}"),
+            ];
+            let prefix: Prefix =
+                std::sync::Arc::new(std::sync::Mutex::new(format!("[worker {i}]")));
+            let mut w = spawn(&self.exe, &args, &self.token, self.threads)?;
+            forward_output(&mut w, prefix.clone(), self.log.clone());
+            self.children.push(w);
+            self.args.push(args);
+            self.prefixes.push(prefix);
+        }
+        Ok(())
+    }
+
+    /// Starts again each worker that failed, while restarts are left; says so through `say`.
+    fn restart_failed(&mut self, say: impl Fn(&str)) -> anyhow::Result<()> {
+        for i in 0..self.children.len() {
+            let Ok(Some(st)) = self.children[i].try_wait() else {
+                continue;
+            };
+            if st.success() || self.restarted >= self.max_restarts {
+                continue;
+            }
+            self.restarted += 1;
+            say(&format!(
+                "[launch] worker {i} exited ({st}); starting it again ({}/{})",
+                self.restarted, self.max_restarts
+            ));
+            *self.prefixes[i].lock().unwrap() = format!("[worker {i}]");
+            let mut w = spawn(&self.exe, &self.args[i], &self.token, self.threads)?;
+            forward_output(&mut w, self.prefixes[i].clone(), self.log.clone());
+            self.children[i] = w;
+        }
+        Ok(())
+    }
+
+    /// Prefixes each worker's lines with the rank the coordinator gave it.
+    fn name_ranks(&self, members: &[proto::MemberStatus]) {
+        for m in members.iter().filter(|m| m.assigned) {
+            let Some(i) = m.worker_id.strip_prefix("local-") else {
+                continue;
+            };
+            if let Some(p) = i.parse::<usize>().ok().and_then(|i| self.prefixes.get(i)) {
+                *p.lock().unwrap() = format!("[rank {}]", m.rank);
+            }
+        }
+    }
+
+    /// Gives the workers until `deadline` to leave, then stops them.
+    async fn stop(&mut self, deadline: Instant) {
+        for w in &mut self.children {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, w.wait()).await.is_err() {
+                let _ = w.start_kill();
+            }
+        }
+    }
+}
+
+/// The progress bar (hidden for quiet runs, --no-progress and a stderr that is no terminal).
+fn progress_bar(opts: &LaunchOptions) -> ProgressBar {
+    if opts.quiet || opts.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps · ETA {eta} · {msg}",
+        )
+        .expect("template"),
+    );
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
+}
+
+/// A line above the bar (or on stderr when it is hidden).
+fn say(bar: &ProgressBar, s: &str) {
+    if bar.is_hidden() {
+        eprintln!("{s}");
+    } else {
+        bar.println(s);
+    }
+}
+
+/// The coordinator's status on the bar: steps of the stage, and what its kind measures.
+fn show_status(bar: &ProgressBar, s: &proto::StatusResponse) {
+    if s.total_steps > 0 {
+        bar.set_length(s.total_steps);
+        bar.set_position(s.step.min(s.total_steps));
+    }
+    let measures = if s.mlm_accuracy > 0.0 || s.nsp_accuracy > 0.0 {
+        format!(
+            "MLM acc {:.3} · NSP acc {:.3}",
+            s.mlm_accuracy, s.nsp_accuracy
+        )
+    } else {
+        format!("train acc {:.3}", s.train_accuracy)
+    };
+    bar.set_message(format!(
+        "{} · {} · epoch {}/{} · loss {:.3} · {measures} · {:.1} samples/s",
+        s.phase,
+        s.stage_name,
+        (s.epoch + 1).min(s.epochs.max(1)),
+        s.epochs,
+        s.loss,
+        s.samples_per_s
+    ));
+}
+
+/// The effective configuration, checked, with its state dir made ready: returns it and the
+/// job file the coordinator reads.
+fn prepare(opts: &LaunchOptions, devices: &[String]) -> anyhow::Result<(JobConfig, PathBuf)> {
+    let mut cfg = effective_config(opts)?;
     cfg.check_paths()?;
-    if let Some(gpu) = crate::util::shared_gpu(&devices, cfg.cluster.max_workers) {
+    if let Some(gpu) = crate::util::shared_gpu(devices, cfg.cluster.max_workers) {
         if cfg.cluster.gpu_collective == crate::config::GpuCollective::Nccl {
             // NCCL refuses two ranks on one GPU: their gradients meet in the ring instead.
             cfg.cluster.gpu_collective = crate::config::GpuCollective::Ring;
@@ -185,20 +300,17 @@ pub async fn run(
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let job_file = state_dir.join("job.toml");
+    let _ = std::fs::remove_file(state_dir.join("coordinator.addr"));
     if !opts.resume {
         crate::util::write_atomic(&job_file, toml::to_string(&cfg)?.as_bytes())?;
-    }
-    let addr_file = state_dir.join("coordinator.addr");
-    let _ = std::fs::remove_file(&addr_file);
-    if !opts.resume {
         let _ = std::fs::remove_file(state_dir.join("summary.json"));
     }
-    let exe = std::env::current_exe().context("locating the tandem binary")?;
-    let token = random_token();
-    let n = cfg.cluster.max_workers;
-    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+    Ok((cfg, job_file))
+}
 
-    let mut coord_args: Vec<String> = vec![
+/// The coordinator's command line.
+fn coordinator_args(job_file: &Path, addr_file: &Path, resume: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec![
         "coordinator".into(),
         "--config".into(),
         job_file.display().to_string(),
@@ -208,11 +320,30 @@ pub async fn run(
         addr_file.display().to_string(),
         "--no-summary".into(),
     ];
-    if opts.resume {
-        coord_args.push("--resume".into());
+    if resume {
+        a.push("--resume".into());
     }
+    a
+}
+
+/// Runs the job; returns the process exit code (0 when the job completed).
+pub async fn run(
+    opts: LaunchOptions,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<i32> {
+    // A device the workers cannot use fails here, not after every worker's restarts.
+    let devices = crate::util::worker_devices(&opts.device)?;
+    let (cfg, job_file) = prepare(&opts, &devices)?;
+    let state_dir = cfg.job.state_dir.clone();
+    let addr_file = state_dir.join("coordinator.addr");
+    let exe = std::env::current_exe().context("locating the tandem binary")?;
+    let token = random_token();
+    let n = cfg.cluster.max_workers;
+    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+    let coord_args = coordinator_args(&job_file, &addr_file, opts.resume);
     let mut coord = spawn(&exe, &coord_args, &token, 1)?;
-    forward_output(&mut coord, "[coordinator]".into(), log_tx.clone());
+    let coord_prefix = std::sync::Arc::new(std::sync::Mutex::new("[coordinator]".into()));
+    forward_output(&mut coord, coord_prefix, log_tx.clone());
     if !opts.quiet {
         eprintln!(
             "tandem launch: job {:?}, {n} worker(s) × {} thread(s), state in {}",
@@ -221,130 +352,80 @@ pub async fn run(
             state_dir.display()
         );
     }
-
-    let bar = if opts.quiet
-        || opts.no_progress
-        || !std::io::IsTerminal::is_terminal(&std::io::stderr())
-    {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps · ETA {eta} · {msg}",
-            )
-            .expect("template"),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
+    let bar = progress_bar(&opts);
+    let mut workers = Workers {
+        exe,
+        token: token.clone(),
+        threads: opts.threads,
+        children: vec![],
+        args: vec![],
+        prefixes: vec![],
+        restarted: 0,
+        max_restarts: cfg.cluster.max_restarts,
+        log: log_tx.clone(),
     };
-    let println = |bar: &ProgressBar, s: &str| {
-        if bar.is_hidden() {
-            eprintln!("{s}");
-        } else {
-            bar.println(s);
-        }
-    };
-
     tokio::pin!(interrupt);
-    let mut workers: Vec<Child> = vec![];
-    let mut worker_args: Vec<Vec<String>> = vec![];
-    let mut restarted = 0u32;
     let mut client = None;
     let started = Instant::now();
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let status = loop {
         tokio::select! {
             _ = &mut interrupt => {
-                println(&bar, "tandem launch: interrupted; stopping every process");
+                say(&bar, "tandem launch: interrupted; stopping every process");
                 bar.finish_and_clear();
                 return Ok(130);
             }
-            Some(line) = log_rx.recv() => if !opts.quiet { println(&bar, &line) },
+            Some(line) = log_rx.recv() => if !opts.quiet { say(&bar, &line) },
             st = coord.wait() => break st?,
-            _ = poll.tick() => {
-                if workers.is_empty() {
+            _ = poll.tick() => match client.as_mut() {
+                None => {
                     if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                         let url = format!("http://{}", addr.trim());
-                        for i in 0..n {
-                            let args: Vec<String> = vec![
-                                "worker".into(), "--coordinator".into(), url.clone(),
-                                "--threads".into(), opts.threads.to_string(),
-                                "--device".into(), devices[i % devices.len()].clone(),
-                                "--worker-id".into(), format!("local-{i}"),
-                            ];
-                            let mut w = spawn(&exe, &args, &token, opts.threads)?;
-                            forward_output(&mut w, format!("[worker {i}]"), log_tx.clone());
-                            workers.push(w);
-                            worker_args.push(args);
-                        }
+                        workers.start(&url, n, &devices)?;
                         client = Some(crate::worker::connect(&url, &token, Duration::from_secs(10)).await?);
                     } else if started.elapsed() > Duration::from_secs(600) {
                         anyhow::bail!("the coordinator did not start listening within 10 minutes");
                     }
-                } else if let Some(c) = client.as_mut() {
-                    // The local elastic agent: a worker process that dies is started again
-                    // (it rejoins; the coordinator restarts the generation from the last
-                    // checkpoint), up to cluster.max_restarts times.
-                    for i in 0..workers.len() {
-                        if let Ok(Some(st)) = workers[i].try_wait() {
-                            if st.success() || restarted >= cfg.cluster.max_restarts {
-                                continue;
-                            }
-                            restarted += 1;
-                            println(&bar, &format!(
-                                "[launch] worker {i} exited ({st}); starting it again ({restarted}/{})",
-                                cfg.cluster.max_restarts
-                            ));
-                            let mut w = spawn(&exe, &worker_args[i], &token, opts.threads)?;
-                            forward_output(&mut w, format!("[worker {i}]"), log_tx.clone());
-                            workers[i] = w;
-                        }
-                    }
+                }
+                Some(c) => {
+                    workers.restart_failed(|s| say(&bar, s))?;
                     if let Ok(s) = c.status(proto::StatusRequest {}).await {
                         let s = s.into_inner();
-                        if s.total_steps > 0 {
-                            bar.set_length(s.total_steps);
-                            bar.set_position(s.step.min(s.total_steps));
-                        }
-                        bar.set_message(format!(
-                            "{} · {} · epoch {}/{} · loss {:.3} · MLM acc {:.3} · NSP acc {:.3} · {:.1} samples/s",
-                            s.phase, s.stage_name, (s.epoch + 1).min(s.epochs.max(1)), s.epochs, s.loss, s.mlm_accuracy, s.nsp_accuracy, s.samples_per_s
-                        ));
+                        workers.name_ranks(&s.members);
+                        show_status(&bar, &s);
                     }
                 }
             }
         }
     };
     // Drain what the processes still print, give workers a moment to leave, then stop them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for w in &mut workers {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, w.wait()).await.is_err() {
-            let _ = w.start_kill();
-        }
-    }
+    workers.stop(Instant::now() + Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     while let Ok(line) = log_rx.try_recv() {
         if !opts.quiet {
-            println(&bar, &line);
+            say(&bar, &line);
         }
     }
     bar.finish_and_clear();
     let code = status.code().unwrap_or(1);
-    if opts.quiet {
-        return Ok(code);
+    if !opts.quiet {
+        print_summary(&state_dir, code)?;
     }
+    Ok(code)
+}
+
+/// The job's human summary from its summary.json.
+fn print_summary(state_dir: &Path, code: i32) -> anyhow::Result<()> {
     match std::fs::read(state_dir.join("summary.json")) {
         Ok(b) => {
             let s: Summary = serde_json::from_slice(&b)?;
-            eprintln!("{}", crate::coordinator::human_summary(&s, &state_dir));
+            eprintln!("{}", crate::coordinator::human_summary(&s, state_dir));
         }
         Err(_) => eprintln!(
             "tandem launch: the coordinator exited with status {code} and wrote no summary"
         ),
     }
-    Ok(code)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tandem::cli::{BenchCommand, Cli, Command, ConfigCommand, DataCommand, TokenizerCommand};
+use tandem::cli::{
+    BenchCommand, Cli, Command, ConfigCommand, CoordinatorArgs, DataCommand, PredictArgs,
+    TokenizeArgs, TokenizerCommand, WorkerArgs,
+};
 
 fn main() -> ExitCode {
     tandem::util::tune_allocator();
@@ -103,7 +106,7 @@ fn coordinator(
         );
     }
     anyhow::ensure!(
-        summary.status == "completed",
+        summary.status == tandem::coordinator::JobStatus::Completed,
         "job {}: {}",
         summary.status,
         summary.reason
@@ -122,59 +125,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Finetune { job, run } => exit_with(
             runtime()?.block_on(tandem::finetune_job::run(job, run, shutdown_signal()))?,
         ),
-        Command::Coordinator {
-            config,
-            listen,
-            addr_file,
-            sets,
-            resume,
-            resume_if_present,
-            no_summary,
-        } => {
-            let resume = if resume_if_present {
-                tandem::coordinator::Resume::IfPresent
-            } else if resume {
-                tandem::coordinator::Resume::Required
-            } else {
-                tandem::coordinator::Resume::Never
-            };
-            coordinator(&config, &sets, listen, addr_file, resume, !no_summary)?;
-        }
+        Command::Coordinator(a) => coordinator_cmd(a)?,
         Command::Summary { state_dir } => {
             println!("{}", tandem::coordinator::summary_of(&state_dir)?);
         }
-        Command::Worker {
-            coordinator,
-            device,
-            threads,
-            worker_id,
-            ring_listen,
-            advertise_host,
-            connect_timeout_s,
-        } => {
-            if device != "cpu" && std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
-                // NCCL connects peers inside the (bounded) communicator set-up instead of
-                // lazily in the first all-reduce (src/comm/nccl.rs). Set before any thread.
-                std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
-            }
-            tandem::util::set_threads(threads);
-            let token = std::env::var("TANDEM_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| anyhow::anyhow!("set TANDEM_TOKEN to the job token"))?;
-            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
-            let opts = tandem::worker::WorkerOptions {
-                coordinator,
-                token,
-                worker_id: worker_id.unwrap_or_else(|| format!("{host}-{}", std::process::id())),
-                ring_listen,
-                advertise_host,
-                threads,
-                device,
-                connect_timeout: std::time::Duration::from_secs(connect_timeout_s),
-            };
-            runtime()?.block_on(tandem::worker::run(opts, shutdown_signal()))?;
-        }
+        Command::Worker(a) => worker(a)?,
         Command::EvalBatch {
             checkpoint,
             batch,
@@ -183,45 +138,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = tandem::eval::eval_batch_files(&checkpoint, &batch, grads)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Command::Predict {
-            checkpoint,
-            input,
-            output,
-            batch_size,
-            max_seq_length,
-            doc_stride,
-        } => {
-            tandem::predict::run(&tandem::predict::PredictOptions {
-                checkpoint,
-                input,
-                output,
-                batch_size,
-                max_seq_length,
-                doc_stride,
-            })?;
+        Command::Predict(a) => predict(a)?,
+        Command::Tokenize(a) => tokenize(a)?,
+        Command::Tokenizer(t) => tokenizer(t)?,
+        Command::Data(d) => data(d)?,
+        Command::Config(c) => config(c)?,
+        Command::Bench(b) => bench(b)?,
+    }
+    Ok(())
+}
+
+/// `tandem coordinator`.
+fn coordinator_cmd(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let resume = if a.resume_if_present {
+        tandem::coordinator::Resume::IfPresent
+    } else if a.resume {
+        tandem::coordinator::Resume::Required
+    } else {
+        tandem::coordinator::Resume::Never
+    };
+    coordinator(
+        &a.config,
+        &a.sets,
+        a.listen,
+        a.addr_file,
+        resume,
+        !a.no_summary,
+    )
+}
+
+/// `tandem worker`: runs until the job ends or a signal.
+fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    if a.device != "cpu" && std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+        // NCCL connects peers inside the (bounded) communicator set-up instead of lazily in
+        // the first all-reduce (src/comm/nccl.rs). Set before any thread.
+        std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
+    }
+    tandem::util::set_threads(a.threads);
+    let token = std::env::var("TANDEM_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("set TANDEM_TOKEN to the job token"))?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+    let opts = tandem::worker::WorkerOptions {
+        coordinator: a.coordinator,
+        token,
+        worker_id: a
+            .worker_id
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        ring_listen: a.ring_listen,
+        advertise_host: a.advertise_host,
+        threads: a.threads,
+        device: a.device,
+        connect_timeout: std::time::Duration::from_secs(a.connect_timeout_s),
+    };
+    runtime()?.block_on(tandem::worker::run(opts, shutdown_signal()))
+}
+
+/// `tandem predict`.
+fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    tandem::predict::run(&tandem::predict::PredictOptions {
+        checkpoint: a.checkpoint,
+        input: a.input,
+        output: a.output,
+        batch_size: a.batch_size,
+        max_seq_length: a.max_seq_length,
+        doc_stride: a.doc_stride,
+    })?;
+    Ok(())
+}
+
+/// `tandem tokenize`.
+fn tokenize(a: TokenizeArgs) -> anyhow::Result<()> {
+    let tok = tandem::data::tokenizer::Tokenizer::load(&a.tokenizer)?;
+    let (ids, tokens) = tok.encode_with_specials(&a.text)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "ids": ids, "tokens": tokens }));
+    } else {
+        for (i, t) in ids.iter().zip(&tokens) {
+            println!("{i}\t{t}");
         }
-        Command::Tokenize {
-            tokenizer,
-            text,
-            json,
-        } => {
-            let tok = tandem::data::tokenizer::Tokenizer::load(&tokenizer)?;
-            let (ids, tokens) = tok.encode_with_specials(&text)?;
-            if json {
-                println!("{}", serde_json::json!({ "ids": ids, "tokens": tokens }));
-            } else {
-                for (i, t) in ids.iter().zip(&tokens) {
-                    println!("{i}\t{t}");
-                }
-            }
-        }
-        Command::Tokenizer(TokenizerCommand::Train {
+    }
+    Ok(())
+}
+
+/// `tandem tokenizer …`.
+fn tokenizer(c: TokenizerCommand) -> anyhow::Result<()> {
+    match c {
+        TokenizerCommand::Train {
             corpus,
             vocab_size,
             out,
             cased,
             min_frequency,
-        }) => {
+        } => {
             let files = tandem::data::corpus::resolve_inputs(&corpus)?;
             eprintln!(
                 "training a WordPiece vocabulary of up to {vocab_size} on {} file(s)…",
@@ -237,12 +247,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tok.save(&out)?;
             eprintln!("{} tokens written to {}", tok.vocab_size(), out.display());
         }
-        Command::Data(DataCommand::Shard {
+    }
+    Ok(())
+}
+
+/// `tandem data …`.
+fn data(c: DataCommand) -> anyhow::Result<()> {
+    match c {
+        DataCommand::Shard {
             corpus,
             shard_size,
             out,
             skip_bad_lines,
-        }) => {
+        } => {
             let bytes = tandem::config::parse_bytes(&shard_size).ok_or_else(|| {
                 anyhow::anyhow!("--shard-size {shard_size:?}: expected e.g. 64MiB")
             })?;
@@ -267,11 +284,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
             );
         }
-        Command::Config(ConfigCommand::Check {
+    }
+    Ok(())
+}
+
+/// `tandem config …`.
+fn config(c: ConfigCommand) -> anyhow::Result<()> {
+    match c {
+        ConfigCommand::Check {
             config,
             sets,
             skip_inputs,
-        }) => {
+        } => {
             let cfg = tandem::config::JobConfig::load(&config, &sets)?;
             if !skip_inputs {
                 cfg.check_paths()?;
@@ -287,7 +311,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.display()
             );
         }
-        Command::Bench(BenchCommand::Allreduce {
+    }
+    Ok(())
+}
+
+/// `tandem bench …`.
+fn bench(c: BenchCommand) -> anyhow::Result<()> {
+    match c {
+        BenchCommand::Allreduce {
             world,
             sizes,
             iters,
@@ -295,7 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             transport,
             rank,
             ports,
-        }) => {
+        } => {
             let sizes = sizes
                 .iter()
                 .map(|s| {
@@ -315,16 +346,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => bench.run(world)?,
             }
         }
-        Command::Bench(BenchCommand::Scaling(o)) => {
+        BenchCommand::Scaling(o) => {
             let r = runtime()?.block_on(tandem::bench::scaling(o))?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Command::Bench(BenchCommand::Data {
+        BenchCommand::Data {
             corpus,
             tokenizer,
             vocab_size,
             seq,
-        }) => {
+        } => {
             let files = tandem::data::corpus::resolve_inputs(&corpus)?;
             let tok = match tokenizer {
                 Some(t) => tandem::data::tokenizer::Tokenizer::load(&t)?,
@@ -338,7 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = tandem::data::instances::bench_data(&files, &tok, &opts)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Command::Bench(BenchCommand::Step(o)) => {
+        BenchCommand::Step(o) => {
             tandem::util::set_threads(o.threads);
             let r = tandem::bench::bench_step(&o)?;
             println!("{}", serde_json::to_string(&r)?);

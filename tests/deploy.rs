@@ -291,7 +291,8 @@ fn container_command_lines_parse_and_match_the_services() {
             .collect();
         let cli = Cli::try_parse_from(&argv)
             .unwrap_or_else(|e| panic!("{overlay}: {argv:?} does not parse:\n{e}"));
-        let Cmd::Coordinator { listen, config, .. } = cli.command else {
+        let Cmd::Coordinator(tandem::cli::CoordinatorArgs { listen, config, .. }) = cli.command
+        else {
             panic!("{overlay}: the coordinator container does not run `tandem coordinator`");
         };
         assert_eq!(config, Path::new("/etc/tandem/job.toml"));
@@ -319,13 +320,13 @@ fn container_command_lines_parse_and_match_the_services() {
             .collect();
         let cli = Cli::try_parse_from(&argv)
             .unwrap_or_else(|e| panic!("{overlay}: {argv:?} does not parse:\n{e}"));
-        let Cmd::Worker {
+        let Cmd::Worker(tandem::cli::WorkerArgs {
             coordinator,
             device,
             threads,
             ring_listen,
             ..
-        } = cli.command
+        }) = cli.command
         else {
             panic!("{overlay}: the worker container does not run `tandem worker`");
         };
