@@ -79,7 +79,7 @@ pub fn eval_batch(m: &PretrainModel, batch: &PretrainBatch, grads: bool) -> Resu
         grad_norm,
         grad_norms,
         initialised: vec![],
-        kernels: if m.store.device().is_cpu() && crate::model::ops::fused_kernels() {
+        kernels: if m.store.device().is_cpu() && crate::model::kernels::ops::fused_kernels() {
             "fused-cpu"
         } else {
             "composed"

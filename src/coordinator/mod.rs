@@ -13,6 +13,7 @@ mod refusals;
 mod service;
 mod state;
 mod status;
+mod store;
 mod summary_text;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ pub use summary_text::{human_summary, stage_line, summary_of};
 
 use crate::config::JobConfig;
 use crate::proto;
-use crate::train::checkpoint::CheckpointStore;
+use store::CheckpointStore;
 
 pub struct CoordinatorOptions {
     pub listen: SocketAddr,

@@ -4,13 +4,13 @@
 use anyhow::Context;
 
 use super::state::{Prepared, StageInputs};
+use super::store::CheckpointStore;
 use crate::config::JobConfig;
 use crate::data::corpus::{resolve_inputs, CorpusOptions, ErrorPolicy};
 use crate::data::shard::{build_index, ShardIndex};
 use crate::data::tokenizer::{train_wordpiece, Tokenizer};
 use crate::model::{BertConfig, Preset};
 use crate::proto;
-use crate::train::checkpoint::CheckpointStore;
 use std::time::Instant;
 
 fn corpus_options(cfg: &JobConfig) -> CorpusOptions {

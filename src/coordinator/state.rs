@@ -7,10 +7,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::store::CheckpointStore;
 use crate::data::shard::ShardIndex;
 use crate::model::BertConfig;
 use crate::proto;
-use crate::train::checkpoint::CheckpointStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

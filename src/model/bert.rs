@@ -11,10 +11,10 @@ use candle_core::{DType, Device, Tensor};
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 
-use super::attention::{attention, Heads};
-use super::linear::{linear, Act};
-use super::norm::{add_layer_norm, layer_norm};
-use super::ops::{self, zero_in_graph};
+use super::kernels::attention::{attention, Heads};
+use super::kernels::linear::{linear, Act};
+use super::kernels::norm::{add_layer_norm, layer_norm};
+use super::kernels::ops::{self, zero_in_graph};
 use super::params::{Init, ParamSpec, ParamStore};
 use crate::data::batch::{PretrainBatch, IGNORE};
 use crate::error::{Error, Result};

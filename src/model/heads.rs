@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use super::bert::{dropout, encoder_specs, linear_specs, BertModel, DropoutRng, Inputs, Linear};
 use super::hf::{self, LoadReport};
-use super::{ops, BertConfig, ParamSpec, ParamStore};
+use super::kernels::ops;
+use super::{BertConfig, ParamSpec, ParamStore};
 use crate::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
 use crate::error::{Error, Result};
 

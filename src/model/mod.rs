@@ -1,17 +1,13 @@
-//! The BERT model: configuration, fused kernels, parameters, encoder and heads, HF I/O.
+//! The BERT model: configuration, parameters, encoder and heads, HF I/O; the fused CPU
+//! kernels they run on are in [`kernels`].
 
-pub mod attention;
 pub mod bert;
 pub mod config;
-pub mod gemm;
 pub mod heads;
 pub mod hf;
-pub mod linear;
-pub mod norm;
-pub mod ops;
+pub mod kernels;
 pub mod params;
 pub mod pretrain;
-pub mod vmath;
 
 pub use bert::{BertForPreTraining, BertModel, Precision, PretrainOutput};
 pub use config::{BertConfig, Preset};

@@ -12,12 +12,10 @@ use std::collections::HashMap;
 use anyhow::Context;
 
 use super::client;
-use super::ctx::{precision, set_phase, Ctx, PhaseHook};
+use super::ctx::{precision, set_phase, Ctx};
 use super::phase::Phase;
-use super::pretrain::{start_or_restore, step_options};
-use super::stage::{global_batch, StageFeed, StageRun};
+use super::stage::{StageFeed, StageRun};
 use super::task_data::TaskData;
-use super::upload::Uploads;
 use crate::comm::Collective;
 use crate::config::{JobConfig, StageConfig};
 use crate::data::batch::FinetuneBatch;
@@ -244,25 +242,14 @@ pub(super) fn run_finetune(
     cfg: &JobConfig,
     stage: &StageConfig,
 ) -> anyhow::Result<()> {
-    let (rank, world) = (a.rank as usize, a.world_size as usize);
     let tokenizer = Tokenizer::from_json(&a.tokenizer_json)?;
     set_phase(ctx, Phase::PreparingData);
     let data = load_data(a, ctx, cfg, stage, &tokenizer)?;
-    let mut comm = super::collective::connect_collective(a, ctx, cfg)?;
+    let comm = super::collective::connect_collective(a, ctx, cfg)?;
     set_phase(ctx, Phase::InitialisingModel);
     let model = task_model(a, ctx, cfg, data.head(), &data.label_names())?;
-    let mut trainer = Trainer::new(model, step_options(cfg, stage, Some(a.stage_index as u64)))?;
-    trainer.set_hook(Box::new(PhaseHook(ctx.progress.clone())));
-    let sharded = trainer.set_sharded(cfg.cluster.shard_optimizer) && world > 1;
-    tracing::info!(rank, device = ?ctx.device, update = ?trainer.update_place(), sharded, "model ready");
-    let state = start_or_restore(a, ctx, cfg, &mut trainer, &mut *comm)?;
-    let global = global_batch(
-        cfg,
-        stage,
-        &state,
-        world,
-        &mut trainer.options.schedule.peak_lr,
-    )?;
+    let stream = Some(a.stage_index as u64);
+    let (run, global) = StageRun::start(a, ctx, cfg, model, comm, stream)?;
     let mut feed = TaskFeed {
         ctx,
         a,
@@ -273,16 +260,6 @@ pub(super) fn run_finetune(
         global,
         metric: stage.best_metric().to_string(),
         epoch: None,
-    };
-    let run = StageRun {
-        ctx,
-        cfg,
-        stage,
-        rank,
-        trainer,
-        state,
-        comm,
-        uploads: Uploads::new(&cfg.job.name, a.generation),
     };
     run.run(&mut feed)
 }

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::client;
-use super::ctx::{precision, set_phase, Ctx, PhaseHook};
+use super::ctx::{precision, set_phase, Ctx};
 use super::feed::{self, FeedMsg, FeedSpec, Partition, Stream};
 use super::phase::Phase;
-use super::stage::{global_batch, StageFeed, StageRun};
-use super::upload::Uploads;
+use super::stage::{StageFeed, StageRun};
 use crate::comm::Collective;
 use crate::config::{JobConfig, StageConfig};
 use crate::data::batch::PretrainBatch;
@@ -24,8 +23,7 @@ use crate::data::shard::{plan_epoch, EpochPlan, ShardIndex};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{BertConfig, PretrainModel};
 use crate::proto;
-use crate::train::checkpoint::{restore, DataCursor, LedgerRange, TrainerState};
-use crate::train::{AdamWConfig, Schedule, StepOptions, Trainer};
+use crate::train::checkpoint::{DataCursor, LedgerRange, TrainerState};
 
 /// Examples this rank consumes per step: the global batch split over the ranks (the first
 /// `G mod world` ranks take one more).
@@ -379,22 +377,14 @@ pub(super) fn run_pretrain(
     stage: &StageConfig,
 ) -> anyhow::Result<()> {
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    let mut comm = super::collective::connect_collective(a, ctx, cfg)?;
+    let comm = super::collective::connect_collective(a, ctx, cfg)?;
     set_phase(ctx, Phase::InitialisingModel);
-    let mut trainer = trainer(a, ctx, cfg, stage)?;
-    let sharded = trainer.set_sharded(cfg.cluster.shard_optimizer) && world > 1;
-    tracing::info!(rank, device = ?ctx.device, update = ?trainer.update_place(), sharded, "model ready");
-    let state = start_or_restore(a, ctx, cfg, &mut trainer, &mut *comm)?;
-
-    let global = global_batch(
-        cfg,
-        stage,
-        &state,
-        world,
-        &mut trainer.options.schedule.peak_lr,
-    )?;
+    let model_cfg: BertConfig =
+        serde_json::from_str(&a.model_config_json).context("model config")?;
+    let mut model = PretrainModel::new(&model_cfg, cfg.job.seed, &ctx.device)?;
+    model.set_precision(precision(cfg, ctx, rank));
+    let (run, global) = StageRun::start(a, ctx, cfg, model, comm, None)?;
     let quotas: Vec<usize> = (0..world).map(|r| quota(global, world, r)).collect();
-    tracing::info!(rank, global_batch = global, "batch per step");
     let mut feed = PretrainFeed {
         ctx,
         cfg,
@@ -409,98 +399,7 @@ pub(super) fn run_pretrain(
         parts: None,
         steps: 0,
     };
-    let run = StageRun {
-        ctx,
-        cfg,
-        stage,
-        rank,
-        trainer,
-        state,
-        comm,
-        uploads: Uploads::new(&cfg.job.name, a.generation),
-    };
     run.run(&mut feed)
-}
-
-/// A fresh pre-training model and its trainer (schedule fixed when the stage is planned).
-fn trainer(
-    a: &proto::Assignment,
-    ctx: &Ctx,
-    cfg: &JobConfig,
-    stage: &StageConfig,
-) -> anyhow::Result<Trainer<PretrainModel>> {
-    let model_cfg: BertConfig =
-        serde_json::from_str(&a.model_config_json).context("model config")?;
-    let mut model = PretrainModel::new(&model_cfg, cfg.job.seed, &ctx.device)?;
-    model.set_precision(precision(cfg, ctx, a.rank as usize));
-    let mut t = Trainer::new(model, step_options(cfg, stage, None))?;
-    t.set_hook(Box::new(PhaseHook(ctx.progress.clone())));
-    Ok(t)
-}
-
-/// The step options of `stage` (the schedule's length is set when the stage is planned).
-pub(super) fn step_options(
-    cfg: &JobConfig,
-    stage: &StageConfig,
-    dropout_stream: Option<u64>,
-) -> StepOptions {
-    StepOptions {
-        adamw: AdamWConfig {
-            weight_decay: stage.weight_decay,
-            ..Default::default()
-        },
-        schedule: Schedule {
-            peak_lr: stage.lr,
-            warmup_steps: 0,
-            total_steps: 1,
-            decay: stage.decay,
-        },
-        max_grad_norm: stage.max_grad_norm,
-        bucket_elems: ((cfg.cluster.bucket_mib * (1 << 20) as f64) / 4.0) as usize,
-        seed: cfg.job.seed,
-        dropout: true,
-        dropout_stream,
-    }
-}
-
-/// The stage's state: restored with the weights from the assignment's checkpoint, or a fresh
-/// start with rank 0's weights on every rank.
-pub(super) fn start_or_restore<M: crate::train::StageModel>(
-    a: &proto::Assignment,
-    ctx: &Ctx,
-    cfg: &JobConfig,
-    trainer: &mut Trainer<M>,
-    comm: &mut dyn Collective,
-) -> anyhow::Result<TrainerState> {
-    let stage = &cfg.stages[a.stage_index as usize];
-    let world = a.world_size;
-    let mut state = if a.init_checkpoint.is_empty() {
-        // Identical starting weights on every rank, whatever happened before.
-        trainer.broadcast_params(comm, 0)?;
-        TrainerState::start(a.stage_index, &stage.name, world, a.generation)
-    } else {
-        set_phase(ctx, Phase::RestoringCheckpoint);
-        let mut c = ctx.client.clone();
-        let files = ctx.rt.block_on(client::get_checkpoint(
-            &mut c,
-            &cfg.job.name,
-            a.generation,
-            &a.init_checkpoint,
-        ))?;
-        let state = restore(trainer, &files.into_iter().collect())
-            .with_context(|| format!("restoring {}", a.init_checkpoint))?;
-        anyhow::ensure!(
-            state.stage_index == a.stage_index,
-            "checkpoint {} belongs to stage {}",
-            a.init_checkpoint,
-            state.stage_index
-        );
-        tracing::info!(rank = a.rank, checkpoint = %a.init_checkpoint, step = state.step, epoch = state.cursor.epoch, "resumed");
-        state
-    };
-    state.world_size = world;
-    state.generation = a.generation;
-    Ok(state)
 }
 
 #[cfg(test)]

@@ -6,18 +6,22 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::ctx::{flush_progress, report_done, set_phase, Ctx};
+use anyhow::Context;
+
+use super::client;
+use super::ctx::{flush_progress, report_done, set_phase, Ctx, PhaseHook};
 use super::phase::Phase;
 use super::progress::{Position, Reported, Reporter};
 use super::upload::Uploads;
 use crate::comm::Collective;
 use crate::config::{JobConfig, ResizePolicy, StageConfig};
-use crate::train::checkpoint::{checkpoint_name, DataCursor, TrainerState};
-use crate::train::{StageModel, Trainer};
+use crate::proto;
+use crate::train::checkpoint::{checkpoint_name, restore, DataCursor, TrainerState};
+use crate::train::{AdamWConfig, Schedule, StageModel, StepOptions, Trainer};
 
 /// The global batch per step by the resize policy (see [`ResizePolicy`]); keeping the
 /// per-worker batch scales the peak learning rate with the world size.
-pub(super) fn global_batch(
+fn global_batch(
     cfg: &JobConfig,
     stage: &StageConfig,
     state: &TrainerState,
@@ -94,6 +98,46 @@ pub(super) struct StageRun<'a, M: StageModel> {
     pub state: TrainerState,
     pub comm: Box<dyn Collective>,
     pub uploads: Uploads,
+}
+
+impl<'a, M: StageModel> StageRun<'a, M>
+where
+    M::Stats: Reported,
+{
+    /// This rank's run of assignment `a`'s stage with `model`: its trainer (each collective
+    /// call named in the phase; the optimiser sharded as configured), its state restored from
+    /// the assignment's checkpoint or started fresh, and the stage's global batch (returned
+    /// with it). `dropout_stream` keeps two stages from sharing dropout masks.
+    pub(super) fn start(
+        a: &proto::Assignment,
+        ctx: &'a Ctx,
+        cfg: &'a JobConfig,
+        model: M,
+        mut comm: Box<dyn Collective>,
+        dropout_stream: Option<u64>,
+    ) -> anyhow::Result<(Self, usize)> {
+        let (rank, world) = (a.rank as usize, a.world_size as usize);
+        let stage = &cfg.stages[a.stage_index as usize];
+        let mut trainer = Trainer::new(model, step_options(cfg, stage, dropout_stream))?;
+        trainer.set_hook(Box::new(PhaseHook(ctx.progress.clone())));
+        let sharded = trainer.set_sharded(cfg.cluster.shard_optimizer) && world > 1;
+        tracing::info!(rank, device = ?ctx.device, update = ?trainer.update_place(), sharded, "model ready");
+        let state = start_or_restore(a, ctx, cfg, &mut trainer, &mut *comm)?;
+        let peak_lr = &mut trainer.options.schedule.peak_lr;
+        let global = global_batch(cfg, stage, &state, world, peak_lr)?;
+        tracing::info!(rank, global_batch = global, "batch per step");
+        let run = StageRun {
+            ctx,
+            cfg,
+            stage,
+            rank,
+            trainer,
+            state,
+            comm,
+            uploads: Uploads::new(&cfg.job.name, a.generation),
+        };
+        Ok((run, global))
+    }
 }
 
 impl<M: StageModel> StageRun<'_, M>
@@ -261,4 +305,65 @@ where
         let _ = self.comm.barrier();
         Ok(())
     }
+}
+
+/// The step options of `stage` (the schedule's length is set when the stage is planned).
+fn step_options(cfg: &JobConfig, stage: &StageConfig, dropout_stream: Option<u64>) -> StepOptions {
+    StepOptions {
+        adamw: AdamWConfig {
+            weight_decay: stage.weight_decay,
+            ..Default::default()
+        },
+        schedule: Schedule {
+            peak_lr: stage.lr,
+            warmup_steps: 0,
+            total_steps: 1,
+            decay: stage.decay,
+        },
+        max_grad_norm: stage.max_grad_norm,
+        bucket_elems: ((cfg.cluster.bucket_mib * (1 << 20) as f64) / 4.0) as usize,
+        seed: cfg.job.seed,
+        dropout: true,
+        dropout_stream,
+    }
+}
+
+/// The stage's state: restored with the weights from the assignment's checkpoint, or a fresh
+/// start with rank 0's weights on every rank.
+fn start_or_restore<M: StageModel>(
+    a: &proto::Assignment,
+    ctx: &Ctx,
+    cfg: &JobConfig,
+    trainer: &mut Trainer<M>,
+    comm: &mut dyn Collective,
+) -> anyhow::Result<TrainerState> {
+    let stage = &cfg.stages[a.stage_index as usize];
+    let world = a.world_size;
+    let mut state = if a.init_checkpoint.is_empty() {
+        // Identical starting weights on every rank, whatever happened before.
+        trainer.broadcast_params(comm, 0)?;
+        TrainerState::start(a.stage_index, &stage.name, world, a.generation)
+    } else {
+        set_phase(ctx, Phase::RestoringCheckpoint);
+        let mut c = ctx.client.clone();
+        let files = ctx.rt.block_on(client::get_checkpoint(
+            &mut c,
+            &cfg.job.name,
+            a.generation,
+            &a.init_checkpoint,
+        ))?;
+        let state = restore(trainer, &files.into_iter().collect())
+            .with_context(|| format!("restoring {}", a.init_checkpoint))?;
+        anyhow::ensure!(
+            state.stage_index == a.stage_index,
+            "checkpoint {} belongs to stage {}",
+            a.init_checkpoint,
+            state.stage_index
+        );
+        tracing::info!(rank = a.rank, checkpoint = %a.init_checkpoint, step = state.step, epoch = state.cursor.epoch, "resumed");
+        state
+    };
+    state.world_size = world;
+    state.generation = a.generation;
+    Ok(state)
 }

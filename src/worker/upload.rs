@@ -44,8 +44,7 @@ impl Uploads {
     }
 
     /// Serialises a checkpoint here (the snapshot), then streams it on the async runtime while
-    /// training goes on: a 62 MB mini checkpoint takes about a second to stream over loopback,
-    /// which every rank would otherwise wait for. One upload at a time, in order: a previous
+    /// training goes on, so no rank waits for the stream. One upload at a time, in order: a previous
     /// one is finished (and its error returned) first. A checkpoint still streaming when this
     /// worker dies is lost, as if the failure had come before it; the previous one is there.
     /// When another rank fails, the stream goes on and the coordinator waits for it before the

@@ -175,7 +175,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> CResult<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::{check, rand};
+    use crate::model::kernels::ops::tests::{check, rand};
 
     #[test]
     fn linear_matches_composed() {

@@ -263,7 +263,7 @@ pub fn add_layer_norm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::{check, rand};
+    use crate::model::kernels::ops::tests::{check, rand};
     use candle_core::Device;
 
     /// LayerNorm over dimension 1 from elementary candle ops.

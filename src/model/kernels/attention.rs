@@ -329,7 +329,7 @@ fn composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::{check, rand};
+    use crate::model::kernels::ops::tests::{check, rand};
     use candle_core::Device;
 
     #[test]

@@ -251,8 +251,14 @@ pub(crate) mod tests {
         let lw = rand(&[8, 8], 15);
         // LayerNorm, then the fused Linear with its GELU.
         let net = |x: &Tensor| {
-            let y = crate::model::norm::layer_norm(x, &g, &b, 1e-5).unwrap();
-            crate::model::linear::linear(&y, &lw, &b, crate::model::linear::Act::Gelu).unwrap()
+            let y = crate::model::kernels::norm::layer_norm(x, &g, &b, 1e-5).unwrap();
+            crate::model::kernels::linear::linear(
+                &y,
+                &lw,
+                &b,
+                crate::model::kernels::linear::Act::Gelu,
+            )
+            .unwrap()
         };
         let f = |x: &Tensor| -> f64 {
             let y = net(x);
