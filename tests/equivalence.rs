@@ -15,7 +15,7 @@ use tandem::bench::synthetic_batch;
 use tandem::comm::ring::{Ring, RingConfig};
 use tandem::comm::{Collective, Local};
 use tandem::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
-use tandem::model::{BertConfig, PretrainModel, TaskHead, TaskModel};
+use tandem::model::{BertConfig, Precision, PretrainModel, TaskHead, TaskModel};
 use tandem::train::checkpoint::{checkpoint_files, restore, TrainerState};
 use tandem::train::step::DEFAULT_BUCKET_ELEMS;
 use tandem::train::{
@@ -616,5 +616,26 @@ fn a_device_path_checkpoint_resumes_on_the_host_path_and_back() {
             &reference.model.store.to_flat().unwrap(),
             &format!("{from:?} -> {to:?}"),
         );
+    }
+}
+
+/// The composed ops — what a GPU runs; bf16 takes them on the CPU too — keep candle's CUDA
+/// matmul layout rule (`MatMulNonContiguous` otherwise) in every stage kind, forward and
+/// backward, on the device update path: a strided operand fails here, not on the first GPU.
+#[test]
+fn every_stage_kind_runs_the_gpu_path_with_layouts_cuda_accepts() {
+    fn step<M: StageModel>(kind: &str, model: M, batch: &M::Batch) {
+        let mut t = Trainer::with_update_place(model, options(1000), UpdatePlace::Device).unwrap();
+        if let Err(e) = t.train_step(std::slice::from_ref(batch), &mut Local) {
+            panic!("{kind}: {e}");
+        }
+    }
+    let mut m = pretrain_model()();
+    m.set_precision(Precision::Bf16);
+    step("pretrain", m, &pretrain_batches()[0]);
+    for (kind, head, batches) in task_cases() {
+        let mut m = task_model(head)();
+        m.set_precision(Precision::Bf16);
+        step(kind, m, &batches[0]);
     }
 }

@@ -426,10 +426,12 @@ impl BertModel {
             .pooler
             .as_ref()
             .ok_or_else(|| Error::Train("this model has no pooler".into()))?;
+        // Contiguous: the row view is strided (`[seq·hidden, 1]`), which CUDA's matmul refuses.
         let cls = hidden
             .reshape((x.batch, x.seq, self.cfg.hidden_size))?
             .narrow(1, 0, 1)?
-            .squeeze(1)?;
+            .squeeze(1)?
+            .contiguous()?;
         Ok(pooler.forward(&cls)?.tanh()?)
     }
 }

@@ -344,3 +344,45 @@ fn task_model(
     model.set_precision(precision(cfg, ctx, rank));
     Ok(model)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_order_deals_each_example_once_and_resumes_at_its_cursor() {
+        // 10 examples, global batch 4 over 2 ranks: steps of 4, 4 and 2.
+        let mut e = EpochOrder::start(0, 10, &[7, 1, 0], &DataCursor::default()).unwrap();
+        let mut sorted = e.order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(e.steps_left(4), 3);
+        let (a, b) = (e.clone().take(4, 2, 0), e.clone().take(4, 2, 1));
+        assert_eq!(a, vec![e.order[0], e.order[2]]);
+        assert_eq!(b, vec![e.order[1], e.order[3]]);
+        e.take(4, 2, 0);
+        let mut ledger = vec![];
+        e.advance(e.pos, &mut ledger);
+        let cursor = e.cursor();
+        assert_eq!(
+            (cursor.consumed.clone(), cursor.bounds.clone()),
+            (vec![4], vec![0, 10])
+        );
+        // Resumed with one rank: the same permutation, from the fifth example, in two steps.
+        let mut r = EpochOrder::start(0, 10, &[7, 1, 0], &cursor).unwrap();
+        assert_eq!((r.order.clone(), r.pos), (e.order.clone(), 4));
+        assert_eq!(r.steps_left(4), 2);
+        assert_eq!(r.take(4, 1, 0), e.order[4..8].to_vec());
+        assert_eq!(r.take(4, 1, 0), e.order[8..].to_vec());
+        r.advance(r.pos, &mut ledger);
+        let ranges: Vec<(u64, u64)> = ledger.iter().map(|l| (l.start, l.end)).collect();
+        assert_eq!(ranges, vec![(0, 4), (4, 10)]);
+        // A cursor that does not describe this data set is refused, naming what changed.
+        let e = EpochOrder::start(0, 12, &[7, 1, 0], &cursor).unwrap_err();
+        assert!(e.to_string().contains("12 training examples"), "{e}");
+        // A cursor of an earlier epoch starts this one fresh.
+        let next = EpochOrder::start(1, 10, &[7, 1, 1], &cursor).unwrap();
+        assert_eq!(next.pos, 0);
+        assert_ne!(next.order, r.order, "each epoch has its own permutation");
+    }
+}

@@ -313,15 +313,14 @@ fn composed(
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     // Products in the activations' dtype; mask, softmax and dropout in f32 (the bias's dtype).
-    let scores = (q.matmul(&k.t()?)?.to_dtype(bias.dtype())? * scale)?
+    let scores = (super::ops::matmul("attention scores", &q, &k.t()?)?.to_dtype(bias.dtype())?
+        * scale)?
         .broadcast_add(&bias.reshape((b, 1, 1, t))?)?;
     let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
     if let Some(keep) = keep {
         probs = probs.mul(&Tensor::from_vec(keep, probs.shape(), probs.device())?)?;
     }
-    probs
-        .to_dtype(v.dtype())?
-        .matmul(&v)?
+    super::ops::matmul("attention context", &probs.to_dtype(v.dtype())?, &v)?
         .transpose(1, 2)?
         .reshape((b * t, hid))
 }

@@ -165,7 +165,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> CResult<Tensor> {
     // Mixed precision: the f32 master weights are cast to the activations' dtype (bf16); the
     // cast is in the graph, so their gradients come back as f32.
     let (w, b) = (w.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
-    let y = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+    // Rows flattened to one batch of rows, as the fused op reads them.
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("linear input has a feature dim") = w.dim(0)?;
+    let rows = x.flatten_to(x.rank().saturating_sub(2))?;
+    let y = super::ops::matmul("linear", &rows, &w.t()?)?
+        .broadcast_add(&b)?
+        .reshape(out_dims)?;
     match act {
         Act::Identity => Ok(y),
         Act::Gelu => y.gelu_erf(),

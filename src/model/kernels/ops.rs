@@ -59,6 +59,103 @@ pub(crate) fn is_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && fused_kernels()
 }
 
+// ------------------------------------------------ CUDA's matmul layout rule, on every device
+
+/// `a · b` as [`Tensor::matmul`], refused first when candle's CUDA backend would refuse it or
+/// one of the two products its backward takes (`g · bᵀ` and `aᵀ · g`, `g` contiguous). The
+/// CPU matmul accepts any strides, so without this check the composed path — what a GPU
+/// runs — passes every CPU test with a layout that fails at the GPU's first forward.
+pub(crate) fn matmul(op: &str, a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    check_matmul(op, a, b)?;
+    a.matmul(b)
+}
+
+/// The layout rule of candle's CUDA matmul (`gemm_config` in its CUDA backend) for `a · b`
+/// and for the products of its backward.
+pub(crate) fn check_matmul(op: &str, a: &Tensor, b: &Tensor) -> CResult<()> {
+    let (a, b) = (Operand::of(a), Operand::of(b));
+    let g = |dims: Vec<usize>| Operand {
+        stride: contiguous_strides(&dims),
+        dims,
+    };
+    let mut out_dims = a.dims.clone();
+    *out_dims.last_mut().expect("a matmul operand has 2+ dims") = *b.dims.last().unwrap();
+    for (what, l, r) in [
+        ("forward", a.clone(), b.clone()),
+        ("backward (g · bᵀ)", g(out_dims.clone()), b.t()),
+        ("backward (aᵀ · g)", a.t(), g(out_dims)),
+    ] {
+        if !cuda_accepts(&l, &r) {
+            candle_core::bail!(
+                "{op}: a {what} matmul with operand layouts {:?}/{:?} and {:?}/{:?} (dims/strides) \
+                 would fail on CUDA (MatMulNonContiguous): each operand must be contiguous or \
+                 transposed-contiguous in its last two dims; make it `.contiguous()`",
+                l.dims,
+                l.stride,
+                r.dims,
+                r.stride
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A matmul operand's dims and strides.
+#[derive(Clone)]
+struct Operand {
+    dims: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+impl Operand {
+    fn of(t: &Tensor) -> Self {
+        Operand {
+            dims: t.dims().to_vec(),
+            stride: t.stride().to_vec(),
+        }
+    }
+
+    /// The operand with its last two dims swapped (a view, as `Tensor::t`).
+    fn t(&self) -> Self {
+        let (mut dims, mut stride) = (self.dims.clone(), self.stride.clone());
+        let n = dims.len();
+        dims.swap(n - 1, n - 2);
+        stride.swap(n - 1, n - 2);
+        Operand { dims, stride }
+    }
+}
+
+fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
+/// Whether candle's CUDA backend accepts `lhs [.., m, k] · rhs [.., k, n]` with these strides.
+fn cuda_accepts(lhs: &Operand, rhs: &Operand) -> bool {
+    let (nl, nr) = (lhs.dims.len(), rhs.dims.len());
+    let (m, k, n) = (lhs.dims[nl - 2], lhs.dims[nl - 1], rhs.dims[nr - 1]);
+    let (l1, l2) = (lhs.stride[nl - 1], lhs.stride[nl - 2]);
+    let (r1, r2) = (rhs.stride[nr - 1], rhs.stride[nr - 2]);
+    let rhs_ok = ((r1 == 1 || n == 1) && (r2 == n || k == 1))
+        || ((r1 == k || n == 1) && (r2 == 1 || k == 1));
+    let lhs_ok = ((l1 == 1 || k == 1) && (l2 == k || m == 1))
+        || ((l1 == m || k == 1) && (l2 == 1 || m == 1));
+    rhs_ok && lhs_ok && batch_stride_ok(lhs) && batch_stride_ok(rhs)
+}
+
+/// The batch dims collapse to one stride (candle's CUDA matmul is a strided-batched gemm).
+fn batch_stride_ok(o: &Operand) -> bool {
+    let nb = o.dims.len() - 2;
+    match (&o.stride[..nb], &o.dims[..nb]) {
+        ([s1, s2], [d0, d1]) => *s1 == s2 * d1 || *d0 == 1 || *d1 == 1,
+        ([_], _) | ([], _) => true,
+        _ => false,
+    }
+}
+
 // ------------------------------------------------ cross-entropy (sum) with labels
 
 /// Sum over rows of `-log softmax(logits)[label]`; the labels live in the op (they carry no
@@ -295,5 +392,32 @@ pub(crate) mod tests {
                 an[i]
             );
         }
+    }
+
+    #[test]
+    fn matmul_layouts_follow_cudas_rule() {
+        let x = rand(&[4, 3, 8], 1); // [batch, seq, hidden]
+        let w = rand(&[5, 8], 2);
+        let rows = x.reshape((12, 8)).unwrap();
+        // Contiguous, and transposed-contiguous (`w.t()`): accepted, forward and backward.
+        check_matmul("t", &rows, &w.t().unwrap()).unwrap();
+        check_matmul("t", &w, &rows.t().unwrap()).unwrap();
+        // A strided row view (every sequence's first token) is refused, naming the fix.
+        let cls = x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+        let e = check_matmul("pool", &cls, &w.t().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("pool: a forward matmul"), "{e}");
+        assert!(e.to_string().contains(".contiguous()"), "{e}");
+        check_matmul("pool", &cls.contiguous().unwrap(), &w.t().unwrap()).unwrap();
+        // Batched: heads split out of one projection and made contiguous are accepted; a
+        // transpose of the batch dims is not a strided batch CUDA can take.
+        let q = rand(&[2, 4, 3, 6], 3); // [batch, heads, seq, head_dim]
+        check_matmul("scores", &q, &q.t().unwrap()).unwrap();
+        let swapped = q.transpose(0, 1).unwrap(); // batch strides no longer collapse
+        let e = check_matmul("scores", &swapped, &swapped.t().unwrap());
+        assert!(e.is_err());
+        // A column slice of a wider matrix: its rows are 16 apart, not 8, so it is refused.
+        let wide = rand(&[12, 16], 4);
+        let half = wide.narrow(1, 0, 8).unwrap();
+        assert!(check_matmul("slice", &half, &w.t().unwrap()).is_err());
     }
 }
