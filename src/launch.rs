@@ -2,6 +2,8 @@
 //! progress bar, rank-prefixed logs, a human summary and the job's exit code. Every child
 //! dies with the launcher (interrupt or coordinator failure).
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -16,12 +18,19 @@ use crate::config::JobConfig;
 use crate::coordinator::Summary;
 use crate::proto;
 
+/// What `tandem launch` runs, and how.
 pub struct LaunchOptions {
+    /// The job's configuration file (TOML).
     pub config: PathBuf,
+    /// Worker processes (sets cluster.min_workers and max_workers).
     pub workers: Option<usize>,
+    /// Corpus files, directories or globs (replaces data.corpus when not empty).
     pub corpus: Vec<String>,
+    /// Stop every stage after this many optimiser steps.
     pub max_steps: Option<u64>,
+    /// Where the job keeps its state (replaces job.state_dir).
     pub state_dir: Option<PathBuf>,
+    /// Config overrides, `KEY=VALUE` each (as `--set`).
     pub sets: Vec<String>,
     /// CPU threads per worker.
     pub threads: usize,

@@ -3,6 +3,8 @@
 //! Gradients travel only here (the data plane), never over gRPC. Buffers are flat f32 in
 //! the parameter store's name order, so every rank sums the same tensors together.
 
+#![warn(missing_docs)]
+
 use candle_core::Tensor;
 
 use crate::error::Result;
@@ -15,7 +17,9 @@ pub use ring::{AbortHandle, Ring, RingConfig};
 
 /// Sum-all-reduce, broadcast and barrier over a fixed group of ranks.
 pub trait Collective: Send {
+    /// This rank's index in the group, from 0.
     fn rank(&self) -> usize;
+    /// How many ranks the group has.
     fn world_size(&self) -> usize;
     /// Replaces `buf` on every rank by the element-wise sum of all ranks' `buf`.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;

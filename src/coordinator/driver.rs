@@ -19,7 +19,7 @@ use crate::proto::{self, directive::Kind};
 /// The job's durable state (`state_dir/job_state.json`): what a restarted coordinator needs
 /// to resume the job.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct JobRecord {
+pub(crate) struct JobRecord {
     pub job: String,
     pub status: JobStatus,
     pub stage_index: u32,
@@ -30,12 +30,15 @@ pub struct JobRecord {
     pub history: Vec<GenerationRecord>,
 }
 
+/// One generation of the job: its stage, size, starting checkpoint and outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerationRecord {
+    /// The generation's number.
     pub generation: u64,
     /// The stage it ran (records written before this field existed read as stage 0).
     #[serde(default)]
     pub stage_index: u32,
+    /// Ranks in the generation.
     pub world_size: u32,
     /// The checkpoint it started from: the stage's resume point, or, for a fine-tuning
     /// stage's first generation, the checkpoint its encoder comes from ("" = from scratch).
@@ -44,7 +47,7 @@ pub struct GenerationRecord {
     pub outcome: String,
 }
 
-pub const JOB_RECORD: &str = "job_state.json";
+pub(crate) const JOB_RECORD: &str = "job_state.json";
 
 impl JobRecord {
     pub fn load(state_dir: &std::path::Path) -> anyhow::Result<Option<JobRecord>> {

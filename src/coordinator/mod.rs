@@ -5,6 +5,8 @@
 //! `Coordinator` service and drives the job's state machine until it finishes, fails or
 //! `shutdown` resolves.
 
+#![warn(missing_docs)]
+
 mod driver;
 mod metrics_log;
 mod prepare;
@@ -27,7 +29,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use driver::{GenerationRecord, JobRecord, JOB_RECORD};
+pub use driver::GenerationRecord;
+pub(crate) use driver::JobRecord;
 pub use prepare::prepare;
 pub use service::{auth_interceptor, checkpoint_chunks};
 use state::{JobState, Phase, Shared};
@@ -38,15 +41,19 @@ use crate::config::JobConfig;
 use crate::proto;
 use store::CheckpointStore;
 
+/// How [`run`] serves the job.
 pub struct CoordinatorOptions {
+    /// Address the gRPC service binds (port 0: any free port, see `addr_file`).
     pub listen: SocketAddr,
     /// Write the bound address here once listening (for `tandem launch` and tests).
     pub addr_file: Option<PathBuf>,
+    /// The job token every worker must present ([`resolve_token`]).
     pub token: String,
     /// Whether to continue the job recorded in `state_dir`.
     pub resume: Resume,
 }
 
+/// What [`run`] does with a job already recorded in `state_dir`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
     /// Refuse a state_dir that already holds a job.
@@ -60,42 +67,59 @@ pub enum Resume {
 /// Written to `state_dir/summary.json` when the job ends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
+    /// The job's name (`job.name`).
     pub job: String,
     /// Completed, failed or interrupted.
     pub status: JobStatus,
+    /// Why the job ended as it did (empty when it completed).
     pub reason: String,
+    /// Number of the last generation (generations are numbered from 1).
     pub generations: u64,
     /// Failed generations that were restarted.
     pub restarts: u32,
+    /// Every generation the job has run, oldest first.
     pub history: Vec<GenerationRecord>,
+    /// Ranks of the generation running at the end (0 if none was).
     pub world_size: u32,
+    /// Seconds from this coordinator's start to the job's end.
     pub wall_s: f64,
+    /// Documents in the prepared corpus, over all shards.
     pub corpus_documents: u64,
+    /// Shards the corpus was cut into.
     pub shards: usize,
+    /// The stages this coordinator saw finish, in order.
     pub stages: Vec<StageSummary>,
+    /// `state_dir/final` (the exported HF model), if the job wrote it.
     pub final_checkpoint: Option<PathBuf>,
 }
 
+/// One finished stage, as `summary.json` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageSummary {
+    /// The stage's name, as in the job config.
     pub name: String,
     /// As the config spells it (`pretrain`, `sequence_classification`, …).
     pub kind: String,
+    /// Optimiser steps the stage took.
     pub steps: u64,
     /// Epochs the stage trained in (a stage stopped by max_steps may run fewer than planned).
     pub epochs: u32,
     /// The stage's `epochs`.
     #[serde(default)]
     pub epochs_planned: u32,
+    /// Examples trained on, over all ranks (rank 0's final report).
     pub examples: u64,
     /// Pre-training: documents of the epochs whose every planned instance was consumed
     /// exactly once in committed steps (from the ledger): epochs × corpus_documents for a
     /// finished stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub documents: Option<u64>,
+    /// Training loss, averaged over the stage's last steps (see `mlm_accuracy`).
     pub loss: f32,
+    /// Pre-training: the MLM term of `loss`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlm_loss: Option<f32>,
+    /// Pre-training: the NSP term of `loss`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nsp_loss: Option<f32>,
     /// Training loss and accuracies, averaged over the stage's last 20 steps (global: every
@@ -103,18 +127,23 @@ pub struct StageSummary {
     /// training accuracy (tokens for token classification, start and end for QA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlm_accuracy: Option<f32>,
+    /// Pre-training: NSP accuracy (see `mlm_accuracy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nsp_accuracy: Option<f32>,
+    /// Fine-tuning: the task's training accuracy (see `mlm_accuracy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_accuracy: Option<f32>,
+    /// Training throughput in examples per second, over all ranks.
     pub samples_per_s: f32,
     /// Loss of the stage's first and last logged steps (metrics.jsonl).
     pub first_loss: Option<f32>,
+    /// Loss of the last logged step (rank 0's final loss if none was logged).
     pub last_loss: Option<f32>,
     /// Pre-training data actually trained on (committed steps, all ranks): masked positions
     /// per non-padding token, and the share of IsNext pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked_fraction: Option<f64>,
+    /// Pre-training: the share of IsNext pairs among the examples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_next_fraction: Option<f64>,
     /// Ranks of the generation that finished the stage.
@@ -124,6 +153,7 @@ pub struct StageSummary {
     /// Parameter hash of every rank at the end (all equal when replicas are in sync).
     #[serde(rename = "param_hashes", alias = "param_fingerprints")]
     pub param_fingerprints: Vec<String>,
+    /// Whether every rank ended with the same parameter hash.
     pub replicas_identical: bool,
     /// Per epoch: instances planned, consumed and consumed more than once (committed steps
     /// only, across every generation and restart).
@@ -148,6 +178,7 @@ pub struct StageSummary {
     /// the coordinator's CPU seconds over that window: its cost while steps run.
     #[serde(default)]
     pub training_window_s: Option<f64>,
+    /// The coordinator's CPU seconds over `training_window_s`.
     #[serde(default)]
     pub coordinator_cpu_training_s: Option<f64>,
 }

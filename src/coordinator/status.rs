@@ -11,15 +11,19 @@ use crate::proto;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// The job has not ended yet.
     #[default]
     Running,
+    /// Every stage finished.
     Completed,
+    /// Ended by an error (the summary's `reason` says which).
     Failed,
     /// Stopped by a signal; `launch --resume` (or `coordinator --resume`) continues it.
     Interrupted,
 }
 
 impl JobStatus {
+    /// The status as the record, the summary and the logs spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Running => "running",

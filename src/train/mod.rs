@@ -1,6 +1,8 @@
 //! Training: AdamW, learning-rate schedules and the data-parallel step, one trainer for every
 //! stage kind.
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod kind;
 pub mod optim;
@@ -14,4 +16,4 @@ pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Decay, Schedule};
 pub use step::{StepOptions, Trainer};
 pub use traced::{CollectiveCall, CollectiveHook};
-pub use update::{UpdatePlace, Updater};
+pub use update::UpdatePlace;

@@ -12,9 +12,13 @@ use crate::model::ParamStore;
 /// AdamW hyper-parameters (BERT's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
+    /// Decay rate of the first moment (β1).
     pub beta1: f32,
+    /// Decay rate of the second moment (β2).
     pub beta2: f32,
+    /// Added to `sqrt(v̂)` for numerical stability.
     pub eps: f32,
+    /// Decoupled weight decay (skipped for biases and LayerNorm weights).
     pub weight_decay: f32,
 }
 
@@ -42,15 +46,20 @@ impl Default for AdamWConfig {
 /// Optimiser state: first and second moments and the step count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
+    /// The hyper-parameters.
     pub cfg: AdamWConfig,
+    /// First moments, one per parameter element (flat, in the store's order).
     pub m: Vec<f32>,
+    /// Second moments, one per parameter element.
     pub v: Vec<f32>,
+    /// Updates taken (the bias correction's `t`).
     pub t: u64,
     /// `(range, decays)` covering the flat buffer.
     decay: Vec<(std::ops::Range<usize>, bool)>,
 }
 
 impl AdamW {
+    /// A fresh optimiser for `store`: zero moments, no step taken.
     pub fn new(cfg: AdamWConfig, store: &ParamStore) -> Self {
         let n = store.numel();
         let decay = store

@@ -3,19 +3,28 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How the learning rate falls after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Decay {
+    /// Linearly to zero at `total_steps`.
     Linear,
+    /// Along half a cosine to zero at `total_steps`.
     Cosine,
+    /// Not at all: `peak_lr` until the end.
     Constant,
 }
 
+/// A learning-rate schedule: warm-up to `peak_lr`, then `decay`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
+    /// The learning rate at the end of warm-up.
     pub peak_lr: f32,
+    /// Steps of linear warm-up from zero.
     pub warmup_steps: u64,
+    /// Steps of the whole schedule, warm-up included.
     pub total_steps: u64,
+    /// What follows the warm-up.
     pub decay: Decay,
 }
 

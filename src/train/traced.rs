@@ -28,7 +28,9 @@ pub struct CollectiveCall {
 
 /// Told about each collective call before it starts and after it returns.
 pub trait CollectiveHook: Send {
+    /// Called just before `call` starts.
     fn before(&mut self, call: &CollectiveCall);
+    /// Called just after `call` returns (whether or not it succeeded).
     fn after(&mut self, call: &CollectiveCall);
 }
 
@@ -65,10 +67,12 @@ impl<'a> Traced<'a> {
         }
     }
 
+    /// This rank's index in the group.
     pub fn rank(&self) -> usize {
         self.inner.rank()
     }
 
+    /// How many ranks the group has.
     pub fn world_size(&self) -> usize {
         self.inner.world_size()
     }
@@ -98,29 +102,35 @@ impl<'a> Traced<'a> {
         r
     }
 
+    /// [`Collective::all_reduce_sum`], told to the hook.
     pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.around("all-reduce", buf.len(), false, |c| c.all_reduce_sum(buf))
     }
 
+    /// [`Collective::all_reduce_sum_tensors`], told to the hook.
     pub fn all_reduce_sum_tensors(&mut self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
         let floats = ts.iter().map(|t| t.elem_count()).sum();
         self.around("all-reduce", floats, true, |c| c.all_reduce_sum_tensors(ts))
     }
 
+    /// [`Collective::reduce_scatter_sum`], told to the hook.
     pub fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.around("reduce-scatter", buf.len(), false, |c| {
             c.reduce_scatter_sum(buf)
         })
     }
 
+    /// [`Collective::all_gather`], told to the hook.
     pub fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
         self.around("all-gather", buf.len(), false, |c| c.all_gather(buf))
     }
 
+    /// [`Collective::broadcast`], told to the hook.
     pub fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         self.around("broadcast", buf.len(), false, |c| c.broadcast(buf, root))
     }
 
+    /// [`Collective::barrier`], told to the hook.
     pub fn barrier(&mut self) -> Result<()> {
         self.around("barrier", 0, false, |c| c.barrier())
     }

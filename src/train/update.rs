@@ -29,7 +29,9 @@ use crate::model::ParamStore;
 /// Where the update runs (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpdatePlace {
+    /// On the host: flat `Vec<f32>` buffers and [`AdamW`].
     Host,
+    /// On the model's device: flat tensors and AdamW as tensor ops.
     Device,
 }
 
@@ -50,7 +52,7 @@ impl UpdatePlace {
 }
 
 /// Master weights, gradient accumulator and optimiser of one replica.
-pub enum Updater {
+pub(crate) enum Updater {
     Host {
         params: Vec<f32>,
         grad: Vec<f32>,
@@ -384,7 +386,7 @@ fn check_finite(norm: f32, step: u64) -> Result<()> {
 }
 
 /// [`AdamW`] as tensor ops over flat tensors on the model's device.
-pub struct DeviceAdamW {
+pub(crate) struct DeviceAdamW {
     pub cfg: AdamWConfig,
     m: Tensor,
     v: Tensor,

@@ -49,12 +49,15 @@ const HEADER_BYTES: usize = 40;
 /// How one rank joins a ring.
 #[derive(Clone)]
 pub struct RingConfig {
+    /// This rank's index in the ring, from 0.
     pub rank: usize,
+    /// How many ranks the ring has.
     pub world_size: usize,
     /// Listen address of every rank, indexed by rank (the coordinator hands these out).
     pub peers: Vec<SocketAddr>,
     /// Job token. Peers prove they know it with an HMAC over a fresh nonce; it never travels.
     pub token: String,
+    /// The membership generation the ring belongs to (peers of another one are refused).
     pub generation: u64,
     /// Bound on every socket operation and on connection set-up.
     pub timeout: Duration,
@@ -162,6 +165,7 @@ impl Shared {
 pub struct AbortHandle(Arc<Shared>);
 
 impl AbortHandle {
+    /// Marks the ring aborted and shuts its sockets down.
     pub fn abort(&self) {
         self.0.aborted.store(true, Ordering::SeqCst);
         self.0.shutdown();

@@ -150,10 +150,11 @@ pub struct RingListener {
 }
 
 impl RingListener {
-    pub fn bind(addr: SocketAddr) -> io::Result<RingListener> {
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<RingListener> {
         Ok(RingListener::from(TcpListener::bind(addr)?))
     }
 
+    /// The TCP listener's address (the one the coordinator hands out).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
@@ -166,7 +167,7 @@ impl RingListener {
         false
     }
 
-    pub fn try_clone(&self) -> io::Result<RingListener> {
+    pub(crate) fn try_clone(&self) -> io::Result<RingListener> {
         Ok(RingListener {
             tcp: self.tcp.try_clone()?,
             #[cfg(target_os = "linux")]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// resumes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DataCursor {
+    /// The epoch in progress.
     pub epoch: u32,
     /// Instances consumed per partition (empty: the epoch has not started).
     pub consumed: Vec<u64>,
@@ -24,10 +25,15 @@ pub struct DataCursor {
 /// Instances `[start, end)` of one partition of one epoch, consumed in committed steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerRange {
+    /// The epoch the range belongs to.
     pub epoch: u32,
+    /// How many partitions the epoch was split into.
     pub partitions: u32,
+    /// The partition the range lies in.
     pub partition: u32,
+    /// First instance of the range.
     pub start: u64,
+    /// One past the range's last instance.
     pub end: u64,
 }
 
@@ -35,9 +41,13 @@ pub struct LedgerRange {
 /// than once — the proof that every instance of an epoch was used exactly once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochLedger {
+    /// The epoch counted.
     pub epoch: u32,
+    /// Instances the epoch's plan holds.
     pub instances_planned: u64,
+    /// Distinct instances consumed in committed steps.
     pub instances_consumed: u64,
+    /// Instances consumed more than once (each extra use counted).
     pub instances_repeated: u64,
 }
 

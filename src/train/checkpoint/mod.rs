@@ -24,11 +24,11 @@ use crate::model::ParamStore;
 /// A checkpoint's files: (file name, bytes).
 pub type Files = Vec<(String, Vec<u8>)>;
 
-pub const MANIFEST: &str = "MANIFEST.json";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const STATE_FILE: &str = "trainer_state.json";
+pub(crate) const MANIFEST: &str = "MANIFEST.json";
+pub(crate) const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub(crate) const STATE_FILE: &str = "trainer_state.json";
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
 }

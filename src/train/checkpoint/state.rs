@@ -9,7 +9,9 @@ use super::cursor::{DataCursor, LedgerRange};
 /// Where training stood when a checkpoint was taken: enough to resume exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
+    /// Index of the stage in the job's stage list.
     pub stage_index: u32,
+    /// Name of the stage, as in the job config.
     pub stage_name: String,
     /// Optimiser steps taken in this stage.
     pub step: u64,
@@ -17,7 +19,9 @@ pub struct TrainerState {
     pub total_steps: u64,
     /// World size when the stage started (the global batch policy refers to it).
     pub initial_world_size: u32,
+    /// World size of the generation that took the checkpoint.
     pub world_size: u32,
+    /// The membership generation that took the checkpoint.
     pub generation: u64,
     /// Data position: epoch in progress and, per data partition, instances consumed.
     pub cursor: DataCursor,
@@ -34,6 +38,7 @@ pub struct TrainerState {
     /// stage's metric (kept across a resume, so a worse later epoch never replaces it).
     #[serde(default)]
     pub dev_metrics: BTreeMap<String, f64>,
+    /// Fine-tuning: the best epoch so far by the stage's metric.
     #[serde(default)]
     pub best: Option<BestEpoch>,
 }
@@ -41,7 +46,9 @@ pub struct TrainerState {
 /// A fine-tuning stage's best epoch by its metric.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BestEpoch {
+    /// The stage's metric on the dev set after the epoch.
     pub score: f64,
+    /// The epoch evaluated.
     pub epoch: u32,
 }
 
