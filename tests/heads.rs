@@ -573,7 +573,7 @@ fn from_pretrained_encoder_copies_the_encoder_and_initialises_the_head() {
 
         // One forward/backward (with dropout) reaches every parameter of task_specs.
         let b = finetune_batch(&pb, head);
-        let mut rng = tandem::util::rng(&[1]);
+        let mut rng = tandem::model::dropout::DropoutStream::new(&[1]);
         let out = m.forward(&b, &mut Some(&mut rng)).unwrap();
         let grads = out.loss_sum.backward().unwrap();
         let mut flat = vec![0f32; m.store.numel()];
@@ -702,10 +702,10 @@ fn dropout_changes_training_logits_only() {
     let e = read_json(&fixture("seqcls_tiny/expected.json"));
     let b = batch_from_json(&e["batch"]);
     let eval = to64(&m.logits(&b).unwrap());
-    let mut rng = tandem::util::rng(&[3]);
+    let mut rng = tandem::model::dropout::DropoutStream::new(&[3]);
     let train = to64(&m.forward(&b, &mut Some(&mut rng)).unwrap().logits);
     assert!(max_rel(&train, &eval) > 1e-3);
-    let mut rng = tandem::util::rng(&[3]);
+    let mut rng = tandem::model::dropout::DropoutStream::new(&[3]);
     let again = to64(&m.forward(&b, &mut Some(&mut rng)).unwrap().logits);
     assert_eq!(train, again, "dropout is reproducible from its seed");
 }

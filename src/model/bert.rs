@@ -7,9 +7,8 @@
 //! decoder runs only at labelled positions (as google-research/bert's `gather_indexes`):
 //! same loss and gradients as HF's decoder over every position, far fewer FLOPs.
 
+use super::dropout::{DropoutStream, Multipliers};
 use candle_core::{DType, Device, Tensor};
-use rand::RngCore;
-use rand_chacha::ChaCha8Rng;
 
 use super::kernels::attention::{attention, Heads};
 use super::kernels::linear::{linear, Act};
@@ -24,7 +23,7 @@ use crate::model::BertConfig;
 const MASKED: f32 = -1e9;
 
 /// Dropout randomness for one forward pass; `None` means evaluation mode (no dropout).
-pub type DropoutRng<'a> = Option<&'a mut ChaCha8Rng>;
+pub type DropoutRng<'a> = Option<&'a mut DropoutStream>;
 
 /// The parameters of `BertModel` under `prefix` (`"bert."` inside the task models).
 pub fn encoder_specs(cfg: &BertConfig, prefix: &str, with_pooler: bool) -> Vec<ParamSpec> {
@@ -161,42 +160,27 @@ impl LayerNorm {
         p: f32,
         rng: &mut DropoutRng,
     ) -> Result<Tensor> {
-        let keep = dropout_mask(y.elem_count(), p, rng);
+        let keep = dropout_mask(p, rng);
         Ok(add_layer_norm(
             y, residual, &self.g, &self.b, self.eps, keep,
         )?)
     }
 }
 
-/// Seeded inverted-dropout multipliers for `n` values: each 0 with probability `p`, else
-/// `1/(1-p)`. `None` in evaluation mode or when `p` is 0 (no randomness is drawn then).
-pub(crate) fn dropout_mask(n: usize, p: f32, rng: &mut DropoutRng) -> Option<Vec<f32>> {
-    let rng = rng.as_deref_mut()?;
-    if p == 0.0 {
-        return None;
-    }
-    let keep = 1.0 / (1.0 - p);
-    let threshold = (p as f64 * 4294967296.0) as u64;
-    Some(
-        (0..n)
-            .map(|_| {
-                if (rng.next_u32() as u64) < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect(),
-    )
+/// The next dropout site's mask (each 0 with probability `p`, else `1/(1-p)`): `None` in
+/// evaluation mode or when `p` is 0.
+pub(crate) fn dropout_mask(p: f32, rng: &mut DropoutRng) -> Option<Multipliers> {
+    rng.as_deref_mut()?.next(p).map(Multipliers::Mask)
 }
 
-/// Inverted dropout with a seeded mask (candle's own dropout cannot be seeded on CPU).
+/// Inverted dropout with a seeded mask, made on `x`'s device (candle's own dropout cannot be
+/// seeded).
 pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor> {
-    match dropout_mask(x.elem_count(), p, rng) {
+    match dropout_mask(p, rng) {
         None => Ok(x.clone()),
         Some(mask) => {
             // In f32 (1/(1-p) is not exact in bf16), back to the input's dtype.
-            let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+            let mask = mask.tensor(x.shape(), x.device())?;
             Ok(x.to_dtype(DType::F32)?.mul(&mask)?.to_dtype(x.dtype())?)
         }
     }
@@ -387,7 +371,7 @@ impl BertModel {
         for layer in &self.layers {
             // Q, K and V in one gemm: [b·t, 3·hidden].
             let qkv = Linear::packed(&[&layer.q, &layer.k, &layer.v])?.forward(&h)?;
-            let keep = dropout_mask(b * nh * t * t, cfg.attention_probs_dropout_prob, rng);
+            let keep = dropout_mask(cfg.attention_probs_dropout_prob, rng);
             let ctx = attention(&qkv, &x.attention_bias, shape, scale, keep)?;
             let a = layer.attn_ln.forward_residual(
                 &layer.attn_out.forward(&ctx)?,

@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod dropout;
 pub mod heads;
 pub mod hf;
 pub mod kernels;

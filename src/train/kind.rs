@@ -6,8 +6,8 @@
 //! Pre-training ([`PretrainModel`]: MLM and NSP terms) and the four fine-tuning heads
 //! ([`TaskModel`]: one term) are the kinds today.
 
+use crate::model::dropout::DropoutStream;
 use candle_core::Tensor;
-use rand_chacha::ChaCha8Rng;
 
 use crate::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
 use crate::error::Result;
@@ -26,6 +26,7 @@ pub struct Forward {
 pub struct StepSums {
     /// Steps taken, this one included.
     pub step: u64,
+    /// Learning rate the step used.
     pub lr: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
@@ -33,6 +34,7 @@ pub struct StepSums {
     pub counts: Vec<f64>,
     /// Per loss term, its global sum (the term's loss is `loss_sums[i] / counts[i]`).
     pub loss_sums: Vec<f64>,
+    /// Metric counts, summed over micro-batches and ranks.
     pub metrics: Vec<f64>,
 }
 
@@ -59,6 +61,7 @@ pub(crate) fn inv(x: f64) -> f64 {
 
 /// A model the trainer can train (see the module docs).
 pub trait StageModel: Send {
+    /// The batch the model trains on.
     type Batch;
     /// What a step reports.
     type Stats: Clone + Send + 'static;
@@ -66,6 +69,7 @@ pub trait StageModel: Send {
     const TERMS: usize;
     /// Metric counts a forward pass returns.
     const METRICS: usize;
+    /// The model's parameter store.
     fn store(&self) -> &ParamStore;
     /// The std of its initialisation (for parameters a checkpoint lacks).
     fn init_std(&self) -> f32;
@@ -73,7 +77,7 @@ pub trait StageModel: Send {
     /// the labels before any forward pass, so summed over ranks first.
     fn counts(&self, b: &Self::Batch) -> Vec<f64>;
     /// Forward pass; `rng` draws the dropout masks (`None`: dropout off).
-    fn forward(&self, b: &Self::Batch, rng: Option<&mut ChaCha8Rng>) -> Result<Forward>;
+    fn forward(&self, b: &Self::Batch, rng: Option<&mut DropoutStream>) -> Result<Forward>;
     /// The step's statistics from its global sums.
     fn stats(&self, sums: &StepSums) -> Self::Stats;
     /// `config.json` of a checkpoint of this model.
@@ -83,20 +87,29 @@ pub trait StageModel: Send {
 /// What one pre-training step did, already reduced over all ranks.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct StepStats {
+    /// Steps taken, this one included.
     pub step: u64,
+    /// Learning rate the step used.
     pub lr: f32,
+    /// Total loss: MLM plus NSP.
     pub loss: f32,
+    /// Mean MLM loss per masked token.
     pub mlm_loss: f32,
+    /// Mean NSP loss per example.
     pub nsp_loss: f32,
+    /// Fraction of masked tokens predicted right.
     pub mlm_accuracy: f32,
+    /// Fraction of examples whose IsNext label was predicted right.
     pub nsp_accuracy: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
     /// Masked tokens and examples in this step, over all ranks.
     pub mlm_tokens: u64,
+    /// Examples in this step, over all ranks.
     pub examples: u64,
     /// Non-padding tokens and IsNext examples in this step, over all ranks.
     pub tokens: u64,
+    /// IsNext examples in this step, over all ranks.
     pub is_next: u64,
 }
 
@@ -115,7 +128,7 @@ impl StageModel for PretrainModel {
     fn counts(&self, b: &PretrainBatch) -> Vec<f64> {
         vec![b.mlm_count() as f64, b.nsp_count() as f64]
     }
-    fn forward(&self, b: &PretrainBatch, rng: Option<&mut ChaCha8Rng>) -> Result<Forward> {
+    fn forward(&self, b: &PretrainBatch, rng: Option<&mut DropoutStream>) -> Result<Forward> {
         let mut rng = rng;
         let out = self.model.forward(b, &mut rng)?;
         let metrics = vec![
@@ -154,13 +167,17 @@ impl StageModel for PretrainModel {
 /// What one fine-tuning step did, reduced over all ranks.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct TaskStats {
+    /// Steps taken, this one included.
     pub step: u64,
+    /// Learning rate the step used.
     pub lr: f32,
     /// Mean loss per labelled example (per labelled position for token classification).
     pub loss: f32,
+    /// Global gradient norm before clipping.
     pub grad_norm: f32,
     /// Labelled examples (positions) and how many of them the argmax got right.
     pub labelled: u64,
+    /// Labelled examples (positions) the argmax got right.
     pub correct: u64,
     /// Rows (features) in the step.
     pub examples: u64,
@@ -191,7 +208,7 @@ impl StageModel for TaskModel {
     fn counts(&self, b: &FinetuneBatch) -> Vec<f64> {
         vec![labelled(b) as f64]
     }
-    fn forward(&self, b: &FinetuneBatch, rng: Option<&mut ChaCha8Rng>) -> Result<Forward> {
+    fn forward(&self, b: &FinetuneBatch, rng: Option<&mut DropoutStream>) -> Result<Forward> {
         let mut rng = rng;
         let out = TaskModel::forward(self, b, &mut rng)?;
         Ok(Forward {

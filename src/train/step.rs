@@ -13,7 +13,7 @@
 
 use candle_core::{backprop::GradStore, Tensor};
 
-use rand_chacha::ChaCha8Rng;
+use crate::model::dropout::DropoutStream;
 
 use super::kind::{inv, StageModel, StepSums};
 use super::optim::{AdamW, AdamWConfig};
@@ -24,17 +24,20 @@ use crate::comm::Collective;
 use crate::data::batch::PretrainBatch;
 use crate::error::Result;
 use crate::model::{ParamStore, PretrainModel};
-use crate::util;
 
 /// Default gradient bucket: ~25 MB of f32, as PyTorch DDP.
 pub const DEFAULT_BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
+/// How a [`Trainer`] steps: optimiser, schedule, clipping, buckets and dropout.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOptions {
+    /// AdamW hyper-parameters.
     pub adamw: AdamWConfig,
+    /// The learning-rate schedule.
     pub schedule: Schedule,
     /// Global-norm clipping threshold (0 disables clipping).
     pub max_grad_norm: f32,
+    /// Elements per all-reduce bucket of the flat gradient.
     pub bucket_elems: usize,
     /// Seed of the dropout masks (combined with step, rank and micro-batch).
     pub seed: u64,
@@ -47,7 +50,9 @@ pub struct StepOptions {
 
 /// Model, optimiser and the flat buffers of one replica, for any stage kind.
 pub struct Trainer<M: StageModel = PretrainModel> {
+    /// The model trained (its parameter store holds the current weights).
     pub model: M,
+    /// How it steps.
     pub options: StepOptions,
     /// Master weights, gradient and AdamW state (on the host or on the model's device).
     update: Updater,
@@ -92,17 +97,24 @@ impl std::ops::AddAssign<&PhaseTimes> for PhaseTimes {
 /// Sums of one forward pass, as plain numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LossSums {
+    /// Sum of the MLM loss over the MLM-labelled (masked) positions.
     pub mlm_sum: f64,
+    /// MLM-labelled positions.
     pub mlm_count: u64,
+    /// MLM-labelled positions predicted right.
     pub mlm_correct: u64,
+    /// Sum of the NSP loss over the NSP-labelled examples.
     pub nsp_sum: f64,
+    /// NSP-labelled examples.
     pub nsp_count: u64,
+    /// NSP-labelled examples predicted right.
     pub nsp_correct: u64,
 }
 
 /// Where a backward pass's gradients are added: a flat host buffer (in the store's layout)
 /// or a replica's [`Updater`].
 pub trait GradSink {
+    /// Adds the gradients in `grads` of `store`'s parameters.
     fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()>;
 }
 
@@ -129,7 +141,7 @@ pub fn forward_backward<S: GradSink + ?Sized>(
     m: &PretrainModel,
     batch: &PretrainBatch,
     weights: (f64, f64),
-    dropout: Option<&mut ChaCha8Rng>,
+    dropout: Option<&mut DropoutStream>,
     grad: &mut S,
 ) -> Result<LossSums> {
     let mut times = PhaseTimes::default();
@@ -152,7 +164,7 @@ pub fn forward_backward_terms<M: StageModel, S: GradSink + ?Sized>(
     m: &M,
     batch: &M::Batch,
     weights: &[f64],
-    dropout: Option<&mut ChaCha8Rng>,
+    dropout: Option<&mut DropoutStream>,
     grad: &mut S,
     times: &mut PhaseTimes,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -217,6 +229,7 @@ impl<M: StageModel> Trainer<M> {
         self.hook = Some(hook);
     }
 
+    /// Where the update runs (host or device).
     pub fn update_place(&self) -> UpdatePlace {
         self.update.place()
     }
@@ -274,11 +287,11 @@ impl<M: StageModel> Trainer<M> {
     }
 
     /// The dropout masks' generator of micro-batch `i` of the step being taken on `rank`.
-    fn dropout_rng(&self, rank: u64, i: usize) -> ChaCha8Rng {
+    fn dropout_rng(&self, rank: u64, i: usize) -> DropoutStream {
         let o = &self.options;
         match o.dropout_stream {
-            None => util::rng(&[o.seed, self.step, rank, i as u64]),
-            Some(s) => util::rng(&[o.seed, s, self.step, rank, i as u64]),
+            None => DropoutStream::new(&[o.seed, self.step, rank, i as u64]),
+            Some(s) => DropoutStream::new(&[o.seed, s, self.step, rank, i as u64]),
         }
     }
 
@@ -295,7 +308,7 @@ impl<M: StageModel> Trainer<M> {
             add_into(&mut counts, &self.model.counts(b));
         }
         let mut counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
-        let rngs: Vec<ChaCha8Rng> = (0..micro.len())
+        let rngs: Vec<DropoutStream> = (0..micro.len())
             .map(|i| self.dropout_rng(rank, i))
             .collect();
         let mut comm = Self::traced(&mut self.hook, comm, self.step + 1);

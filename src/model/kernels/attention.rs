@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::gemm::{self, matmul, matmul_raw, SendPtr, View};
 use super::ops::{contiguous_f32, is_cpu, with_f32};
 use super::vmath;
+use crate::model::dropout::Multipliers;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -260,7 +261,7 @@ pub fn attention(
     bias: &Tensor,
     shape: Heads,
     scale: f64,
-    keep: Option<Vec<f32>>,
+    keep: Option<Multipliers>,
 ) -> CResult<Tensor> {
     let Heads {
         batch: b,
@@ -268,15 +269,12 @@ pub fn attention(
         heads: nh,
         ..
     } = shape;
+    let n = b * nh * t * t;
     if let Some(k) = &keep {
-        if k.len() != b * nh * t * t {
-            candle_core::bail!(
-                "attention: {} dropout multipliers for {b}×{nh}×{t}×{t}",
-                k.len()
-            )
-        }
+        k.check_len(n, &format!("attention ({b}×{nh}×{t}×{t})"))?;
     }
     if is_cpu(qkv) {
+        let keep = keep.map(|k| k.host(n));
         let bias = bias.flatten_all()?.to_vec1::<f32>()?;
         return qkv.contiguous()?.apply_op1(Attention {
             shape,
@@ -296,7 +294,7 @@ fn composed(
     bias: &Tensor,
     shape: Heads,
     scale: f64,
-    keep: Option<Vec<f32>>,
+    keep: Option<Multipliers>,
 ) -> CResult<Tensor> {
     let Heads {
         batch: b,
@@ -318,7 +316,7 @@ fn composed(
         .broadcast_add(&bias.reshape((b, 1, 1, t))?)?;
     let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
     if let Some(keep) = keep {
-        probs = probs.mul(&Tensor::from_vec(keep, probs.shape(), probs.device())?)?;
+        probs = probs.mul(&keep.tensor(probs.shape(), probs.device())?)?;
     }
     super::ops::matmul("attention context", &probs.to_dtype(v.dtype())?, &v)?
         .transpose(1, 2)?
@@ -352,8 +350,8 @@ mod tests {
             let (b1, b2, k1, k2) = (bias.clone(), bias.clone(), keep.clone(), keep.clone());
             check(
                 std::slice::from_ref(&qkv),
-                move |t| attention(&t[0], &b1, s, 0.5, with_dropout.then(|| k1.clone())),
-                move |t| composed(&t[0], &b2, s, 0.5, with_dropout.then(|| k2.clone())),
+                move |t| attention(&t[0], &b1, s, 0.5, with_dropout.then(|| k1.clone().into())),
+                move |t| composed(&t[0], &b2, s, 0.5, with_dropout.then(|| k2.clone().into())),
                 1e-5,
             );
         }
@@ -369,7 +367,7 @@ mod tests {
         };
         let qkv = rand(&[2, 6], 1);
         let bias = Tensor::zeros((1, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let e = attention(&qkv, &bias, s, 1.0, Some(vec![1.0; 3])).unwrap_err();
+        let e = attention(&qkv, &bias, s, 1.0, Some(vec![1.0; 3].into())).unwrap_err();
         assert!(e.to_string().contains("dropout multipliers"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 
 use super::gemm::SendPtr;
 use super::ops::{contiguous_f32, for_rows, is_cpu, with_f32};
+use crate::model::dropout::Multipliers;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -224,18 +225,13 @@ pub fn add_layer_norm(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    keep: Option<Vec<f32>>,
+    keep: Option<Multipliers>,
 ) -> CResult<Tensor> {
     if let Some(k) = &keep {
-        if k.len() != y.elem_count() {
-            candle_core::bail!(
-                "add-layer-norm: {} dropout multipliers for {} values",
-                k.len(),
-                y.elem_count()
-            )
-        }
+        k.check_len(y.elem_count(), "add-layer-norm")?;
     }
     if is_cpu(y) {
+        let keep = keep.map(|k| k.host(y.elem_count()));
         let gb = Tensor::cat(&[gamma, beta], 0)?;
         return y.contiguous()?.apply_op3(
             &residual.contiguous()?,
@@ -254,7 +250,7 @@ pub fn add_layer_norm(
         residual.to_dtype(gamma.dtype())?,
     );
     let y = match keep {
-        Some(k) => y.mul(&Tensor::from_vec(k, y.shape(), y.device())?)?,
+        Some(k) => y.mul(&k.tensor(y.shape(), y.device())?)?,
         None => y,
     };
     layer_norm(&(y + residual)?, gamma, beta, eps)?.to_dtype(dt)
@@ -311,7 +307,7 @@ mod tests {
                         &t[2],
                         &t[3],
                         1e-12,
-                        with_dropout.then(|| k1.clone()),
+                        with_dropout.then(|| k1.clone().into()),
                     )
                 },
                 move |t| {
