@@ -12,7 +12,8 @@
 # TANDEM_CUDA_SERIES=13.4 (the newest cudarc 0.19 knows) for newer drivers.
 #
 # Usage:
-#   scripts/build-cuda.sh                   toolchain, then cargo build (~30 min on 2 cores)
+#   scripts/build-cuda.sh                   toolchain, then cargo build (~30 min on 2 cores),
+#                                           then target/cuda/tandem.xz for scripts/gpu-check.sh
 #   scripts/build-cuda.sh --toolchain-only  toolchain and its checks, no cargo
 # Environment:
 #   CUDA_COMPUTE_CAP   target GPU (default 90: H100/H200; 80 A100, 89 L4/L40S)
@@ -135,8 +136,14 @@ cat >"$probe/probe.cu" <<'EOF'
 extern "C" __global__ void probe(__half *x) { x[threadIdx.x] = __hadd(x[threadIdx.x], x[0]); }
 EOF
 nvcc --ptx -arch="sm_${CUDA_COMPUTE_CAP}" -std=c++17 -o "$probe/probe.ptx" "$probe/probe.cu"
+# tandem's own kernel (the dropout masks; NVRTC compiles the same source at run time).
+nvcc --ptx -arch="sm_${CUDA_COMPUTE_CAP}" -o "$probe/dropout.ptx" src/model/dropout.cu
+grep -q "tandem_dropout_mask" "$probe/dropout.ptx" || {
+    log "src/model/dropout.cu compiled without its kernel entry point"
+    exit 1
+}
 rm -rf "$probe"
-log "nvcc compiles a kernel to PTX for sm_${CUDA_COMPUTE_CAP}"
+log "nvcc compiles a kernel and tandem's dropout-mask kernel to PTX for sm_${CUDA_COMPUTE_CAP}"
 if [ "$toolchain_only" = 1 ]; then
     log "toolchain ready (source $VENV/cuda-env.sh); skipping cargo build"
     exit 0
@@ -148,3 +155,14 @@ export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,-rpath,$CUDA/lib"
 log "cargo build --release --features cuda (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 cargo build --release --features cuda
 log "built $CARGO_TARGET_DIR/release/tandem"
+
+# 6. Compressed for the GPU machine (the working tree that travels there is capped at 64 MiB;
+#    scripts/gpu-check.sh takes the .xz as it is).
+xz -T0 -9 -c "$CARGO_TARGET_DIR/release/tandem" >"$CARGO_TARGET_DIR/tandem.xz"
+raw=$(stat -c %s "$CARGO_TARGET_DIR/release/tandem")
+packed=$(stat -c %s "$CARGO_TARGET_DIR/tandem.xz")
+log "$CARGO_TARGET_DIR/tandem.xz: $((packed / 1048576)) MiB ($packed bytes; the binary $((raw / 1048576)) MiB)"
+[ "$packed" -lt $((32 * 1048576)) ] || {
+    log "the compressed binary is over 32 MiB"
+    exit 1
+}

@@ -28,6 +28,11 @@ pub struct StepBench {
     /// Achieved GFLOP/s, counting the FLOPs of HF `BertForPreTraining` (MLM decoder at every
     /// position), so the figure compares directly with PyTorch's.
     pub gflops: f64,
+    /// Achieved GFLOP/s of what is executed (MLM head at the masked positions only): the
+    /// figure an MFU against the hardware's peak should use.
+    pub executed_gflops: f64,
+    /// Whether f32 matmuls ran on TF32 tensor cores.
+    pub tf32: bool,
     /// The MLM decoder here runs only at masked positions (same loss and gradients).
     pub mlm_decoder: &'static str,
     pub precision: crate::model::Precision,
@@ -49,6 +54,14 @@ pub fn pretraining_forward_flops(cfg: &BertConfig, batch: usize, seq: usize) -> 
     let per_layer = 2.0 * b * t * (4.0 * h * h + 2.0 * h * i) + 2.0 * 2.0 * b * t * t * h;
     let heads = 2.0 * b * t * h * h + 2.0 * b * t * h * v + 2.0 * b * h * h + 2.0 * b * h * 2.0;
     cfg.num_hidden_layers as f64 * per_layer + heads
+}
+
+/// Forward FLOPs of the MLM head (transform `hidden → hidden` and decoder `hidden → vocab`) at
+/// `rows` positions: what HF's count includes at the unmasked positions and tandem does not
+/// execute.
+fn mlm_head_flops(cfg: &BertConfig, rows: usize) -> f64 {
+    let h = cfg.hidden_size as f64;
+    2.0 * rows as f64 * h * (h + cfg.vocab_size as f64)
 }
 
 /// A random pre-training batch: 15% of the non-special positions labelled, random NSP.
@@ -109,6 +122,9 @@ pub struct StepBenchOptions {
     /// f32 or bf16 (mixed precision; meant for GPUs, slow on the CPU).
     #[arg(long, default_value = "f32")]
     pub precision: crate::model::Precision,
+    /// GPUs: f32 matmuls on TF32 tensor cores (`model.tf32`).
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 /// Times full training steps (forward, backward, AdamW) after `warmup` untimed steps, on
@@ -129,6 +145,9 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
         ));
     }
     let device = &util::parse_device(&o.device)?;
+    if device.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(o.tf32);
+    }
     let cfg = BertConfig::preset(preset);
     let mut model = PretrainModel::new(&cfg, 0, device)?;
     model.set_precision(precision);
@@ -151,8 +170,10 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
     let mut comm = Local;
     let mut times = Vec::with_capacity(steps);
     let mut phases = vec![];
+    let mut masked_per_step = vec![];
     for s in 0..warmup + steps {
         let b = synthetic_batch(&cfg, batch, seq, s as u64);
+        masked_per_step.push(b.mlm_count() as f64);
         let t0 = Instant::now();
         trainer.train_step(std::slice::from_ref(&b), &mut comm)?;
         if s >= warmup {
@@ -174,6 +195,8 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
     let median = util::median(&times);
     times.sort_by(f64::total_cmp);
     let flops = 3.0 * pretraining_forward_flops(&cfg, batch, seq);
+    let masked = util::median(&masked_per_step);
+    let executed = flops - 3.0 * mlm_head_flops(&cfg, batch * seq - masked as usize);
     Ok(StepBench {
         preset,
         device: match device.location() {
@@ -190,6 +213,8 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
         ms_max: *times.last().unwrap(),
         samples_per_s: batch as f64 / (median / 1e3),
         gflops: flops / (median / 1e3) / 1e9,
+        executed_gflops: executed / (median / 1e3) / 1e9,
+        tf32: o.tf32 && device.is_cuda(),
         mlm_decoder: "masked positions only",
         precision,
         peak_rss_mib: util::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,

@@ -173,6 +173,11 @@ pub struct ModelSection {
     /// AdamW. On the CPU bf16 runs candle's composed ops (no bf16 gemm there): slower than f32.
     #[serde(default)]
     pub precision: crate::model::Precision,
+    /// GPUs: f32 matmuls on TF32 tensor cores (inputs rounded to a 10-bit mantissa, f32
+    /// accumulation), as PyTorch's `allow_tf32`. Off by default, so that an f32 run on a GPU
+    /// follows the CPU's within rounding; no effect on the CPU or on bf16 matmuls.
+    #[serde(default)]
+    pub tf32: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -98,7 +98,9 @@ pub fn process_cpu_seconds() -> Option<f64> {
 pub fn parse_device(name: &str) -> Result<candle_core::Device> {
     match device_ordinal(name)? {
         None => Ok(candle_core::Device::Cpu),
-        Some(ordinal) => candle_core::Device::new_cuda(ordinal)
+        // A stream of its own, not the per-thread default one: every kernel, copy and NCCL call
+        // of the worker is ordered on it whichever thread issues it.
+        Some(ordinal) => candle_core::Device::new_cuda_with_stream(ordinal)
             .map_err(|e| Error::Device(format!("device {name:?}: cannot open GPU {ordinal}: {e}"))),
     }
 }

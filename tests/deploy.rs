@@ -632,41 +632,106 @@ fn cpu_smoke_topology_completes_on_loopback() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// scripts/gpu-check.sh, dry run on this CPU (GPU_CHECK_DEVICE=cpu): its "device" jobs run the
-/// composed candle ops and the on-device update a GPU runs (TANDEM_FUSED_KERNELS=0,
-/// TANDEM_DEVICE_UPDATE=1) against the fused CPU kernels and the host update, so the script's
-/// logic is exercised on every CI run and the GPU's code path must train the same trajectory,
-/// step by step, with one and with two workers, through checkpoints and fine-tuning.
-#[test]
-fn gpu_check_script_dry_run_passes_on_the_cpu() {
-    let out = Command::new(repo().join("scripts/gpu-check.sh"))
-        .arg(bin())
+/// Runs scripts/gpu-check.sh as a dry run on this CPU (GPU_CHECK_DEVICE=cpu) with `env`;
+/// returns whether it succeeded, its summary (the last line of stdout) and its stderr.
+fn gpu_check_dry_run(env: &[(&str, &str)]) -> (bool, Value, String) {
+    let mut cmd = Command::new(repo().join("scripts/gpu-check.sh"));
+    cmd.arg(bin())
         .current_dir(repo())
         .env("GPU_CHECK_DEVICE", "cpu")
         .env("GPU_CHECK_PRESET", "tiny")
-        .env("GPU_CHECK_STEPS", "10")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+        .env("GPU_CHECK_BENCH_STEPS", "2")
+        .env("GPU_CHECK_BENCH_WARMUP", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let last = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no summary:\n{err}"));
+    let summary: Value = serde_json::from_str(last).unwrap();
+    (out.status.success(), summary, err)
+}
+
+/// scripts/gpu-check.sh, dry run on this CPU: its "device" jobs run the composed candle ops
+/// and the on-device update a GPU runs (TANDEM_FUSED_KERNELS=0, TANDEM_DEVICE_UPDATE=1)
+/// against the fused CPU kernels and the host update, so every step of the script runs on
+/// every CI run and the GPU's code path must train the same trajectory, step by step, with
+/// dropout off and on (the same Philox masks), with one and with two workers, through
+/// checkpoints and fine-tuning; the summary carries every bench's figures.
+#[test]
+fn gpu_check_script_dry_run_passes_on_the_cpu() {
+    let (ok, last, err) = gpu_check_dry_run(&[("GPU_CHECK_STEPS", "10")]);
+    assert!(ok, "{err}");
     assert_eq!(last["ok"], true, "{last}");
-    for k in ["loss_rel_diff_1_worker", "loss_rel_diff_2_workers"] {
-        let d: f64 = last[k].as_str().unwrap().parse().unwrap();
+    assert_eq!(last["failed_steps"], serde_json::json!([]), "{last}");
+    let steps = last["steps_run"].as_object().unwrap();
+    assert_eq!(steps.len(), 13, "preflight, 7 jobs, 5 benches: {last}");
+    for k in [
+        "loss_rel_diff_no_dropout",
+        "loss_rel_diff_1_worker",
+        "loss_rel_diff_2_workers",
+    ] {
+        let d = last["checks"][k]["value"].as_f64().unwrap();
         assert!(
             d < 1e-4,
             "{k} = {d}: the composed ops drift from the fused kernels"
         );
     }
-    assert_eq!(last["nccl"], false, "no NCCL on a CPU: {last}");
-    assert!(last["base_gflops"].as_f64().unwrap() > 0.0);
-    assert!(last["bf16_gflops"].as_f64().unwrap() > 0.0);
+    assert_eq!(last["checks"]["nccl"]["value"], false, "no NCCL on a CPU");
+    for b in ["bench_f32_b32", "bench_bf16_b32", "bench_f32_b128"] {
+        let bench = &last["bench"][b];
+        assert!(bench["gflops"].as_f64().unwrap() > 0.0, "{b}: {bench}");
+        // HF's count includes the MLM head at every position; tandem runs it at the masked ones.
+        assert!(
+            bench["executed_gflops"].as_f64().unwrap() < bench["gflops"].as_f64().unwrap(),
+            "{b}: {bench}"
+        );
+        assert!(bench["phases"]["forward_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(last["bench"]["bench_f32_b128"]["batch"], 128);
     // The bf16 run really ran in bf16 (its losses differ) and stayed close to f32.
-    let d: f64 = last["loss_rel_diff_bf16"]
-        .as_str()
-        .unwrap()
-        .parse()
+    let d = last["checks"]["loss_rel_diff_bf16"]["value"]
+        .as_f64()
         .unwrap();
     assert!(d > 0.0 && d < 0.05, "bf16 against f32: {d}");
+}
+
+/// A step that fails is recorded, the steps after it still run, and the summary is written
+/// (the script then exits with an error).
+#[test]
+fn gpu_check_script_goes_on_past_a_failed_step() {
+    let (ok, last, err) = gpu_check_dry_run(&[
+        ("GPU_CHECK_STEPS", "2"),
+        ("GPU_CHECK_FAIL_STEP", "job_2w_gpu"),
+    ]);
+    assert!(!ok, "a failed step fails the check:\n{err}");
+    assert_eq!(last["ok"], false, "{last}");
+    assert_eq!(
+        last["failed_steps"],
+        serde_json::json!(["job_2w_gpu"]),
+        "{last}"
+    );
+    let steps = &last["steps_run"];
+    for later in [
+        "job_2w_cpu",
+        "job_bf16_gpu",
+        "bench_f32_b32",
+        "bench_bf16_b128",
+    ] {
+        assert_eq!(
+            steps[later]["status"], "ok",
+            "{later} ran after the failure: {last}"
+        );
+    }
+    // The comparison that needed the failed job says so; the others still hold.
+    assert_eq!(last["checks"]["loss_rel_diff_2_workers"]["ok"], false);
+    assert_eq!(
+        last["checks"]["loss_rel_diff_1_worker"]["ok"], true,
+        "{last}"
+    );
+    assert!(err.contains("job_2w_gpu: failed"), "{err}");
 }

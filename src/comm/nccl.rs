@@ -8,8 +8,9 @@
 //! rank joins the communicator. Peers must be on distinct GPUs (NCCL refuses two ranks on one
 //! device; workers sharing a GPU use `cluster.gpu_collective = "ring"`).
 //!
-//! NCCL is issued from the training thread, onto the stream candle uses there (candle's
-//! per-thread default stream), so it is ordered with the model's kernels without events.
+//! NCCL is issued onto the model device's own stream (the worker opens its GPU with a stream
+//! of its own, `Device::new_cuda_with_stream`), so it is ordered with the model's kernels
+//! without events, whichever thread issues it.
 //! The worker sets `NCCL_RUNTIME_CONNECT=0` (unless set), so that NCCL connects its peers
 //! inside `ncclCommInitRank`, which is bounded below, and not lazily inside the first
 //! all-reduce's host call, which could not be.
