@@ -33,7 +33,7 @@ pub use driver::GenerationRecord;
 pub(crate) use driver::JobRecord;
 pub use prepare::prepare;
 pub use service::{auth_interceptor, checkpoint_chunks};
-use state::{JobState, Phase, Shared};
+use state::{Event, JobState, Phase, Prepared, Shared};
 pub use status::JobStatus;
 pub use summary_text::{human_summary, stage_line, summary_of};
 
@@ -189,27 +189,9 @@ pub async fn run(
     opts: CoordinatorOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
-    let record = match JobRecord::load(&cfg.job.state_dir)? {
-        Some(r) if opts.resume == Resume::Never => anyhow::bail!(
-            "state_dir {} already holds job {:?} ({}, generation {}); pass --resume to continue it, or choose another state_dir",
-            cfg.job.state_dir.display(),
-            r.job,
-            r.status,
-            r.generation
-        ),
-        Some(r) if r.status == JobStatus::Completed => {
-            let path = cfg.job.state_dir.join("summary.json");
-            tracing::info!("job {:?} already finished; its summary is {}", r.job, path.display());
-            let s: Summary = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
-            return Ok(s);
-        }
-        Some(mut r) => {
-            tracing::info!(generation = r.generation, status = %r.status, "resuming job {:?}", r.job);
-            r.restarts = 0;
-            r
-        }
-        None if opts.resume == Resume::Required => anyhow::bail!("--resume: {} holds no job to resume", cfg.job.state_dir.display()),
-        None => JobRecord { job: cfg.job.name.clone(), status: JobStatus::Running, ..Default::default() },
+    let record = match job_record(&cfg, opts.resume)? {
+        Ok(r) => r,
+        Err(finished) => return Ok(*finished),
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -225,7 +207,68 @@ pub async fn run(
         crate::util::write_atomic(&job_file, toml::to_string(&cfg)?.as_bytes())?;
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(shared_state(&cfg, prepared, store, &record, events_tx));
+    let (stop_server, server) = serve(&shared, listener, &opts).await;
+    if let Some(f) = &opts.addr_file {
+        crate::util::write_atomic(f, addr.to_string().as_bytes())?;
+    }
+    tracing::info!(%addr, job = %cfg.job.name, "coordinator listening");
+    let progress = (cfg.cluster.progress_log_s > 0.0).then(|| {
+        let every = Duration::from_secs_f64(cfg.cluster.progress_log_s);
+        tokio::spawn(progress_log::run(shared.clone(), every))
+    });
+
+    let summary = driver::drive(shared.clone(), events_rx, shutdown, record).await;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    // Let workers read their Stop directive before the server goes away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_server.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let summary = summary?;
+    let path = cfg.job.state_dir.join("summary.json");
+    crate::util::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tracing::info!(status = %summary.status, "summary written to {}", path.display());
+    Ok(summary)
+}
+
+/// The job's record: a new one, or the state dir's to resume (`Err` holds the summary of a job
+/// that already finished: there is nothing to run).
+fn job_record(cfg: &JobConfig, resume: Resume) -> anyhow::Result<Result<JobRecord, Box<Summary>>> {
+    Ok(Ok(match JobRecord::load(&cfg.job.state_dir)? {
+        Some(r) if resume == Resume::Never => anyhow::bail!(
+            "state_dir {} already holds job {:?} ({}, generation {}); pass --resume to continue it, or choose another state_dir",
+            cfg.job.state_dir.display(),
+            r.job,
+            r.status,
+            r.generation
+        ),
+        Some(r) if r.status == JobStatus::Completed => {
+            let path = cfg.job.state_dir.join("summary.json");
+            tracing::info!("job {:?} already finished; its summary is {}", r.job, path.display());
+            let s: Summary = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
+            return Ok(Err(Box::new(s)));
+        }
+        Some(mut r) => {
+            tracing::info!(generation = r.generation, status = %r.status, "resuming job {:?}", r.job);
+            r.restarts = 0;
+            r
+        }
+        None if resume == Resume::Required => anyhow::bail!("--resume: {} holds no job to resume", cfg.job.state_dir.display()),
+        None => JobRecord { job: cfg.job.name.clone(), status: JobStatus::Running, ..Default::default() },
+    }))
+}
+
+/// What the gRPC handlers and the driver share, at the job's start (or resume from `record`).
+fn shared_state(
+    cfg: &JobConfig,
+    prepared: Prepared,
+    store: CheckpointStore,
+    record: &JobRecord,
+    events: mpsc::UnboundedSender<Event>,
+) -> Shared {
+    Shared {
         metrics: Mutex::new(metrics_log::MetricsLog::new(&cfg.job.state_dir)),
         job_id: cfg.job.name.clone(),
         cfg_json: cfg.to_json(),
@@ -242,12 +285,23 @@ pub async fn run(
             message: "waiting for workers".into(),
             train_window: None,
         }),
-        events: events_tx,
+        events,
         started: Instant::now(),
         uploads: Default::default(),
         refusals: Default::default(),
-    });
+    }
+}
 
+/// Serves the coordinator's gRPC service (token-checked) and the health service on
+/// `listener` until the returned sender fires.
+async fn serve(
+    shared: &Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    opts: &CoordinatorOptions,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<proto::coordinator_server::CoordinatorServer<service::Service>>()
@@ -273,28 +327,7 @@ pub async fn run(
                 },
             ),
     );
-    if let Some(f) = &opts.addr_file {
-        crate::util::write_atomic(f, addr.to_string().as_bytes())?;
-    }
-    tracing::info!(%addr, job = %cfg.job.name, "coordinator listening");
-    let progress = (cfg.cluster.progress_log_s > 0.0).then(|| {
-        let every = Duration::from_secs_f64(cfg.cluster.progress_log_s);
-        tokio::spawn(progress_log::run(shared.clone(), every))
-    });
-
-    let summary = driver::drive(shared.clone(), events_rx, shutdown, record).await;
-    if let Some(p) = progress {
-        p.abort();
-    }
-    // Let workers read their Stop directive before the server goes away.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = stop_server_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    let summary = summary?;
-    let path = cfg.job.state_dir.join("summary.json");
-    crate::util::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    tracing::info!(status = %summary.status, "summary written to {}", path.display());
-    Ok(summary)
+    (stop_server_tx, server)
 }
 
 fn tonic_health_free_intercept<S>(
