@@ -123,8 +123,9 @@ impl Mask {
             let n = shape.elem_count();
             return Ok(Tensor::from_vec(self.host(n), shape, device)?);
         }
-        // A custom op needs an input: an empty-shaped placeholder of the right device.
-        let placeholder = Tensor::zeros(0, candle_core::DType::F32, device)?;
+        // A custom op needs an input: a one-element placeholder on the device (not an empty
+        // one: a zero-byte device allocation may be refused).
+        let placeholder = Tensor::zeros(1, candle_core::DType::F32, device)?;
         Ok(placeholder.apply_op1_no_bwd(&MaskOp { mask: *self, shape })?)
     }
 }
