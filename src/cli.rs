@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub use crate::launch::RunArgs;
+
 fn tandem_default_chunk() -> usize {
     crate::comm::ring::DEFAULT_CHUNK_BYTES
 }
@@ -18,50 +20,6 @@ fn tandem_default_chunk() -> usize {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// What `launch` and `finetune` share: how many workers, where the state goes, and how
-/// each worker runs.
-#[derive(clap::Args, Clone)]
-pub struct RunArgs {
-    /// Number of worker processes (sets cluster.min_workers and max_workers).
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// Stop every stage after this many optimiser steps.
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    /// Where the job keeps its state (replaces job.state_dir).
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// CPU threads per worker.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
-    /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU), or a
-    /// comma-separated list that worker i takes entry i mod its length of
-    /// (cuda:0,cuda:1,cuda:2,cuda:3: one GPU per worker).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Print plain log lines instead of a progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
-}
-
-/// A fine-tuning task, spelled as in a stage's `kind`.
-pub(crate) fn parse_task(s: &str) -> Result<crate::config::StageKind, String> {
-    use crate::config::StageKind;
-    match serde_json::from_value(serde_json::Value::String(s.into())) {
-        Ok(StageKind::Pretrain) => {
-            Err("pretrain is not a fine-tuning task (use tandem launch)".into())
-        }
-        Ok(k) => Ok(k),
-        Err(_) => Err(format!(
-            "{s:?}: expected sequence_classification, pair_classification, \
-             token_classification or question_answering"
-        )),
-    }
 }
 
 #[derive(Subcommand)]

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::cli::RunArgs;
 use crate::config::{JobConfig, StageKind};
 use crate::launch::LaunchOptions;
+use crate::launch::RunArgs;
 
 /// What `tandem finetune` is asked for (its flags, less the ones `launch` shares).
 #[derive(Debug, Clone, clap::Args)]
@@ -18,7 +18,7 @@ pub struct FinetuneJob {
     pub checkpoint: PathBuf,
     /// sequence_classification, pair_classification, token_classification or
     /// question_answering.
-    #[arg(long, value_parser = crate::cli::parse_task)]
+    #[arg(long, value_parser = parse_task)]
     pub task: StageKind,
     /// Training data (classification TSV/JSONL, CoNLL, SQuAD JSON).
     #[arg(long)]
@@ -145,6 +145,21 @@ pub async fn run(
     eprintln!("tandem finetune: job config written to {}", path.display());
     args.state_dir = Some(state_dir);
     crate::launch::run(LaunchOptions::new(path, args), interrupt).await
+}
+
+/// A fine-tuning task, spelled as in a stage's `kind`.
+pub(crate) fn parse_task(s: &str) -> Result<crate::config::StageKind, String> {
+    use crate::config::StageKind;
+    match serde_json::from_value(serde_json::Value::String(s.into())) {
+        Ok(StageKind::Pretrain) => {
+            Err("pretrain is not a fine-tuning task (use tandem launch)".into())
+        }
+        Ok(k) => Ok(k),
+        Err(_) => Err(format!(
+            "{s:?}: expected sequence_classification, pair_classification, \
+             token_classification or question_answering"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,35 @@ use crate::config::JobConfig;
 use crate::coordinator::Summary;
 use crate::proto;
 
+/// What `launch` and `finetune` share: how many workers, where the state goes, and how
+/// each worker runs.
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// Number of worker processes (sets cluster.min_workers and max_workers).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Stop every stage after this many optimiser steps.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Where the job keeps its state (replaces job.state_dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// CPU threads per worker.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Every worker's device: cpu, cuda or cuda:N (workers may share one GPU), or a
+    /// comma-separated list that worker i takes entry i mod its length of
+    /// (cuda:0,cuda:1,cuda:2,cuda:3: one GPU per worker).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print plain log lines instead of a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
 /// What `tandem launch` runs, and how.
 pub struct LaunchOptions {
     /// The job's configuration file (TOML).
@@ -46,7 +75,7 @@ pub struct LaunchOptions {
 
 impl LaunchOptions {
     /// A run of `config` with the flags `launch` and `finetune` share.
-    pub fn new(config: PathBuf, run: crate::cli::RunArgs) -> Self {
+    pub fn new(config: PathBuf, run: RunArgs) -> Self {
         LaunchOptions {
             config,
             workers: run.workers,

@@ -27,8 +27,7 @@ use crate::data::corpus::{resolve_inputs, CorpusOptions, Document, DocumentReade
 use crate::data::tokenizer_config::{HfTokenizerConfig, SpecialNames};
 use crate::error::{Error, Result};
 
-/// The special tokens, in the id order a trained vocabulary gives them (0..=4).
-pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+pub use crate::data::tokenizer_config::SPECIAL_TOKENS;
 
 /// Ids of the special tokens in a vocabulary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,12 +27,15 @@ pub(crate) const SPECIAL_KEYS: [&str; 5] = [
 ];
 
 /// Special-token names in [`SPECIAL_KEYS`] order, BERT's unless the config names others.
+/// The special tokens, in the id order a trained vocabulary gives them (0..=4).
+pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SpecialNames(pub [String; 5]);
 
 impl Default for SpecialNames {
     fn default() -> Self {
-        SpecialNames(crate::data::tokenizer::SPECIAL_TOKENS.map(str::to_string))
+        SpecialNames(SPECIAL_TOKENS.map(str::to_string))
     }
 }
 
