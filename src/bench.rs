@@ -1,5 +1,7 @@
 //! `tandem bench`: measurements that print numbers (never timed tests).
 
+#![warn(missing_docs)]
+
 use std::time::Instant;
 
 use serde::Serialize;
@@ -14,16 +16,25 @@ use crate::util;
 /// Result line of `tandem bench step`.
 #[derive(Debug, Serialize)]
 pub struct StepBench {
+    /// The model size measured.
     pub preset: Preset,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// CPU threads candle ran with.
     pub threads: usize,
+    /// Sequences per step.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq: usize,
+    /// Timed steps.
     pub steps: usize,
+    /// Median step time (ms).
     pub ms_per_step: f64,
+    /// Fastest step (ms).
     pub ms_min: f64,
+    /// Slowest step (ms).
     pub ms_max: f64,
+    /// Sequences per second at the median step time.
     pub samples_per_s: f64,
     /// Achieved GFLOP/s, counting the FLOPs of HF `BertForPreTraining` (MLM decoder at every
     /// position), so the figure compares directly with PyTorch's.
@@ -35,8 +46,11 @@ pub struct StepBench {
     pub tf32: bool,
     /// The MLM decoder here runs only at masked positions (same loss and gradients).
     pub mlm_decoder: &'static str,
+    /// The compute precision (`f32` or `bf16`).
     pub precision: crate::model::Precision,
+    /// Peak resident set size of the process (MiB).
     pub peak_rss_mib: f64,
+    /// Number of model parameters.
     pub params: usize,
     /// Median time of each part of the step (ms).
     pub phases: crate::train::step::PhaseTimes,
@@ -102,12 +116,16 @@ pub fn synthetic_batch(cfg: &BertConfig, batch: usize, seq: usize, seed: u64) ->
 /// `tandem bench step`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StepBenchOptions {
+    /// Model size.
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
+    /// Sequences per step.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    /// CPU threads for candle.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
@@ -225,9 +243,13 @@ pub fn bench_step(o: &StepBenchOptions) -> Result<StepBench> {
 
 /// `tandem bench allreduce`.
 pub struct AllreduceBench {
+    /// Message sizes to all-reduce, in bytes.
     pub sizes: Vec<usize>,
+    /// Timed all-reduces per size (the median is reported).
     pub iters: usize,
+    /// Ring chunk size in bytes.
     pub chunk_bytes: usize,
+    /// How ranks exchange chunks.
     pub transport: crate::comm::ring::Transport,
 }
 
@@ -306,9 +328,12 @@ impl AllreduceBench {
 /// lists show the spread (this kind of shared VM drifts by ±10 % between runs).
 #[derive(Debug, Serialize)]
 pub struct ScalingBench {
+    /// The options the bench ran with.
     #[serde(flatten)]
     pub options: ScalingOptions,
+    /// Samples per second of the 1-worker runs.
     pub samples_per_s_1: f64,
+    /// Samples per second of the N-worker runs (summed over workers).
     pub samples_per_s_n: f64,
     /// samples_per_s_n / (N · samples_per_s_1), from the medians.
     pub efficiency: f64,
@@ -318,6 +343,7 @@ pub struct ScalingBench {
     /// batch and sequence, 1 thread) alone, and N of them at once, independent of each other
     /// (no coordinator, no all-reduce): their summed samples/s.
     pub bare_samples_per_s_1: f64,
+    /// The bare N-process figure: their summed samples/s.
     pub bare_samples_per_s_n: f64,
     /// bare_samples_per_s_n / (N · bare_samples_per_s_1): what N processes that never talk get
     /// from this machine (shared caches, memory bandwidth, cores).
@@ -328,6 +354,7 @@ pub struct ScalingBench {
     /// share of the workers' capacity over the same time (coordinator_cpu_s / (wall_s · N)):
     /// the most the control plane can take from training when the workers fill the cores.
     pub coordinator_cpu_s: f64,
+    /// The coordinator's CPU time as a share of the workers' capacity (see `coordinator_cpu_s`).
     pub coordinator_cpu_share: f64,
     /// The same over the training window only (rank 0's first to last progress report):
     /// the coordinator's cost while steps run, without set-up and the final checkpoint.
@@ -396,13 +423,16 @@ fn long_documents(
 /// `tandem bench scaling`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct ScalingOptions {
+    /// Model size.
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
+    /// Workers in the N-worker runs.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Per-worker batch.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
     /// Optimiser steps per run (the first 2 are excluded from the rate).

@@ -1,6 +1,8 @@
 //! The command line, in the library so tests can check that the arguments the deployment
 //! manifests give the binary are accepted (`Cli::try_parse_from`).
 
+#![warn(missing_docs)]
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -11,6 +13,7 @@ fn tandem_default_chunk() -> usize {
     crate::comm::ring::DEFAULT_CHUNK_BYTES
 }
 
+/// The `tandem` command line.
 #[derive(Parser)]
 #[command(
     name = "tandem",
@@ -18,10 +21,12 @@ fn tandem_default_chunk() -> usize {
     about = "Distributed data-parallel BERT training"
 )]
 pub struct Cli {
+    /// The subcommand to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The `tandem` subcommands.
 #[derive(Subcommand)]
 pub enum Command {
     /// Run a job on this machine: one coordinator and N workers as child processes on
@@ -38,14 +43,17 @@ pub enum Command {
         /// ignored). A finished job says so instead of retraining.
         #[arg(long, value_name = "STATE_DIR")]
         resume: Option<PathBuf>,
+        /// The run options `launch` and `finetune` share.
         #[command(flatten)]
         run: RunArgs,
     },
     /// Fine-tune a checkpoint (tandem or HuggingFace) on one task, on this machine: writes the
     /// equivalent job config into the state dir (finetune.toml), then runs it as `launch` does.
     Finetune {
+        /// What to fine-tune, on which task and data.
         #[command(flatten)]
         job: crate::finetune_job::FinetuneJob,
+        /// The run options `launch` and `finetune` share.
         #[command(flatten)]
         run: RunArgs,
     },
@@ -53,7 +61,10 @@ pub enum Command {
     Coordinator(CoordinatorArgs),
     /// Print the summary of a job from its state dir (as `launch` prints it at the end; also
     /// for a state dir copied off a cluster).
-    Summary { state_dir: PathBuf },
+    Summary {
+        /// The job's state directory.
+        state_dir: PathBuf,
+    },
     /// Run a worker: join the coordinator and train what it assigns. The job token comes
     /// from the TANDEM_TOKEN environment variable (the coordinator's TANDEM_TOKEN or
     /// job.token_file).
@@ -90,14 +101,18 @@ pub enum Command {
     Config(ConfigCommand),
 }
 
+/// `tandem tokenizer` subcommands.
 #[derive(Subcommand)]
 pub enum TokenizerCommand {
     /// Train a BERT WordPiece vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] = ids 0–4).
     Train {
+        /// Corpus files, directories or globs to train on.
         #[arg(long, num_args = 1.., required = true)]
         corpus: Vec<String>,
+        /// Largest vocabulary size, in tokens.
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
+        /// Output directory (tokenizer.json, vocab.txt, tokenizer_config.json).
         #[arg(long)]
         out: PathBuf,
         /// Keep case (cased BERT).
@@ -109,15 +124,18 @@ pub enum TokenizerCommand {
     },
 }
 
+/// `tandem data` subcommands.
 #[derive(Subcommand)]
 pub enum DataCommand {
     /// Cut a corpus into document-aligned shards and write the shard index (shards.json).
     Shard {
+        /// Corpus files, directories or globs.
         #[arg(long, num_args = 1.., required = true)]
         corpus: Vec<String>,
         /// Target shard size, e.g. 64MiB.
         #[arg(long, default_value = "64MiB")]
         shard_size: String,
+        /// Output directory for the shard index (shards.json).
         #[arg(long)]
         out: PathBuf,
         /// Skip (and count) bad lines instead of failing.
@@ -126,11 +144,14 @@ pub enum DataCommand {
     },
 }
 
+/// `tandem config` subcommands.
 #[derive(Subcommand)]
 pub enum ConfigCommand {
     /// Load and validate a job configuration; print it as JSON.
     Check {
+        /// Job configuration (TOML).
         config: PathBuf,
+        /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Do not check that the inputs exist (they live elsewhere, e.g. in a pod's volume).
@@ -139,6 +160,7 @@ pub enum ConfigCommand {
     },
 }
 
+/// `tandem bench` subcommands.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Full pre-training steps (forward, backward, AdamW) on synthetic data.
@@ -146,6 +168,7 @@ pub enum BenchCommand {
     /// Ring all-reduce between N local processes on 127.0.0.1: one JSON line per size with
     /// bytes, median_ms and busbw_gbps (2(n−1)/n · bytes / time).
     Allreduce {
+        /// Number of rank processes.
         #[arg(long, default_value_t = 2)]
         world: usize,
         /// Buffer sizes, e.g. 4MiB,16MiB,64MiB.
@@ -174,13 +197,16 @@ pub enum BenchCommand {
     /// The data pipeline on one thread (parse, tokenize, instances, collate): tokens/s and
     /// instances/s.
     Data {
+        /// Corpus files, directories or globs.
         #[arg(long, num_args = 1.., default_value = "configs/data/corpus")]
         corpus: Vec<String>,
         /// Tokenizer directory or file (default: train one on the corpus first).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Vocabulary size of the tokenizer trained when none is given.
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
+        /// Sequence length of the instances, in tokens.
         #[arg(long, default_value_t = 128)]
         seq: usize,
     },
@@ -189,6 +215,7 @@ pub enum BenchCommand {
 /// `tandem coordinator`.
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
+    /// Job configuration (TOML).
     #[arg(long)]
     pub config: PathBuf,
     /// Address to serve gRPC on.
@@ -204,6 +231,7 @@ pub struct CoordinatorArgs {
     /// the same arguments).
     #[arg(long, conflicts_with = "resume")]
     pub resume_if_present: bool,
+    /// Override any config key, e.g. --set stages[0].lr=5e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Print no human summary at the end (`launch` prints its own).
@@ -269,6 +297,7 @@ pub struct TokenizeArgs {
     /// Directory with tokenizer.json or vocab.txt (or the file).
     #[arg(long)]
     pub tokenizer: PathBuf,
+    /// The text to tokenize.
     #[arg(long)]
     pub text: String,
     /// One JSON object with `ids` and `tokens`.

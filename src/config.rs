@@ -4,6 +4,8 @@
 //!
 //! Every field is documented here; this file is the reference for `configs/*.toml`.
 
+#![warn(missing_docs)]
+
 mod check;
 mod load;
 
@@ -15,18 +17,40 @@ use crate::data::instances::InstanceOptions;
 use crate::model::Preset;
 use crate::train::Decay;
 
+/// Why a job configuration could not be loaded or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file (or serialised config) cannot be read or parsed, or the layered sources do
+    /// not deserialise.
     #[error("{path}: {msg}")]
-    Load { path: PathBuf, msg: String },
+    Load {
+        /// The file, or a placeholder such as `<string>` for text not read from a file.
+        path: PathBuf,
+        /// What went wrong, with the line and column where known.
+        msg: String,
+    },
+    /// A `--set` argument without `=`.
     #[error("--set {0:?}: expected key=value")]
     BadOverride(String),
+    /// A `--set` override names an unknown key or gives a value of the wrong type.
     #[error("--set {arg}: {msg}")]
-    Override { arg: String, msg: String },
+    Override {
+        /// The `--set` argument as given.
+        arg: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// Input files or directories the config names do not exist.
     #[error("missing inputs: {}", .0.join("; "))]
     Missing(Vec<String>),
+    /// A value is out of range or inconsistent with another.
     #[error("invalid configuration: {key}: {msg}")]
-    Invalid { key: String, msg: String },
+    Invalid {
+        /// The offending key, e.g. `stages[0].lr`.
+        key: String,
+        /// What was expected.
+        msg: String,
+    },
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
@@ -36,10 +60,13 @@ fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A job: cluster, model, data, checkpoints and the stages to run, as `configs/*.toml` give it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
+    /// Job id, seed and state directory.
     pub job: JobSection,
+    /// Membership, collectives, progress reporting and restarts.
     #[serde(default)]
     pub cluster: ClusterSection,
     /// Optional when no stage pre-trains: the model then comes from `init_from`.
@@ -48,12 +75,14 @@ pub struct JobConfig {
     /// Optional when no stage pre-trains (no corpus is scanned then).
     #[serde(default)]
     pub data: DataSection,
+    /// How often checkpoints are saved and how many are kept.
     #[serde(default)]
     pub checkpoint: CheckpointSection,
     /// The stages, run in order.
     pub stages: Vec<StageConfig>,
 }
 
+/// `[job]`: what identifies the job and where it keeps its state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
@@ -70,6 +99,7 @@ pub struct JobSection {
     pub token_file: Option<PathBuf>,
 }
 
+/// `[cluster]`: workers, timeouts, collectives and restarts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
@@ -131,19 +161,25 @@ pub struct ClusterSection {
     pub resize_policy: ResizePolicy,
 }
 
+/// How workers on GPUs sum gradients (`cluster.gpu_collective`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum GpuCollective {
+    /// On the GPUs, through NCCL (each worker needs a GPU of its own).
     #[default]
     Nccl,
+    /// Through the host and the ring (for workers sharing a GPU).
     Ring,
 }
 
+/// What a restart with a different world size keeps (`cluster.resize_policy`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizePolicy {
+    /// The global batch: the ranks split it, with more micro-batches where needed.
     #[default]
     KeepGlobalBatch,
+    /// Each rank's batch: the global batch and the learning rate scale with the world size.
     KeepPerWorkerBatch,
 }
 
@@ -153,6 +189,7 @@ impl Default for ClusterSection {
     }
 }
 
+/// `[model]`: the encoder's sizes and numerics.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -180,6 +217,7 @@ pub struct ModelSection {
     pub tf32: bool,
 }
 
+/// `[data]`: the pre-training corpus, its shards, the tokenizer and instance creation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
@@ -211,6 +249,7 @@ pub struct DataSection {
     pub instances: InstanceOptions,
 }
 
+/// `[checkpoint]`: how often checkpoints are saved and how many are kept.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSection {
@@ -234,13 +273,19 @@ impl Default for CheckpointSection {
     }
 }
 
+/// What a stage trains: pre-training or one fine-tuning task.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum StageKind {
+    /// MLM + NSP pre-training on the corpus.
     Pretrain,
+    /// Single-sentence classification.
     SequenceClassification,
+    /// Sentence-pair classification.
     PairClassification,
+    /// Token classification (NER).
     TokenClassification,
+    /// Extractive question answering (SQuAD).
     QuestionAnswering,
 }
 
@@ -254,11 +299,15 @@ impl StageKind {
     }
 }
 
+/// `[[stages]]`: one stage of the job (pre-training or a fine-tuning task).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
+    /// Stage name, for logs, metrics.jsonl and the summary.
     pub name: String,
+    /// What the stage trains.
     pub kind: StageKind,
+    /// Passes over the training data.
     #[serde(default = "d_one_u32")]
     pub epochs: u32,
     /// Stop the stage after this many optimiser steps.
@@ -278,6 +327,7 @@ pub struct StageConfig {
     /// Decay after warm-up: linear, cosine or constant.
     #[serde(default = "d_decay")]
     pub decay: Decay,
+    /// AdamW decoupled weight decay (not applied to biases and LayerNorm weights).
     #[serde(default = "d_wd")]
     pub weight_decay: f32,
     /// Global-norm gradient clipping (0: off).
@@ -505,7 +555,7 @@ impl JobConfig {
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.job.name.is_empty() {
             return Err(invalid("job.name", "must not be empty"));
         }
@@ -589,15 +639,15 @@ impl JobConfig {
         self.stages.iter().any(|s| s.kind == StageKind::Pretrain)
     }
 
-    pub fn shard_bytes(&self) -> u64 {
+    pub(crate) fn shard_bytes(&self) -> u64 {
         parse_bytes(&self.data.shard_size).expect("validated")
     }
 
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).expect("config serialises")
     }
 
-    pub fn from_json(s: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn from_json(s: &str) -> Result<Self, ConfigError> {
         let cfg: JobConfig = serde_json::from_str(s).map_err(|e| ConfigError::Load {
             path: "<assignment>".into(),
             msg: e.to_string(),

@@ -1,6 +1,8 @@
 //! `tandem eval-batch`: a checkpoint's losses (and gradient norms) on one batch, in the
 //! terms transformers reports them, so a checkpoint can be checked against PyTorch.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -13,6 +15,7 @@ use crate::model::PretrainModel;
 use crate::train::optim::global_norm;
 use crate::train::step::forward_backward;
 
+/// What `tandem eval-batch` prints: a checkpoint's losses (and gradient norms) on one batch.
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
     /// Mean MLM cross-entropy over labelled positions (`None` without `labels`).
@@ -21,10 +24,14 @@ pub struct EvalReport {
     pub nsp_loss: Option<f64>,
     /// `mlm_loss + nsp_loss` (the missing one counts as 0).
     pub loss: f64,
+    /// Labelled MLM positions in the batch.
     pub mlm_count: u64,
+    /// Sequences with an NSP label.
     pub nsp_count: u64,
+    /// Global L2 norm of the gradient of `loss` (with `grads`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
+    /// L2 norm of each parameter's gradient, by HF name (with `grads`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norms: Option<BTreeMap<String, f64>>,
     /// Heads the checkpoint lacked and that were initialised for this run.

@@ -2,6 +2,8 @@
 //! config a user would write for it (no `[data]`, no `[model]`: both come from the checkpoint)
 //! into the state dir, then runs that file exactly as `tandem launch` would.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -26,6 +28,7 @@ pub struct FinetuneJob {
     /// Dev data, evaluated after every epoch; the best epoch is exported.
     #[arg(long)]
     pub dev: PathBuf,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     pub epochs: u32,
     /// Peak learning rate (warm-up over the first 10% of steps, then linear decay).

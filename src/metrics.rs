@@ -23,6 +23,8 @@
 //! back. Each count travels as three `f32` parts of 12, 12 and the remaining bits, so sums
 //! stay exact for up to 4096 ranks and totals below 2^48.
 
+#![warn(missing_docs)]
+
 mod classification;
 mod entities;
 mod squad;
@@ -44,16 +46,25 @@ pub use squad::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MetricKind {
-    Classification { num_labels: usize },
+    /// A [`ConfusionMatrix`] over `num_labels` labels.
+    Classification {
+        /// Number of labels (rows and columns of the matrix).
+        num_labels: usize,
+    },
+    /// [`EntityCounts`], for token classification.
     Entities,
+    /// [`SquadCounts`], for question answering.
     Squad,
 }
 
 /// The counts of one task's metrics, on one rank or summed over ranks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetricCounts {
+    /// Sequence or pair classification.
     Classification(ConfusionMatrix),
+    /// Token classification.
     Entities(EntityCounts),
+    /// Extractive question answering.
     Squad(SquadCounts),
 }
 
@@ -74,6 +85,7 @@ impl MetricCounts {
         }
     }
 
+    /// Which counter this holds (the `kind` to read a summed vector back with).
     pub fn kind(&self) -> MetricKind {
         match self {
             MetricCounts::Classification(m) => MetricKind::Classification {

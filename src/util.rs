@@ -1,5 +1,7 @@
 //! Small helpers shared across areas: atomic file writes, stable hashing, seeded RNGs.
 
+#![warn(missing_docs)]
+
 use std::io::Write;
 use std::path::Path;
 

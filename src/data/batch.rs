@@ -13,10 +13,15 @@ pub const IGNORE: i64 = -100;
 /// `batch × seq` row-major arrays, as `BertForPreTraining` takes them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PretrainBatch {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Positions per sequence (padded length).
     pub seq: usize,
+    /// Token ids.
     pub input_ids: Vec<u32>,
+    /// Segment ids: 0 for the first sentence, 1 for the second.
     pub token_type_ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding.
     pub attention_mask: Vec<u32>,
     /// Original token at masked positions, [`IGNORE`] elsewhere. Empty: no MLM labels.
     pub mlm_labels: Vec<i64>,
@@ -36,17 +41,28 @@ pub enum TaskLabels {
     Tokens(Vec<i64>),
     /// Answer start and end token positions per example (extractive QA); unanswerable
     /// examples point at `[CLS]` (position 0).
-    Spans { start: Vec<u32>, end: Vec<u32> },
+    Spans {
+        /// Answer start token position, one per example.
+        start: Vec<u32>,
+        /// Answer end token position (inclusive), one per example.
+        end: Vec<u32>,
+    },
 }
 
 /// A padded fine-tuning batch (`batch × seq`, row-major), in HF field names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinetuneBatch {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Positions per sequence (padded length).
     pub seq: usize,
+    /// Token ids.
     pub input_ids: Vec<u32>,
+    /// Segment ids: 0 for the first sentence, 1 for the second.
     pub token_type_ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding.
     pub attention_mask: Vec<u32>,
+    /// The task's labels for the batch.
     pub labels: TaskLabels,
 }
 

@@ -75,7 +75,9 @@ impl Default for CorpusOptions {
 /// Counts of one parse.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParseStats {
+    /// Documents read.
     pub documents: u64,
+    /// Sentences in those documents.
     pub sentences: u64,
     /// Text lines skipped under [`ErrorPolicy::Skip`].
     pub skipped_lines: u64,
@@ -84,7 +86,7 @@ pub struct ParseStats {
 }
 
 impl ParseStats {
-    pub fn add(&mut self, o: &ParseStats) {
+    pub(crate) fn add(&mut self, o: &ParseStats) {
         self.documents += o.documents;
         self.sentences += o.sentences;
         self.skipped_lines += o.skipped_lines;
@@ -213,6 +215,7 @@ pub struct DocumentReader {
 }
 
 impl DocumentReader {
+    /// Reads `files` in order with `opts`.
     pub fn new(files: Vec<PathBuf>, opts: CorpusOptions) -> Self {
         DocumentReader {
             files: files.into_iter(),

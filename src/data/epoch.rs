@@ -19,8 +19,11 @@ pub struct EpochLayout {
 /// Instances `[from, to)` of one shard (indices within the shard's own instances).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Piece {
+    /// The shard's id.
     pub shard: u32,
+    /// First instance of the range.
     pub from: usize,
+    /// One past the last instance of the range.
     pub to: usize,
 }
 

@@ -59,6 +59,7 @@ impl Default for InstanceOptions {
 }
 
 impl InstanceOptions {
+    /// Checks `max_seq_length` and the probabilities; the error names the offending option.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Data(format!("instance options: {m}")));
         if self.max_seq_length < 5 {
@@ -82,7 +83,9 @@ impl InstanceOptions {
 /// What masking needs to know about the vocabulary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VocabInfo {
+    /// The special tokens' ids.
     pub specials: Specials,
+    /// Vocabulary size (ids are `0..size`).
     pub size: usize,
     /// Per id: the piece continues a word (`##…`). Empty: whole-word masking has no effect.
     pub continues_word: Vec<bool>,
@@ -98,6 +101,7 @@ impl VocabInfo {
         }
     }
 
+    /// Specials, size and the word-continuation pieces (`##…`) of `t`'s vocabulary.
     pub fn from_tokenizer(t: &Tokenizer) -> Self {
         let size = t.vocab_size();
         let continues_word = (0..size as u32)
@@ -384,7 +388,9 @@ pub fn collate(
 /// shard `shard_id`. A checkpoint that stores it resumes exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
+    /// The shard's id.
     pub shard_id: u32,
+    /// Index of the next instance within the shard.
     pub instance: u64,
 }
 
@@ -506,10 +512,15 @@ impl<F: FnMut(u32) -> Result<Vec<Vec<Vec<u32>>>>> Iterator for InstanceStream<F>
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BenchDataOptions {
+    /// How the corpus is parsed.
     pub corpus: CorpusOptions,
+    /// Instance creation (sequence length, masking, NSP).
     pub instances: InstanceOptions,
+    /// Target shard size in bytes.
     pub shard_bytes: u64,
+    /// Instances per collated batch.
     pub batch_size: usize,
+    /// Seed of the instances' sampling and masking.
     pub seed: u64,
 }
 
@@ -528,17 +539,25 @@ impl Default for BenchDataOptions {
 /// Result of `tandem bench data`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DataBench {
+    /// Corpus bytes indexed.
     pub bytes: u64,
+    /// Documents in the corpus.
     pub documents: u64,
+    /// Shards cut.
     pub shards: usize,
+    /// WordPiece tokens over all sentences.
     pub tokens: u64,
+    /// Pre-training instances created.
     pub instances: u64,
+    /// Masked (MLM-labelled) positions over all batches.
     pub masked: u64,
     /// Coordinator side: scanning, checksumming and cutting the corpus.
     pub index_secs: f64,
     /// Worker side: read + verify + parse + tokenize + instances + collate, one thread.
     pub secs: f64,
+    /// Tokens per second of worker-side time (`secs`).
     pub tokens_per_s: f64,
+    /// Instances per second of worker-side time (`secs`).
     pub instances_per_s: f64,
 }
 

@@ -1,6 +1,8 @@
 //! Data: corpora, shards, WordPiece, pre-training instances, fine-tuning datasets, batches
 //! (see README.md in this folder).
 
+#![warn(missing_docs)]
+
 pub mod batch;
 pub mod corpus;
 pub mod epoch;

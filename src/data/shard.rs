@@ -26,8 +26,11 @@ pub const INDEX_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorpusFile {
+    /// The file's path.
     pub path: PathBuf,
+    /// Text or JSONL.
     pub format: Format,
+    /// Size in bytes.
     pub size: u64,
     /// Lowercase hex SHA-256 of the whole file.
     pub sha256: String,
@@ -38,9 +41,13 @@ pub struct CorpusFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardRange {
+    /// Index of the file in [`ShardIndex::files`].
     pub file: u32,
+    /// First byte of the range.
     pub start: u64,
+    /// One past the last byte of the range.
     pub end: u64,
+    /// Line number (1-based) at `start`.
     pub first_line: u64,
 }
 
@@ -50,7 +57,9 @@ pub struct ShardRange {
 pub struct ShardSpec {
     /// Stable id: the shard's position in corpus order.
     pub id: u32,
+    /// The byte ranges, in order.
     pub ranges: Vec<ShardRange>,
+    /// Documents in the shard.
     pub documents: u64,
     /// Sum of the ranges' lengths.
     pub bytes: u64,
@@ -62,11 +71,15 @@ pub struct ShardSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardIndex {
+    /// [`INDEX_VERSION`] of the layout it was written with.
     pub version: u32,
+    /// The shard size the corpus was cut to (shards end at document boundaries, so vary).
     pub target_shard_bytes: u64,
     /// The parsing options the document counts depend on; workers must parse with these.
     pub options: CorpusOptions,
+    /// The corpus files, in order.
     pub files: Vec<CorpusFile>,
+    /// The shards, in id order.
     pub shards: Vec<ShardSpec>,
     /// Counts of the scan (documents, sentences, skipped lines and records).
     pub stats: ParseStats,
@@ -492,7 +505,9 @@ pub fn parse_shard(
 /// (`data::epoch`), which mostly covers the same shards.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EpochPlan {
+    /// The seed that shuffled the order.
     pub seed: u64,
+    /// The epoch it plans.
     pub epoch: u64,
     /// Shard ids in reading order.
     pub order: Vec<u32>,

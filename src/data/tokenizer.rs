@@ -32,10 +32,15 @@ pub use crate::data::tokenizer_config::SPECIAL_TOKENS;
 /// Ids of the special tokens in a vocabulary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Specials {
+    /// The padding token, `[PAD]`.
     pub pad: u32,
+    /// The unknown-word token, `[UNK]`.
     pub unk: u32,
+    /// The sequence-start token, `[CLS]`.
     pub cls: u32,
+    /// The segment separator, `[SEP]`.
     pub sep: u32,
+    /// The MLM mask token, `[MASK]`.
     pub mask: u32,
 }
 
@@ -49,10 +54,11 @@ impl Specials {
         mask: 4,
     };
 
-    pub fn ids(&self) -> [u32; 5] {
+    pub(crate) fn ids(&self) -> [u32; 5] {
         [self.pad, self.unk, self.cls, self.sep, self.mask]
     }
 
+    /// Whether `id` is one of the special tokens.
     pub fn contains(&self, id: u32) -> bool {
         self.ids().contains(&id)
     }
@@ -524,10 +530,12 @@ impl Tokenizer {
         Ok(out)
     }
 
+    /// The piece with id `id`, if the vocabulary has one.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
 
+    /// The id of piece `token`, if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -537,26 +545,32 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The special tokens' ids.
     pub fn specials(&self) -> Specials {
         self.specials
     }
 
+    /// The id of `[PAD]`.
     pub fn pad_id(&self) -> u32 {
         self.specials.pad
     }
 
+    /// The id of `[UNK]`.
     pub fn unk_id(&self) -> u32 {
         self.specials.unk
     }
 
+    /// The id of `[CLS]`.
     pub fn cls_id(&self) -> u32 {
         self.specials.cls
     }
 
+    /// The id of `[SEP]`.
     pub fn sep_id(&self) -> u32 {
         self.specials.sep
     }
 
+    /// The id of `[MASK]`.
     pub fn mask_id(&self) -> u32 {
         self.specials.mask
     }

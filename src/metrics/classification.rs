@@ -11,6 +11,7 @@ pub struct ConfusionMatrix {
 }
 
 impl ConfusionMatrix {
+    /// A matrix of `num_labels` labels with every count 0.
     pub fn new(num_labels: usize) -> Self {
         ConfusionMatrix {
             num_labels,
@@ -30,7 +31,7 @@ impl ConfusionMatrix {
         Ok(ConfusionMatrix { num_labels, counts })
     }
 
-    pub fn num_labels(&self) -> usize {
+    pub(crate) fn num_labels(&self) -> usize {
         self.num_labels
     }
 
@@ -44,6 +45,7 @@ impl ConfusionMatrix {
         self.counts[gold as usize * self.num_labels + predicted as usize]
     }
 
+    /// Counts one example; a label outside `0..num_labels` fails.
     pub fn add(&mut self, gold: u32, predicted: u32) -> Result<()> {
         let n = self.num_labels;
         if gold as usize >= n || predicted as usize >= n {
@@ -69,7 +71,7 @@ impl ConfusionMatrix {
             .try_for_each(|(g, p)| self.add(*g, *p))
     }
 
-    pub fn merge(&mut self, other: &ConfusionMatrix) -> Result<()> {
+    pub(crate) fn merge(&mut self, other: &ConfusionMatrix) -> Result<()> {
         if other.num_labels != self.num_labels {
             return Err(Error::Metrics(format!(
                 "cannot merge a confusion matrix of {} labels into one of {}",
@@ -83,11 +85,11 @@ impl ConfusionMatrix {
         Ok(())
     }
 
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.counts.iter().sum()
     }
 
-    pub fn correct(&self) -> u64 {
+    pub(crate) fn correct(&self) -> u64 {
         (0..self.num_labels)
             .map(|i| self.counts[i * self.num_labels + i])
             .sum()

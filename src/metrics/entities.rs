@@ -15,8 +15,11 @@ use crate::error::{Error, Result};
 /// An entity: its type and its first and last token (inclusive, as seqeval).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Entity {
+    /// The entity type (the tag after its prefix, e.g. `PER`).
     pub kind: String,
+    /// Index of the first token.
     pub start: usize,
+    /// Index of the last token (inclusive).
     pub end: usize,
 }
 
@@ -72,11 +75,15 @@ pub fn entities<S: AsRef<str>>(tags: &[S]) -> Vec<Entity> {
 pub struct EntityCounts {
     /// Predicted entities that are also gold entities.
     pub correct: u64,
+    /// Predicted entities.
     pub predicted: u64,
+    /// Gold entities.
     pub gold: u64,
     /// Tokens whose predicted tag equals the gold tag.
     pub tokens_correct: u64,
+    /// Tokens scored.
     pub tokens: u64,
+    /// Sentences scored.
     pub sentences: u64,
 }
 
@@ -141,7 +148,7 @@ impl EntityCounts {
         self.add_sentence(&gold, &pred)
     }
 
-    pub fn merge(&mut self, o: &EntityCounts) {
+    pub(crate) fn merge(&mut self, o: &EntityCounts) {
         self.correct += o.correct;
         self.predicted += o.predicted;
         self.gold += o.gold;

@@ -91,11 +91,17 @@ pub fn token_f1(gold: &str, predicted: &str) -> f64 {
 /// have gold answers counted apart (`HasAns`; `NoAns` is the rest).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SquadCounts {
+    /// Questions whose prediction matches a gold answer exactly (after normalisation).
     pub exact: u64,
+    /// Σ per-question F1, in millionths ([`F1_SCALE`]).
     pub f1_micros: u64,
+    /// Questions scored.
     pub total: u64,
+    /// `exact` over the questions with gold answers.
     pub has_ans_exact: u64,
+    /// `f1_micros` over the questions with gold answers.
     pub has_ans_f1_micros: u64,
+    /// Questions with gold answers.
     pub has_ans_total: u64,
 }
 
@@ -152,7 +158,7 @@ impl SquadCounts {
         Ok(())
     }
 
-    pub fn merge(&mut self, o: &SquadCounts) {
+    pub(crate) fn merge(&mut self, o: &SquadCounts) {
         self.exact += o.exact;
         self.f1_micros += o.f1_micros;
         self.total += o.total;
@@ -183,18 +189,22 @@ impl SquadCounts {
         }
     }
 
+    /// Exact matches / questions (0 for no questions).
     pub fn exact_match(&self) -> f64 {
         ratio(self.exact as f64, self.total as f64)
     }
 
+    /// Mean per-question F1 (0 for no questions).
     pub fn f1(&self) -> f64 {
         ratio(self.f1_micros as f64 / F1_SCALE, self.total as f64)
     }
 
+    /// Exact match over the questions with gold answers.
     pub fn has_ans_exact_match(&self) -> f64 {
         ratio(self.has_ans_exact as f64, self.has_ans_total as f64)
     }
 
+    /// Mean F1 over the questions with gold answers.
     pub fn has_ans_f1(&self) -> f64 {
         ratio(
             self.has_ans_f1_micros as f64 / F1_SCALE,
@@ -202,6 +212,7 @@ impl SquadCounts {
         )
     }
 
+    /// Questions without gold answers (unanswerable).
     pub fn no_ans_total(&self) -> u64 {
         self.total.saturating_sub(self.has_ans_total)
     }
@@ -242,6 +253,7 @@ impl Default for QaPostprocess {
 /// The answer to one question.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QaPrediction {
+    /// The question's id, as in its example.
     pub id: String,
     /// The answer text from the context; empty for no answer.
     pub text: String,

@@ -83,7 +83,8 @@ pub fn pretraining_specs(cfg: &BertConfig) -> Vec<ParamSpec> {
     v
 }
 
-pub fn linear_specs(name: &str, fan_in: usize, fan_out: usize) -> [ParamSpec; 2] {
+/// The `weight` and `bias` of an `nn.Linear` named `name`.
+pub(crate) fn linear_specs(name: &str, fan_in: usize, fan_out: usize) -> [ParamSpec; 2] {
     [
         ParamSpec::new(format!("{name}.weight"), &[fan_out, fan_in], Init::Normal),
         ParamSpec::new(format!("{name}.bias"), &[fan_out], Init::Zeros),
@@ -105,14 +106,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(store: &ParamStore, name: &str) -> Result<Self> {
+    pub(crate) fn load(store: &ParamStore, name: &str) -> Result<Self> {
         Ok(Linear {
             w: store.get(&format!("{name}.weight"))?,
             b: store.get(&format!("{name}.bias"))?,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(linear(x, &self.w, &self.b, Act::Identity)?)
     }
 
@@ -188,7 +189,9 @@ pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut DropoutRng) -> Result<Tensor
 
 /// A batch moved to the device: ids, segment ids, positions and the attention bias.
 pub struct Inputs {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Tokens per sequence (padded).
     pub seq: usize,
     /// The token ids on the host (to find padding tokens).
     ids_host: Vec<u32>,
@@ -199,7 +202,7 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    pub fn new(b: &PretrainBatch, device: &Device) -> Result<Self> {
+    pub(crate) fn new(b: &PretrainBatch, device: &Device) -> Result<Self> {
         Self::from_arrays(
             b.batch,
             b.seq,
@@ -273,13 +276,15 @@ pub struct BertModel {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// Everything in f32.
     #[default]
     F32,
+    /// Mixed precision: bf16 matmuls and activations, f32 statistics, losses and weights.
     Bf16,
 }
 
 impl Precision {
-    pub fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
@@ -299,7 +304,7 @@ impl std::str::FromStr for Precision {
 }
 
 impl BertModel {
-    pub fn load(
+    pub(crate) fn load(
         store: &ParamStore,
         cfg: &BertConfig,
         prefix: &str,
@@ -343,11 +348,11 @@ impl BertModel {
         self.compute = p.dtype();
     }
 
-    pub fn config(&self) -> &BertConfig {
+    pub(crate) fn config(&self) -> &BertConfig {
         &self.cfg
     }
 
-    pub fn word_embeddings(&self) -> &Tensor {
+    pub(crate) fn word_embeddings(&self) -> &Tensor {
         &self.word
     }
 
@@ -422,6 +427,7 @@ impl BertModel {
 
 /// HF `BertForPreTraining`: the encoder plus the MLM and NSP heads.
 pub struct BertForPreTraining {
+    /// The encoder, with its pooler.
     pub bert: BertModel,
     transform: Linear,
     transform_ln: LayerNorm,
@@ -433,18 +439,22 @@ pub struct BertForPreTraining {
 pub struct PretrainOutput {
     /// Σ cross-entropy over MLM-labelled positions (scalar tensor, in the graph).
     pub mlm_sum: Tensor,
+    /// MLM-labelled positions.
     pub mlm_count: usize,
+    /// MLM-labelled positions whose argmax is the label.
     pub mlm_correct: usize,
     /// Σ cross-entropy over NSP-labelled examples.
     pub nsp_sum: Tensor,
+    /// NSP-labelled examples.
     pub nsp_count: usize,
+    /// NSP-labelled examples whose argmax is the label.
     pub nsp_correct: usize,
     /// `[batch, 2]` NSP logits.
     pub nsp_logits: Tensor,
 }
 
 impl BertForPreTraining {
-    pub fn load(store: &ParamStore, cfg: &BertConfig) -> Result<Self> {
+    pub(crate) fn load(store: &ParamStore, cfg: &BertConfig) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
         Ok(BertForPreTraining {
             bert: BertModel::load(store, cfg, "bert.", true)?,

@@ -10,29 +10,44 @@ use crate::error::{Error, Result};
 /// (`architectures`, `id2label`, `transformers_version`, …) are kept in `extra` and written back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
+    /// Rows of the word embedding (and columns of the MLM logits).
     pub vocab_size: usize,
+    /// Width of the embeddings and of every layer's output.
     pub hidden_size: usize,
+    /// Encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer; they split `hidden_size` evenly.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward block's inner layer.
     pub intermediate_size: usize,
+    /// The feed-forward activation: only erf GELU (`"gelu"`, or `"gelu_python"`) is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Longest sequence the position embedding covers.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Segment (token type) ids the model knows.
     #[serde(default = "default_type_vocab")]
     pub type_vocab_size: usize,
+    /// LayerNorm's epsilon.
     #[serde(default = "default_ln_eps")]
     pub layer_norm_eps: f64,
+    /// Dropout probability on the embeddings and the layers' outputs.
     #[serde(default = "default_dropout")]
     pub hidden_dropout_prob: f32,
+    /// Dropout probability on the attention weights.
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f32,
+    /// Standard deviation of the normal initialisation.
     #[serde(default = "default_init_range")]
     pub initializer_range: f32,
+    /// The padding token's id (its embedding row starts at zero and gets no lookup gradient).
     #[serde(default, deserialize_with = "null_as_zero")]
     pub pad_token_id: usize,
+    /// The kind of position embedding: only `"absolute"` (or none given) is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_embedding_type: Option<String>,
+    /// The other keys of `config.json`, kept to be written back.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -101,7 +116,8 @@ impl BertConfig {
         }
     }
 
-    pub fn preset(p: Preset) -> Self {
+    /// The sizes of preset `p`, with BERT's defaults for the rest.
+    pub(crate) fn preset(p: Preset) -> Self {
         match p {
             Preset::Tiny => Self::new(8192, 128, 2, 2, 512),
             Preset::Mini => Self::new(8192, 256, 4, 4, 1024),
@@ -109,7 +125,8 @@ impl BertConfig {
         }
     }
 
-    pub fn head_dim(&self) -> usize {
+    /// Width of one attention head.
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
 

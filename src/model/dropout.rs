@@ -135,7 +135,9 @@ impl Mask {
 /// composed ops).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Multipliers {
+    /// The multipliers themselves, one per element.
     Values(Vec<f32>),
+    /// A mask to make where it is needed.
     Mask(Mask),
 }
 

@@ -29,9 +29,15 @@ use crate::error::{Error, Result};
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TaskHead {
     /// One class per example from the pooled `[CLS]` (single-label, cross-entropy).
-    SequenceClassification { num_labels: usize },
+    SequenceClassification {
+        /// Number of classes (at least 2).
+        num_labels: usize,
+    },
     /// One class per position; positions labelled -100 carry no loss.
-    TokenClassification { num_labels: usize },
+    TokenClassification {
+        /// Number of tags (at least 1).
+        num_labels: usize,
+    },
     /// Extractive QA: start and end logits per position.
     QuestionAnswering,
 }
@@ -68,7 +74,8 @@ impl TaskHead {
         matches!(self, TaskHead::SequenceClassification { .. })
     }
 
-    pub fn validate(&self) -> Result<()> {
+    /// Refuses label counts the head cannot train on; the message names the count.
+    pub(crate) fn validate(&self) -> Result<()> {
         match *self {
             TaskHead::SequenceClassification { num_labels } if num_labels < 2 => {
                 Err(Error::Config(format!(
@@ -191,8 +198,11 @@ pub struct TaskOutput {
 
 /// A task model: encoder, head, configuration and parameter store.
 pub struct TaskModel {
+    /// The encoder's configuration (with the head's `architectures`).
     pub cfg: BertConfig,
+    /// The task head on the encoder.
     pub head: TaskHead,
+    /// Every trainable parameter, encoder and head.
     pub store: ParamStore,
     bert: BertModel,
     out: Linear,

@@ -18,8 +18,10 @@ use super::BertConfig;
 use crate::error::{Error, Result};
 use crate::util;
 
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const CONFIG_FILE: &str = "config.json";
+/// The weights' file name in a checkpoint directory.
+pub(crate) const WEIGHTS_FILE: &str = "model.safetensors";
+/// The configuration's file name in a checkpoint directory.
+pub(crate) const CONFIG_FILE: &str = "config.json";
 
 /// What [`load_weights`] did beyond copying matching tensors.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -1,6 +1,8 @@
 //! The BERT model: configuration, parameters, encoder and heads, HF I/O; the fused CPU
 //! kernels they run on are in [`kernels`].
 
+#![warn(missing_docs)]
+
 pub mod bert;
 pub mod config;
 pub mod dropout;

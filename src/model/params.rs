@@ -17,23 +17,30 @@ use crate::util;
 /// and embeddings, zero biases, LayerNorm weight 1, padding embedding row 0).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
+    /// Normal(0, `initializer_range`).
     Normal,
     /// Normal, with row `pad` set to zero (an embedding with a padding index).
     NormalPadRow(usize),
+    /// All zero.
     Zeros,
+    /// All one.
     Ones,
 }
 
 /// One trainable tensor of a model: its HF name, shape and initialisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
+    /// The HF name, e.g. `bert.embeddings.word_embeddings.weight`.
     pub name: String,
+    /// The tensor's dimensions.
     pub shape: Vec<usize>,
+    /// How it is initialised.
     pub init: Init,
 }
 
 impl ParamSpec {
-    pub fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
+    /// A parameter `name` of `shape`, initialised by `init`.
+    pub(crate) fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
         ParamSpec {
             name: name.into(),
             shape: shape.to_vec(),
@@ -41,6 +48,7 @@ impl ParamSpec {
         }
     }
 
+    /// Number of scalars.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -102,10 +110,12 @@ impl ParamStore {
         })
     }
 
-    pub fn device(&self) -> &Device {
+    /// The device the parameters live on.
+    pub(crate) fn device(&self) -> &Device {
         &self.device
     }
 
+    /// The parameters' specs, sorted by name (the flat layout's order).
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs
     }
@@ -120,7 +130,8 @@ impl ParamStore {
         self.offsets[i]..self.offsets[i + 1]
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    /// Whether the store has a parameter `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
@@ -132,6 +143,7 @@ impl ParamStore {
         }
     }
 
+    /// The variables, in the order of [`Self::specs`].
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }

@@ -9,11 +9,16 @@ use super::hf::{self, LoadReport};
 use super::{BertConfig, ParamStore};
 use crate::error::Result;
 
-pub const ARCHITECTURE: &str = "BertForPreTraining";
+/// The HF class name written to `config.json`'s `architectures`.
+pub(crate) const ARCHITECTURE: &str = "BertForPreTraining";
 
+/// A pre-training model: configuration, parameter store and the network over it.
 pub struct PretrainModel {
+    /// The model's configuration.
     pub cfg: BertConfig,
+    /// Every trainable parameter.
     pub store: ParamStore,
+    /// The network, reading its parameters from `store`.
     pub model: BertForPreTraining,
 }
 
@@ -44,6 +49,7 @@ impl PretrainModel {
         self.model.bert.set_precision(p);
     }
 
+    /// Writes an HF checkpoint directory (`config.json` and `model.safetensors`).
     pub fn save(&self, dir: &Path) -> Result<()> {
         hf::save_checkpoint(dir, &self.cfg, &self.store, ARCHITECTURE)
     }

@@ -5,15 +5,20 @@ use super::*;
 /// One classification input: a text or a pair of texts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextInput {
+    /// The input's `id`, passed through to its output.
     pub id: Option<Value>,
+    /// The text (or the pair's first text).
     pub text_a: String,
+    /// The pair's second text; `None` for single texts.
     pub text_b: Option<String>,
 }
 
 /// One token-classification input: a raw text, or (CoNLL) words joined by single spaces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenInput {
+    /// The input's `id`, passed through to its output.
     pub id: Option<Value>,
+    /// The text whose words are labelled.
     pub text: String,
     /// The given words (CoNLL input); `None` splits `text` as the tokenizer does.
     pub words: Option<Vec<String>>,
@@ -22,9 +27,13 @@ pub struct TokenInput {
 /// The inputs of one run, in order, as the head takes them.
 #[derive(Clone, Debug)]
 pub enum Inputs {
+    /// Inputs of a sequence or pair classifier.
     Classification(Vec<TextInput>),
+    /// Inputs of a token classifier.
     Tokens(Vec<TokenInput>),
+    /// Inputs of a QA model.
     Qa {
+        /// The questions and their contexts.
         examples: Vec<QaExample>,
         /// The `id` printed for each example.
         ids: Vec<Value>,
@@ -34,7 +43,7 @@ pub enum Inputs {
 }
 
 impl Inputs {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Inputs::Classification(v) => v.len(),
             Inputs::Tokens(v) => v.len(),
@@ -42,7 +51,7 @@ impl Inputs {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

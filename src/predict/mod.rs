@@ -25,6 +25,8 @@
 //! and `"version_2_with_negative": true` (the null answer can win; a SQuAD v2.0 input file
 //! also turns it on).
 
+#![warn(missing_docs)]
+
 mod inputs;
 mod output;
 mod predictor;
@@ -63,7 +65,9 @@ pub const DEFAULT_MAX_SEQ_LENGTH: usize = 128;
 /// What `tandem predict` does.
 #[derive(Clone, Debug)]
 pub struct PredictOptions {
+    /// Fine-tuned checkpoint directory, or a tandem state_dir.
     pub checkpoint: PathBuf,
+    /// Input file: JSONL, classification TSV, CoNLL or SQuAD JSON.
     pub input: PathBuf,
     /// JSONL output file (written whole, then renamed into place); `None` is stdout.
     pub output: Option<PathBuf>,

@@ -6,13 +6,18 @@ use super::*;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Prediction {
+    /// A classifier's result.
     Class(ClassPrediction),
+    /// A token classifier's result.
     Tokens(TokenPrediction),
+    /// A QA model's result.
     Answer(AnswerPrediction),
 }
 
+/// A classifier's result for one input: the label and every label's probability.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ClassPrediction {
+    /// The input's `id`, if it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
     /// The most probable label.
@@ -22,42 +27,56 @@ pub struct ClassPrediction {
     pub probabilities: Vec<(String, f32)>,
 }
 
+/// A token classifier's result for one text: its entities and each word's label.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TokenPrediction {
+    /// The input's `id`, if it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
     /// The text the spans refer to, when it was built from given words (CoNLL input).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// The entities decoded from the word labels, in text order.
     pub entities: Vec<EntitySpan>,
+    /// Each word and its label, in text order.
     pub tokens: Vec<WordLabel>,
 }
 
 /// An entity of a text: its type, text and character span `start..end`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EntitySpan {
+    /// The entity type (`PER` for `B-PER` tags).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The entity's text: characters `start..end` of the input text.
     pub text: String,
+    /// First character of the entity (Unicode scalars).
     pub start: usize,
+    /// One past the entity's last character.
     pub end: usize,
     /// Mean probability of the entity's word tags.
     pub score: f32,
 }
 
+/// One word of a token-classification input and its predicted label.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct WordLabel {
+    /// The word as the text spells it.
     pub word: String,
     /// `None` for a word cut off by `max_seq_length`.
     pub label: Option<String>,
 }
 
+/// A QA model's answer to one question.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AnswerPrediction {
+    /// The question's id.
     pub id: Value,
     /// The answer, `context[start..end]` in characters; empty for no answer (at 0..0).
     pub answer: String,
+    /// First character of the answer in the context (Unicode scalars).
     pub start: usize,
+    /// One past the answer's last character.
     pub end: usize,
     /// Start + end logit of the answer (`None` for no answer).
     pub score: Option<f32>,

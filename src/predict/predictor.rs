@@ -6,7 +6,9 @@ use super::*;
 
 /// A loaded task model with its tokenizer and label names.
 pub struct Predictor {
+    /// The fine-tuned model (encoder and task head).
     pub model: TaskModel,
+    /// The tokenizer the model was trained with.
     pub tokenizer: Tokenizer,
     /// Names in id order (empty for QA).
     pub labels: Vec<String>,

@@ -1,6 +1,8 @@
 //! The worker: joins the coordinator, obeys its directives, and runs each assignment on a
 //! dedicated training thread that owns the model (the async runtime never blocks on a step).
 
+#![warn(missing_docs)]
+
 mod assignment;
 mod client;
 mod collective;
@@ -23,13 +25,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub use client::{connect, Client};
+pub(crate) use client::{connect, Client};
 
 use crate::proto::{self, directive::Kind};
 
+/// How `tandem worker` runs: the coordinator to join and this worker's resources.
 pub struct WorkerOptions {
     /// e.g. `http://127.0.0.1:50051`
     pub coordinator: String,
+    /// The job token presented on every call.
     pub token: String,
     /// Free-form, stable id (pod name); defaults to host:pid.
     pub worker_id: String,
@@ -37,7 +41,9 @@ pub struct WorkerOptions {
     pub ring_listen: SocketAddr,
     /// Host name or IP peers use to reach this worker's ring port (default: the bound IP).
     pub advertise_host: Option<String>,
+    /// CPU threads for the kernels.
     pub threads: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// How long to keep trying to reach the coordinator.
     pub connect_timeout: Duration,

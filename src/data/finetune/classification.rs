@@ -23,8 +23,11 @@ use crate::error::{Error, Result};
 /// One example: a text or a pair of texts, and its label's name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassificationExample {
+    /// The text (or the pair's first text).
     pub text_a: String,
+    /// The pair's second text; `None` for single texts.
     pub text_b: Option<String>,
+    /// The label's name; `None` in an unlabelled file.
     pub label: Option<String>,
     /// Line of the example in its file (1-based; 0 when not read from a file).
     pub line: u64,
@@ -33,18 +36,22 @@ pub struct ClassificationExample {
 /// A classification file, read and checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassificationSet {
+    /// The file the examples were read from.
     pub path: PathBuf,
     /// Whether the examples are sentence pairs (`text_a` + `text_b`).
     pub pairs: bool,
     /// Whether the examples carry labels.
     pub labelled: bool,
+    /// The examples, in file order.
     pub examples: Vec<ClassificationExample>,
 }
 
 /// One featurised example.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassificationFeature {
+    /// `[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]` token ids, unpadded.
     pub input_ids: Vec<u32>,
+    /// Segment ids: 0 for `[CLS] A [SEP]`, 1 for `B [SEP]`.
     pub token_type_ids: Vec<u32>,
     /// The label's id; `None` for an unlabelled set.
     pub label: Option<u32>,
@@ -87,10 +94,12 @@ impl ClassificationSet {
         })
     }
 
+    /// Number of examples.
     pub fn len(&self) -> usize {
         self.examples.len()
     }
 
+    /// Whether the set has no examples.
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }

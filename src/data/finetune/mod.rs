@@ -75,10 +75,12 @@ impl LabelMap {
         Self::new(v)
     }
 
+    /// Number of labels.
     pub fn len(&self) -> usize {
         self.names.len()
     }
 
+    /// Whether the map has no labels.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
@@ -88,11 +90,13 @@ impl LabelMap {
         &self.names
     }
 
+    /// The id of label `name`, if it is one.
     pub fn id(&self, name: &str) -> Option<u32> {
         self.ids.get(name).copied()
     }
 
-    pub fn name(&self, id: u32) -> Option<&str> {
+    /// The name of label `id`, if there is one.
+    pub(crate) fn name(&self, id: u32) -> Option<&str> {
         self.names.get(id as usize).map(|s| s.as_str())
     }
 

@@ -24,11 +24,15 @@ use crate::error::{Error, Result};
 /// One question on a context.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QaExample {
+    /// The question's id (SQuAD `id`).
     pub id: String,
+    /// The question text.
     pub question: String,
+    /// The context the answer is taken from.
     pub context: String,
     /// Gold answers: text and its start in `context`, in characters. Empty when unanswerable.
     pub answers: Vec<(String, usize)>,
+    /// Whether the question has no answer in the context (SQuAD v2.0).
     pub is_impossible: bool,
 }
 
@@ -49,9 +53,11 @@ pub fn char_slice(s: &str, start: usize, end: usize) -> &str {
 /// A SQuAD file, read and checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QaSet {
+    /// The file the questions were read from.
     pub path: PathBuf,
     /// The file's `version` field, if any (`"1.1"`, `"v2.0"`).
     pub version: Option<String>,
+    /// The questions, in file order.
     pub examples: Vec<QaExample>,
 }
 
@@ -100,7 +106,9 @@ impl QaOptions {
 pub struct QaFeature {
     /// Index of the example in the featurised list.
     pub example_index: usize,
+    /// `[CLS] question [SEP] window [SEP]` token ids, unpadded.
     pub input_ids: Vec<u32>,
+    /// Segment ids: 0 for `[CLS] question [SEP]`, 1 for the window and its `[SEP]`.
     pub token_type_ids: Vec<u32>,
     /// Per position: the token's character span in the example's context, for the context
     /// tokens of this window; `None` for the question, specials and padding.
@@ -108,6 +116,7 @@ pub struct QaFeature {
     /// Answer start and end token positions in this window; 0 and 0 (`[CLS]`) when the
     /// window does not hold the whole (first) answer or the question has no answer.
     pub start_position: u32,
+    /// The answer's end token position (inclusive); see `start_position`.
     pub end_position: u32,
 }
 
@@ -222,10 +231,12 @@ impl QaSet {
         })
     }
 
+    /// Number of questions.
     pub fn len(&self) -> usize {
         self.examples.len()
     }
 
+    /// Whether the set has no questions.
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }

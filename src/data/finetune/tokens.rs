@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 /// One sentence: its words and their labels (as many).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenExample {
+    /// The sentence's words.
     pub words: Vec<String>,
+    /// Each word's label name (CoNLL tag, e.g. `B-PER`).
     pub labels: Vec<String>,
     /// Line of the sentence's first word (1-based; 0 when not read from a file).
     pub line: u64,
@@ -27,13 +29,16 @@ pub struct TokenExample {
 /// A CoNLL file, read and checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenSet {
+    /// The file the sentences were read from.
     pub path: PathBuf,
+    /// The sentences, in file order.
     pub examples: Vec<TokenExample>,
 }
 
 /// One featurised sentence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenFeature {
+    /// `[CLS] sub-tokens [SEP]` token ids, unpadded.
     pub input_ids: Vec<u32>,
     /// Per position: the label id on a word's first sub-token, [`IGNORE`] elsewhere.
     /// `None` when featurised without a label map.
@@ -52,6 +57,8 @@ impl TokenFeature {
 }
 
 impl TokenSet {
+    /// Reads a CoNLL file (see the module doc); fails on a line with one column or a file
+    /// without sentences.
     pub fn read(path: &Path) -> Result<Self> {
         let mut examples = Vec::new();
         let mut cur = TokenExample {
@@ -107,10 +114,12 @@ impl TokenSet {
         })
     }
 
+    /// Number of sentences.
     pub fn len(&self) -> usize {
         self.examples.len()
     }
 
+    /// Whether the set has no sentences.
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }

@@ -24,9 +24,13 @@ type CResult<T> = candle_core::Result<T>;
 /// The shape of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Width of one head.
     pub head_dim: usize,
 }
 

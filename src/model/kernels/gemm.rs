@@ -12,10 +12,15 @@ use gemm::Parallelism;
 /// A `rows × cols` matrix inside a slice: element `(i, j)` is at `off + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct View {
+    /// Offset of element `(0, 0)`.
     pub off: usize,
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns.
     pub cols: usize,
+    /// Row stride.
     pub rs: usize,
+    /// Column stride.
     pub cs: usize,
 }
 

@@ -19,6 +19,7 @@ type CResult<T> = candle_core::Result<T>;
 /// The activation applied after the affine map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {
+    /// None: the affine map alone.
     Identity,
     /// The exact (erf) GELU, HF BERT's `"gelu"`.
     Gelu,
