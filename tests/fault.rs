@@ -151,7 +151,7 @@ fn stalled_worker_is_detected_named_and_the_job_recovers() {
         32,
     );
     let log = dir.join("coordinator.log");
-    let token = "stall-token";
+    let token = "stall-test-token-0001";
     let (mut coord, url) = coordinator(&dir, "127.0.0.1:0", token, false, &log);
     let mut workers: Vec<_> = (0..3)
         .map(|i| {
@@ -225,7 +225,7 @@ fn start_by_hand(
 #[test]
 fn coordinator_restart_resumes_from_the_last_checkpoint() {
     let dir = job_dir("coord", 2, 2, "", "epochs = 4", 48);
-    let token = "coord-token";
+    let token = "coord-test-token-0001";
     let (mut coord, listen, log, mut workers) = start_by_hand(&dir, token, 2, 4);
     wait_for("a checkpoint", LONG, || !checkpoints(&dir).is_empty());
     let _ = coord.kill();
@@ -387,7 +387,7 @@ fn a_new_generation_waits_for_a_checkpoint_still_arriving() {
 fn a_lost_worker_shrinks_the_world_mid_epoch_and_no_instance_is_lost() {
     let cluster = "max_restarts = 3\njoin_window_s = 2";
     let dir = job_dir("shrink", 2, 3, cluster, "epochs = 2", 32);
-    let (mut coord, _, log, mut workers) = start_by_hand(&dir, "shrink-token", 3, 3);
+    let (mut coord, _, log, mut workers) = start_by_hand(&dir, "shrink-test-token-0001", 3, 3);
     wait_for("a checkpoint", LONG, || !checkpoints(&dir).is_empty());
     let _ = workers[2].kill();
     let _ = workers[2].wait();

@@ -15,7 +15,7 @@ use common::{bin, job_dir, wait_with_timeout};
 fn a_hand_started_coordinator_shows_progress_and_the_summary() {
     let dir = job_dir("operator", 2, 2, "progress_log_s = 0.3", "epochs = 10", 32);
     let log = dir.join("coordinator.log");
-    let token = "operator-token";
+    let token = "operator-test-token-1";
     let (mut coord, url) = common::coordinator(&dir, "127.0.0.1:0", token, false, &log);
     let mut workers: Vec<_> = (0..2)
         .map(|i| {
@@ -133,8 +133,9 @@ fn a_worker_that_cannot_reach_the_coordinator_says_why() {
 fn refused_joins_are_logged_and_named_by_the_join_timeout() {
     let dir = job_dir("refused", 2, 2, "join_timeout_s = 4", "epochs = 1", 32);
     let log = dir.join("coordinator.log");
-    let (mut coord, url) = common::coordinator(&dir, "127.0.0.1:0", "right", false, &log);
-    let good = common::worker(&url, "right", "good", &dir.join("good.log"));
+    let (mut coord, url) =
+        common::coordinator(&dir, "127.0.0.1:0", "the-right-job-token", false, &log);
+    let good = common::worker(&url, "the-right-job-token", "good", &dir.join("good.log"));
     let bad = Command::new(bin())
         .args(["worker", "--connect-timeout-s", "5", "--coordinator", &url])
         .env("TANDEM_TOKEN", "wrong")
@@ -231,7 +232,7 @@ fn config_errors_name_their_source_and_missing_inputs_fail_the_check() {
 fn a_coordinator_stopped_by_sigterm_pauses_and_its_workers_rejoin_the_resumed_one() {
     let dir = job_dir("pause", 2, 2, "progress_log_s = 0.2", "epochs = 20", 32);
     let log = dir.join("coordinator.log");
-    let token = "pause-token";
+    let token = "pause-test-token-0001";
     let listen = format!("127.0.0.1:{}", common::free_port());
     let (mut coord, url) = common::coordinator(&dir, &listen, token, false, &log);
     let logs: Vec<_> = (0..2).map(|i| dir.join(format!("w{i}.log"))).collect();

@@ -139,7 +139,20 @@ fn launch_runs_a_two_worker_job_to_completion() {
 fn coordinator_and_three_workers_started_by_hand() {
     let dir = job_dir("hand3", 3, 3, "", "epochs = 1", 32);
     let addr_file = dir.join("addr");
-    let token = "test-token-3";
+    // A guessable job token is refused before anything listens, saying how to make one.
+    let short = Command::new(bin())
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("job.toml"))
+        .env("TANDEM_TOKEN", "secret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&short.stderr);
+    assert!(!short.status.success(), "{err}");
+    assert!(
+        err.contains("TANDEM_TOKEN has 6 characters; at least 16") && err.contains("openssl rand"),
+        "{err}"
+    );
+    let token = "runtime-test-token-3";
     let mut coord = Command::new(bin())
         .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("job.toml"))

@@ -342,6 +342,7 @@ fn tonic_health_free_intercept<S>(
 pub fn resolve_token(cfg: &JobConfig) -> anyhow::Result<String> {
     if let Ok(t) = std::env::var("TANDEM_TOKEN") {
         if !t.is_empty() {
+            check_token_length(&t, "TANDEM_TOKEN")?;
             return Ok(t);
         }
     }
@@ -350,7 +351,23 @@ pub fn resolve_token(cfg: &JobConfig) -> anyhow::Result<String> {
             .with_context(|| format!("reading job.token_file {}", f.display()))?;
         let t = t.trim().to_string();
         anyhow::ensure!(!t.is_empty(), "job.token_file {} is empty", f.display());
+        check_token_length(&t, &format!("job.token_file {}", f.display()))?;
         return Ok(t);
     }
     anyhow::bail!("no job token: set TANDEM_TOKEN or job.token_file")
+}
+
+/// Characters a job token must have at least: it authenticates every RPC and keys the ring's
+/// handshake, so a guessable one is refused.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Refuses a job token shorter than [`MIN_TOKEN_CHARS`], naming where it came from.
+fn check_token_length(token: &str, from: &str) -> anyhow::Result<()> {
+    let n = token.chars().count();
+    anyhow::ensure!(
+        n >= MIN_TOKEN_CHARS,
+        "the job token in {from} has {n} characters; at least {MIN_TOKEN_CHARS} are required \
+         (make one with e.g. `openssl rand -hex 32`)"
+    );
+    Ok(())
 }

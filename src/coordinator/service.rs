@@ -20,24 +20,32 @@ pub struct Service {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// SHA-256 of a token: what [`token_matches`] compares.
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Whether `got` is the token whose digest is `want`, in a time that depends neither on where
+/// they differ nor on `got`'s length: both sides are hashed first, then compared in constant
+/// time (`subtle`).
+fn token_matches(got: &str, want: &[u8; 32]) -> bool {
+    subtle::ConstantTimeEq::ct_eq(&token_digest(got)[..], &want[..]).into()
+}
+
 /// Checks the job token on every call (constant-time comparison).
 pub fn auth_interceptor(
     token: String,
     refusals: std::sync::Arc<super::refusals::Refusals>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let want = token_digest(&token);
     move |req: Request<()>| {
         let got = req
             .metadata()
             .get(proto::TOKEN_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let ok = got.len() == token.len()
-            && got
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0;
-        if ok {
+        if token_matches(got, &want) {
             Ok(req)
         } else {
             let reason = if got.is_empty() {
@@ -393,4 +401,24 @@ pub fn checkpoint_chunks(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_matches_only_itself_whatever_the_length_of_the_guess() {
+        let want = token_digest("0123456789abcdef-job-token");
+        assert!(token_matches("0123456789abcdef-job-token", &want));
+        for wrong in [
+            "",
+            "0",
+            "0123456789abcdef-job-toke",
+            "0123456789abcdef-job-tokenX",
+            "1123456789abcdef-job-token",
+        ] {
+            assert!(!token_matches(wrong, &want), "{wrong:?}");
+        }
+    }
 }

@@ -21,23 +21,15 @@ pub(super) fn refusal(code: u8) -> &'static str {
     }
 }
 
-/// HMAC-SHA256 (RFC 2104) of the concatenated `parts`.
+/// HMAC-SHA256 (RFC 2104, RustCrypto's `hmac`) of the concatenated `parts`.
 pub(super) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(k.map(|b| b ^ 0x36));
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
     for p in parts {
-        inner.update(p);
+        mac.update(p);
     }
-    let mut outer = Sha256::new();
-    outer.update(k.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
+    mac.finalize().into_bytes().into()
 }
 
 /// Proof that the sender knows the token, bound to its role, generation, rank, world size and
@@ -50,8 +42,9 @@ pub(super) fn proof(cfg: &RingConfig, domain: &[u8], rank: usize, nonce: &[u8; 1
     )
 }
 
+/// Equality of two proofs in constant time (`subtle`).
 pub(super) fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
 }
 
 pub(super) fn set_timeouts(s: &Stream, deadline: Instant) -> io::Result<()> {

@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use super::Collective;
 use crate::error::{Error, Result};
