@@ -7,9 +7,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::comm::Local;
-use crate::data::batch::{PretrainBatch, IGNORE};
+use crate::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
 use crate::error::Result;
-use crate::model::{BertConfig, Preset, PretrainModel};
+use crate::model::{BertConfig, Preset, PretrainModel, TaskHead};
 use crate::train::{AdamWConfig, Decay, Schedule, StepOptions, Trainer};
 use crate::util;
 
@@ -76,6 +76,82 @@ pub fn pretraining_forward_flops(cfg: &BertConfig, batch: usize, seq: usize) -> 
 fn mlm_head_flops(cfg: &BertConfig, rows: usize) -> f64 {
     let h = cfg.hidden_size as f64;
     2.0 * rows as f64 * h * (h + cfg.vocab_size as f64)
+}
+
+/// A random fine-tuning batch for `head`: rows `[CLS] … [SEP]` padded at random lengths (6 to
+/// `seq` tokens), in two segments when `pair`, ids in `5..vocab`; labels as the head takes
+/// them (token classification labels about 70 % of the positions, as words' first sub-tokens;
+/// QA spans lie in the second segment, a fifth of the questions unanswerable).
+pub fn synthetic_task_batch(
+    head: TaskHead,
+    pair: bool,
+    (batch, seq): (usize, usize),
+    vocab: u32,
+    seed: u64,
+) -> FinetuneBatch {
+    use rand::Rng;
+    let mut rng = util::rng(&[seed]);
+    let n = batch * seq;
+    let (mut ids, mut types, mut mask) = (vec![0u32; n], vec![0u32; n], vec![0u32; n]);
+    let mut lens = vec![];
+    for r in 0..batch {
+        let len = rng.random_range(6..=seq.max(6));
+        lens.push(len);
+        for j in 0..len {
+            let i = r * seq + j;
+            mask[i] = 1;
+            ids[i] = match j {
+                0 => 2,
+                _ if j == len - 1 => 3,
+                _ => rng.random_range(5..vocab),
+            };
+            types[i] = u32::from(pair && j > len / 2);
+        }
+    }
+    let labels = match head {
+        TaskHead::SequenceClassification { num_labels } => TaskLabels::Classes(
+            (0..batch)
+                .map(|_| rng.random_range(0..num_labels as u32))
+                .collect(),
+        ),
+        TaskHead::TokenClassification { num_labels } => {
+            let mut l = vec![IGNORE; n];
+            for (r, &len) in lens.iter().enumerate() {
+                for j in 1..len - 1 {
+                    if rng.random_bool(0.7) {
+                        l[r * seq + j] = rng.random_range(0..num_labels as i64);
+                    }
+                }
+            }
+            TaskLabels::Tokens(l)
+        }
+        TaskHead::QuestionAnswering => {
+            let (mut start, mut end) = (vec![], vec![]);
+            for &len in &lens {
+                let s = if rng.random_bool(0.2) {
+                    0
+                } else {
+                    rng.random_range(len / 2 + 1..len - 1)
+                };
+                let e = if s == 0 {
+                    0
+                } else {
+                    rng.random_range(s..len - 1)
+                };
+                start.push(s as u32);
+                end.push(e as u32);
+            }
+            TaskLabels::Spans { start, end }
+        }
+    };
+    FinetuneBatch {
+        batch,
+        seq,
+        input_ids: ids,
+        token_type_ids: types,
+        attention_mask: mask,
+        labels,
+    }
 }
 
 /// A random pre-training batch: 15% of the non-special positions labelled, random NSP.

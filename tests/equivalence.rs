@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use rand::Rng;
 use tandem::bench::synthetic_batch;
 use tandem::comm::ring::{Ring, RingConfig};
 use tandem::comm::{Collective, Local};
-use tandem::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
-use tandem::model::{BertConfig, Precision, PretrainModel, TaskHead, TaskModel};
+use tandem::data::batch::{FinetuneBatch, PretrainBatch};
+use tandem::model::{BertConfig, PretrainModel, TaskHead, TaskModel};
 use tandem::train::checkpoint::{checkpoint_files, restore, TrainerState};
 use tandem::train::step::DEFAULT_BUCKET_ELEMS;
 use tandem::train::{
@@ -131,74 +130,10 @@ fn task_cases() -> Vec<(&'static str, TaskHead, Vec<FinetuneBatch>)> {
         .collect()
 }
 
-/// A synthetic batch of `name`'s kind: `[CLS]` … `[SEP]` (two segments for pairs and QA),
-/// padded at a random length per row.
+/// A synthetic batch of `name`'s kind (two segments for pairs and QA).
 fn task_batch(name: &str, head: TaskHead, seed: u64) -> FinetuneBatch {
-    let mut rng = tandem::util::rng(&[seed]);
-    let n = ROWS * SEQ;
-    let (mut ids, mut types, mut mask) = (vec![0u32; n], vec![0u32; n], vec![0u32; n]);
-    let mut lens = vec![];
-    for r in 0..ROWS {
-        let len = rng.random_range(6..=SEQ);
-        lens.push(len);
-        for j in 0..len {
-            let i = r * SEQ + j;
-            mask[i] = 1;
-            ids[i] = match j {
-                0 => 2,
-                _ if j == len - 1 => 3,
-                _ => rng.random_range(5..60),
-            };
-            let pair = name == "sentence_pairs" || name == "question_answering";
-            types[i] = u32::from(pair && j > len / 2);
-        }
-    }
-    let labels = match head {
-        TaskHead::SequenceClassification { num_labels } => TaskLabels::Classes(
-            (0..ROWS)
-                .map(|_| rng.random_range(0..num_labels as u32))
-                .collect(),
-        ),
-        TaskHead::TokenClassification { num_labels } => {
-            let mut l = vec![IGNORE; n];
-            for (r, &len) in lens.iter().enumerate() {
-                for j in 1..len - 1 {
-                    // Some positions are later sub-tokens of a word: no loss there.
-                    if rng.random_bool(0.7) {
-                        l[r * SEQ + j] = rng.random_range(0..num_labels as i64);
-                    }
-                }
-            }
-            TaskLabels::Tokens(l)
-        }
-        TaskHead::QuestionAnswering => {
-            let (mut start, mut end) = (vec![], vec![]);
-            for &len in &lens {
-                // Some questions have no answer: the span is [CLS].
-                let s = if rng.random_bool(0.2) {
-                    0
-                } else {
-                    rng.random_range(len / 2 + 1..len - 1)
-                };
-                let e = if s == 0 {
-                    0
-                } else {
-                    rng.random_range(s..len - 1)
-                };
-                start.push(s as u32);
-                end.push(e as u32);
-            }
-            TaskLabels::Spans { start, end }
-        }
-    };
-    FinetuneBatch {
-        batch: ROWS,
-        seq: SEQ,
-        input_ids: ids,
-        token_type_ids: types,
-        attention_mask: mask,
-        labels,
-    }
+    let pair = name == "sentence_pairs" || name == "question_answering";
+    tandem::bench::synthetic_task_batch(head, pair, (ROWS, SEQ), 60, seed)
 }
 
 /// The ring wrapped so that each kind of call is counted: what a step sends through the
@@ -616,26 +551,5 @@ fn a_device_path_checkpoint_resumes_on_the_host_path_and_back() {
             &reference.model.store.to_flat().unwrap(),
             &format!("{from:?} -> {to:?}"),
         );
-    }
-}
-
-/// The composed ops — what a GPU runs; bf16 takes them on the CPU too — keep candle's CUDA
-/// matmul layout rule (`MatMulNonContiguous` otherwise) in every stage kind, forward and
-/// backward, on the device update path: a strided operand fails here, not on the first GPU.
-#[test]
-fn every_stage_kind_runs_the_gpu_path_with_layouts_cuda_accepts() {
-    fn step<M: StageModel>(kind: &str, model: M, batch: &M::Batch) {
-        let mut t = Trainer::with_update_place(model, options(1000), UpdatePlace::Device).unwrap();
-        if let Err(e) = t.train_step(std::slice::from_ref(batch), &mut Local) {
-            panic!("{kind}: {e}");
-        }
-    }
-    let mut m = pretrain_model()();
-    m.set_precision(Precision::Bf16);
-    step("pretrain", m, &pretrain_batches()[0]);
-    for (kind, head, batches) in task_cases() {
-        let mut m = task_model(head)();
-        m.set_precision(Precision::Bf16);
-        step(kind, m, &batches[0]);
     }
 }
