@@ -52,7 +52,7 @@ pub fn eval_batch(m: &PretrainModel, batch: &PretrainBatch, grads: bool) -> Resu
     );
     let mut grad = vec![0f32; m.store.numel()];
     let s = if grads {
-        forward_backward(m, batch, w, None, &mut grad)?
+        forward_backward(m, batch, w, None, grad.as_mut_slice())?
     } else {
         let out = m.model.forward(batch, &mut None)?;
         crate::train::step::LossSums {

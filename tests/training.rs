@@ -53,7 +53,7 @@ fn model_gradients_match_finite_differences() {
     }
     let w = (1.0 / b.mlm_count() as f64, 1.0 / b.nsp_count() as f64);
     let mut grad = vec![0f32; m.store.numel()];
-    forward_backward(&m, &b, w, None, &mut grad).unwrap();
+    forward_backward(&m, &b, w, None, grad.as_mut_slice()).unwrap();
     let base = m.store.to_flat().unwrap();
     let eps = 1e-2f32;
     let mut checked = 0;
@@ -240,7 +240,14 @@ fn a_batch_without_labels_still_gives_every_parameter_a_gradient() {
     b.mlm_labels.iter_mut().for_each(|l| *l = IGNORE);
     let mut grad = vec![0f32; m.store.numel()];
     // Errors if any parameter (e.g. cls.predictions.bias) got no gradient at all.
-    forward_backward(&m, &b, (0.0, 1.0 / b.nsp_count() as f64), None, &mut grad).unwrap();
+    forward_backward(
+        &m,
+        &b,
+        (0.0, 1.0 / b.nsp_count() as f64),
+        None,
+        grad.as_mut_slice(),
+    )
+    .unwrap();
     let mlm_bias = m
         .store
         .specs()
@@ -270,7 +277,7 @@ fn bf16_mixed_precision_tracks_f32_on_one_batch() {
         let mut m = PretrainModel::new(&cfg, 11, &Device::Cpu).unwrap();
         m.set_precision(p);
         let mut grad = vec![0f32; m.store.numel()];
-        let s = forward_backward(&m, &b, w, None, &mut grad).unwrap();
+        let s = forward_backward(&m, &b, w, None, grad.as_mut_slice()).unwrap();
         (s.mlm_sum * w.0 + s.nsp_sum * w.1, grad, m)
     };
     let (l32, g32, _) = run(Precision::F32);

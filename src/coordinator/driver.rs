@@ -329,14 +329,12 @@ impl Driver {
     /// the job when `min_workers` did not join by the deadline.
     fn gather(&mut self) -> anyhow::Result<Next> {
         let c = &self.shared.cfg.cluster;
-        let n = self.shared.state.lock().unwrap().members.len();
-        let uploader_here = self
-            .uploader
-            .is_some_and(|id| self.shared.state.lock().unwrap().members.contains_key(&id));
-        let in_flight = self
-            .shared
-            .uploads
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let (n, uploader_here) = {
+            let st = self.shared.state.lock().unwrap();
+            let here = self.uploader.is_some_and(|id| st.members.contains_key(&id));
+            (st.members.len(), here)
+        };
+        let in_flight = &self.shared.uploads;
         let upload_limit = Duration::from_secs_f64(c.collective_timeout_s);
         let State::Rendezvous(g) = &mut self.state else {
             return Ok(Next::Go);
@@ -525,10 +523,11 @@ impl Driver {
 /// uploader that left or was evicted (stalled) will not finish, so it is not waited for.
 fn waiting_for_uploads(
     wait: &mut Option<Instant>,
-    in_flight: usize,
+    in_flight: &std::sync::atomic::AtomicUsize,
     uploader_here: bool,
     limit: Duration,
 ) -> bool {
+    let in_flight = in_flight.load(std::sync::atomic::Ordering::SeqCst);
     if in_flight == 0 || !uploader_here {
         *wait = None;
         return false;

@@ -291,6 +291,17 @@ impl PretrainBatch {
 }
 
 impl FinetuneBatch {
+    /// Examples (positions, for token classification) that carry a loss: the task loss's
+    /// normaliser.
+    pub fn labelled(&self) -> usize {
+        match &self.labels {
+            TaskLabels::Classes(c) => c.len(),
+            TaskLabels::Tokens(t) => t.iter().filter(|l| **l != IGNORE).count(),
+            TaskLabels::Spans { start, .. } => start.len(),
+            TaskLabels::None => 0,
+        }
+    }
+
     /// The examples `rows` of this batch, as a batch of their own (labels cut to match).
     pub fn rows(&self, rows: std::ops::Range<usize>) -> FinetuneBatch {
         let t = self.seq;

@@ -85,6 +85,37 @@ pub struct ShardIndex {
     pub stats: ParseStats,
 }
 
+/// Closes the corpus's last shard `cur`: a lone last document joins the previous shard (whose
+/// hash, continued over it, is `prev_ext`); a corpus of one document cannot make NSP pairs.
+fn close_last(
+    cur: Open,
+    prev_ext: Option<Sha256>,
+    shards: &mut Vec<ShardSpec>,
+    what: &str,
+) -> Result<()> {
+    match (cur.documents, shards.last_mut()) {
+        (1, None) => Err(Error::Data(format!(
+            "NSP needs at least two documents; the corpus ({what}) holds one"
+        ))),
+        (1, Some(last)) => {
+            for r in cur.ranges {
+                match last.ranges.last_mut() {
+                    Some(l) if l.file == r.file && l.end == r.start => l.end = r.end,
+                    _ => last.ranges.push(r),
+                }
+            }
+            last.documents += 1;
+            last.bytes += cur.bytes;
+            last.sha256 = hex(prev_ext.expect("hash kept").finalize());
+            Ok(())
+        }
+        _ => {
+            shards.push(cur.spec(shards.len() as u32));
+            Ok(())
+        }
+    }
+}
+
 impl ShardIndex {
     /// The index of no corpus, for a job whose stages all fine-tune.
     pub fn empty(target_shard_bytes: u64, options: CorpusOptions) -> ShardIndex {
@@ -129,6 +160,17 @@ impl Open {
     fn drop_empty_range(&mut self) {
         if self.ranges.last().is_some_and(|r| r.start == r.end) {
             self.ranges.pop();
+        }
+    }
+
+    /// The closed shard `id`, with its hash.
+    fn spec(self, id: u32) -> ShardSpec {
+        ShardSpec {
+            id,
+            ranges: self.ranges,
+            documents: self.documents,
+            bytes: self.bytes,
+            sha256: hex(self.hasher.finalize()),
         }
     }
 }
@@ -181,16 +223,9 @@ pub fn build_index<P: AsRef<Path>>(
             if starts {
                 if cur.documents >= 2 && cur.bytes >= target {
                     cur.drop_empty_range();
-                    let id = shards.len() as u32;
                     let done = std::mem::replace(&mut cur, Open::new());
-                    shards.push(ShardSpec {
-                        id,
-                        ranges: done.ranges,
-                        documents: done.documents,
-                        bytes: done.bytes,
-                        sha256: hex(done.hasher.clone().finalize()),
-                    });
-                    prev_ext = Some(done.hasher);
+                    prev_ext = Some(done.hasher.clone());
+                    shards.push(done.spec(shards.len() as u32));
                     cur.begin(fi, line.start, line.number);
                 }
                 cur.documents += 1;
@@ -225,39 +260,11 @@ pub fn build_index<P: AsRef<Path>>(
         });
     }
     let names: Vec<_> = inputs.iter().map(|p| p.as_ref().display()).collect();
-    let what = || format!("{} file(s) from {names:?}", paths.len());
+    let what = format!("{} file(s) from {names:?}", paths.len());
     if stats.documents == 0 {
-        return Err(Error::Data(format!(
-            "empty corpus: no documents in {}",
-            what()
-        )));
+        return Err(Error::Data(format!("empty corpus: no documents in {what}")));
     }
-    match (cur.documents, shards.last_mut()) {
-        (1, None) => {
-            return Err(Error::Data(format!(
-                "NSP needs at least two documents; the corpus ({}) holds one",
-                what()
-            )))
-        }
-        (1, Some(last)) => {
-            for r in cur.ranges {
-                match last.ranges.last_mut() {
-                    Some(l) if l.file == r.file && l.end == r.start => l.end = r.end,
-                    _ => last.ranges.push(r),
-                }
-            }
-            last.documents += 1;
-            last.bytes += cur.bytes;
-            last.sha256 = hex(prev_ext.take().expect("hash kept").finalize());
-        }
-        _ => shards.push(ShardSpec {
-            id: shards.len() as u32,
-            ranges: cur.ranges,
-            documents: cur.documents,
-            bytes: cur.bytes,
-            sha256: hex(cur.hasher.finalize()),
-        }),
-    }
+    close_last(cur, prev_ext, &mut shards, &what)?;
     Ok(ShardIndex {
         version: INDEX_VERSION,
         target_shard_bytes,

@@ -9,7 +9,7 @@
 use crate::model::dropout::DropoutStream;
 use candle_core::Tensor;
 
-use crate::data::batch::{FinetuneBatch, PretrainBatch, TaskLabels, IGNORE};
+use crate::data::batch::{FinetuneBatch, PretrainBatch};
 use crate::error::Result;
 use crate::model::{ParamStore, PretrainModel, TaskModel};
 
@@ -183,16 +183,6 @@ pub struct TaskStats {
     pub examples: u64,
 }
 
-/// Examples (positions) that carry a loss in a batch: the task's normaliser.
-pub fn labelled(b: &FinetuneBatch) -> usize {
-    match &b.labels {
-        TaskLabels::Classes(c) => c.len(),
-        TaskLabels::Tokens(t) => t.iter().filter(|l| **l != IGNORE).count(),
-        TaskLabels::Spans { start, .. } => start.len(),
-        TaskLabels::None => 0,
-    }
-}
-
 impl StageModel for TaskModel {
     type Batch = FinetuneBatch;
     type Stats = TaskStats;
@@ -206,7 +196,7 @@ impl StageModel for TaskModel {
         self.cfg.initializer_range
     }
     fn counts(&self, b: &FinetuneBatch) -> Vec<f64> {
-        vec![labelled(b) as f64]
+        vec![b.labelled() as f64]
     }
     fn forward(&self, b: &FinetuneBatch, rng: Option<&mut DropoutStream>) -> Result<Forward> {
         let mut rng = rng;

@@ -124,12 +124,6 @@ impl GradSink for [f32] {
     }
 }
 
-impl GradSink for Vec<f32> {
-    fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()> {
-        store.accumulate_grads(grads, self)
-    }
-}
-
 impl GradSink for Updater {
     fn add_grads(&mut self, store: &ParamStore, grads: &GradStore) -> Result<()> {
         self.accumulate(store, grads)

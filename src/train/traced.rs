@@ -43,16 +43,6 @@ pub struct Traced<'a> {
 }
 
 impl<'a> Traced<'a> {
-    /// `inner` with no hook.
-    pub fn plain(inner: &'a mut dyn Collective) -> Self {
-        Traced {
-            inner,
-            hook: None,
-            step: 0,
-            calls: 0,
-        }
-    }
-
     /// `inner` with `hook` told about every call, as calls of `step`.
     pub fn new(
         inner: &'a mut dyn Collective,

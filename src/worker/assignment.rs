@@ -22,6 +22,10 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         phase: super::phase::Phase::ConnectingRing.to_string(),
         ..Default::default()
     };
+    if ctx.device.is_cuda() {
+        // The GPU's f32 matmul mode (`model.tf32`), set for the whole process per assignment.
+        candle_core::cuda::set_gemm_reduced_precision_f32(cfg.model.tf32);
+    }
     match stage.kind {
         StageKind::Pretrain => super::pretrain::run_pretrain(&a, &ctx, &cfg, stage),
         _ => super::finetune::run_finetune(&a, &ctx, &cfg, stage),

@@ -92,12 +92,8 @@ pub(super) fn report_done(
     Ok(())
 }
 
-/// The job's compute precision; bf16 on the CPU is allowed but said to be slow. Sets the
-/// GPU's f32 matmul mode (`model.tf32`) on the way.
+/// The job's compute precision; bf16 on the CPU is allowed but said to be slow.
 pub(super) fn precision(cfg: &JobConfig, ctx: &Ctx, rank: usize) -> crate::model::Precision {
-    if ctx.device.is_cuda() {
-        candle_core::cuda::set_gemm_reduced_precision_f32(cfg.model.tf32);
-    }
     let p = cfg.model.precision;
     if p == crate::model::Precision::Bf16 && ctx.device.is_cpu() && rank == 0 {
         tracing::warn!(

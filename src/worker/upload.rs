@@ -38,9 +38,8 @@ impl Uploads {
         state: &TrainerState,
         name: &str,
     ) -> anyhow::Result<()> {
-        self.finish(ctx)?;
-        let task = self.put(ctx, trainer, state, name)?;
-        ctx.rt.block_on(task)
+        self.in_background(ctx, trainer, state, name)?;
+        self.finish(ctx)
     }
 
     /// Serialises a checkpoint here (the snapshot), then streams it on the async runtime while
