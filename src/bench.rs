@@ -327,6 +327,8 @@ pub struct AllreduceBench {
     pub chunk_bytes: usize,
     /// How ranks exchange chunks.
     pub transport: crate::comm::ring::Transport,
+    /// Which connections are sealed (AES-256-GCM).
+    pub encryption: crate::comm::ring::Encryption,
 }
 
 impl AllreduceBench {
@@ -354,6 +356,7 @@ impl AllreduceBench {
                     .args(["--iters", &self.iters.to_string()])
                     .args(["--chunk-bytes", &self.chunk_bytes.to_string()])
                     .args(["--transport", self.transport.as_str()])
+                    .args(["--encryption", self.encryption.as_str()])
                     .env("TANDEM_TOKEN", "bench")
                     .stdout(if r == 0 {
                         std::process::Stdio::inherit()
@@ -382,6 +385,7 @@ impl AllreduceBench {
         let mut cfg = RingConfig::new(rank, ports.len(), peers, "bench", 1);
         cfg.chunk_bytes = self.chunk_bytes;
         cfg.transport = self.transport;
+        cfg.encryption = self.encryption;
         let world = ports.len();
         let (transport, results) = bench_rank(cfg, listener, &self.sizes, self.iters)?;
         for (bytes, ms) in results {
@@ -553,6 +557,7 @@ async fn scaling_run(
         no_progress: true,
         quiet: true,
         resume: false,
+        insecure: false,
     };
     let code = crate::launch::run(opts, std::future::pending()).await?;
     anyhow::ensure!(code == 0, "the {n}-worker run failed (exit {code})");

@@ -99,6 +99,67 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The job's certificates for mutual TLS on the control plane.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// `tandem certs` subcommands.
+#[derive(Subcommand)]
+pub enum CertsCommand {
+    /// Make a new job CA in DIR (ca.pem, ca.key) and sign a coordinator certificate
+    /// (coordinator.pem/.key, for tandem-coordinator, localhost, 127.0.0.1, ::1 and every
+    /// --name) and a worker certificate (worker.pem/.key) with it.
+    Init {
+        /// Directory to write into (created 0700; keys are 0600).
+        #[arg(long)]
+        dir: PathBuf,
+        /// More DNS names or IP addresses the coordinator is reached by (repeatable), e.g.
+        /// tandem-coordinator.ml.svc.cluster.local or 10.0.0.5.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Validity of the certificates, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace an existing CA and certificates in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign one more certificate with the CA in --ca-dir (e.g. a coordinator certificate with
+    /// more names, or one worker certificate per host).
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// coordinator (TLS server) or worker (TLS client).
+        #[arg(long)]
+        role: crate::tls::Role,
+        /// DNS names or IP addresses the certificate carries (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Directory to write STEM.pem and STEM.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// File stem (default: the role).
+        #[arg(long)]
+        stem: Option<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// How a process secures the control plane: the job's certificates, or plaintext.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Directory with the job's CA and this process's certificate and key (`tandem certs
+    /// init` output, or a mounted Kubernetes TLS Secret: ca.crt, tls.crt, tls.key).
+    #[arg(long, env = "TANDEM_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Plaintext control plane: the job token and all traffic travel in clear. Only on a
+    /// network you trust; logged as a warning on every start.
+    #[arg(long, env = "TANDEM_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `tandem tokenizer` subcommands.
@@ -183,6 +244,10 @@ pub enum BenchCommand {
         /// auto (local sockets between processes on one machine, as workers use) or tcp.
         #[arg(long, default_value = "auto")]
         transport: crate::comm::ring::Transport,
+        /// Which connections are sealed with AES-256-GCM: tcp (as workers do by default),
+        /// all, or off (plaintext). `transport` in the output ends in "+sealed" when sealed.
+        #[arg(long, default_value = "tcp")]
+        encryption: crate::comm::ring::Encryption,
         /// Internal: run as one rank (set by the parent process).
         #[arg(long, hide = true)]
         rank: Option<usize>,
@@ -237,14 +302,23 @@ pub struct CoordinatorArgs {
     /// Print no human summary at the end (`launch` prints its own).
     #[arg(long)]
     pub no_summary: bool,
+    /// TLS certificates or --insecure.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `tandem worker`.
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    /// Coordinator URL, e.g. https://127.0.0.1:50051 (http:// with --insecure).
     #[arg(long, env = "TANDEM_COORDINATOR")]
     pub coordinator: String,
+    /// TLS certificates or --insecure.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// The name the coordinator's certificate must carry, when it is not the URL's host.
+    #[arg(long, env = "TANDEM_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
     /// cpu, cuda or cuda:N (a CUDA device needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -126,6 +126,12 @@ pub struct ClusterSection {
     /// every other peer) or `tcp` (always TCP).
     #[serde(default)]
     pub ring_transport: crate::comm::ring::Transport,
+    /// Which ring connections are sealed with AES-256-GCM (keys from the job token and the
+    /// handshake): `tcp` (default: every TCP connection; a local socket between workers of one
+    /// host is not, as it only accepts a process of the same user), `all`, or `off` (gradients
+    /// and weights in clear; a warning on every start).
+    #[serde(default)]
+    pub ring_encryption: crate::comm::ring::Encryption,
     /// How workers on GPUs sum gradients: `nccl` (default: on the GPUs, through NCCL; each
     /// worker needs a GPU of its own) or `ring` (through the host and the ring, for workers
     /// sharing a GPU). Workers on CPUs always use the ring.

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::config::JobConfig;
 use crate::coordinator::Summary;
 use crate::proto;
+use crate::tls::{Role, Security, TlsFiles};
 
 /// What `launch` and `finetune` share: how many workers, where the state goes, and how
 /// each worker runs.
@@ -45,6 +46,10 @@ pub struct RunArgs {
     /// Print plain log lines instead of a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Run the control plane in plaintext (by default `launch` makes the job's certificates
+    /// in STATE_DIR/tls and every process uses mutual TLS).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// What `tandem launch` runs, and how.
@@ -71,6 +76,8 @@ pub struct LaunchOptions {
     pub quiet: bool,
     /// Continue the job in the config's state_dir.
     pub resume: bool,
+    /// A plaintext control plane instead of mutual TLS.
+    pub insecure: bool,
 }
 
 impl LaunchOptions {
@@ -88,6 +95,7 @@ impl LaunchOptions {
             no_progress: run.no_progress,
             quiet: false,
             resume: false,
+            insecure: run.insecure,
         }
     }
 }
@@ -184,6 +192,8 @@ fn forward_output(child: &mut Child, prefix: Prefix, tx: mpsc::UnboundedSender<S
 struct Workers {
     exe: PathBuf,
     token: String,
+    /// `--tls-dir DIR` or `--insecure`.
+    security_args: Vec<String>,
     threads: usize,
     children: Vec<Child>,
     args: Vec<Vec<String>>,
@@ -207,7 +217,10 @@ impl Workers {
                 devices[i % devices.len()].clone(),
                 "--worker-id".into(),
                 format!("local-{i}"),
-            ];
+            ]
+            .into_iter()
+            .chain(self.security_args.iter().cloned())
+            .collect();
             let prefix: Prefix =
                 std::sync::Arc::new(std::sync::Mutex::new(format!("[worker {i}]")));
             let mut w = spawn(&self.exe, &args, &self.token, self.threads)?;
@@ -346,6 +359,29 @@ fn prepare(opts: &LaunchOptions, devices: &[String]) -> anyhow::Result<(JobConfi
     Ok((cfg, job_file))
 }
 
+/// The control plane's security for a local job: the job's certificates in `state_dir/tls`
+/// (made on first use, kept for `--resume`), or plaintext with `--insecure`. Returns it with
+/// the arguments that give it to a child process.
+fn local_security(state_dir: &Path, insecure: bool) -> anyhow::Result<(Security, Vec<String>)> {
+    if insecure {
+        return Ok((Security::Insecure, vec!["--insecure".into()]));
+    }
+    let dir = state_dir.join("tls");
+    if !dir.join("ca.pem").exists() {
+        crate::tls::certs::init(&crate::tls::certs::InitOptions {
+            dir: dir.clone(),
+            coordinator_names: vec![],
+            days: 365,
+            force: true,
+        })?;
+    }
+    let files = TlsFiles::find(&dir, Role::Worker)?;
+    Ok((
+        Security::Mutual(files),
+        vec!["--tls-dir".into(), dir.display().to_string()],
+    ))
+}
+
 /// The coordinator's command line.
 fn coordinator_args(job_file: &Path, addr_file: &Path, resume: bool) -> Vec<String> {
     let mut a: Vec<String> = vec![
@@ -378,7 +414,9 @@ pub async fn run(
     let token = random_token();
     let n = cfg.cluster.max_workers;
     let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
-    let coord_args = coordinator_args(&job_file, &addr_file, opts.resume);
+    let (security, security_args) = local_security(&state_dir, opts.insecure)?;
+    let mut coord_args = coordinator_args(&job_file, &addr_file, opts.resume);
+    coord_args.extend(security_args.iter().cloned());
     let mut coord = spawn(&exe, &coord_args, &token, 1)?;
     let coord_prefix = std::sync::Arc::new(std::sync::Mutex::new("[coordinator]".into()));
     forward_output(&mut coord, coord_prefix, log_tx.clone());
@@ -394,6 +432,7 @@ pub async fn run(
     let mut workers = Workers {
         exe,
         token: token.clone(),
+        security_args,
         threads: opts.threads,
         children: vec![],
         args: vec![],
@@ -418,9 +457,14 @@ pub async fn run(
             _ = poll.tick() => match client.as_mut() {
                 None => {
                     if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-                        let url = format!("http://{}", addr.trim());
+                        let url = format!("{}://{}", security.scheme(), addr.trim());
                         workers.start(&url, n, &devices)?;
-                        client = Some(crate::worker::connect(&url, &token, Duration::from_secs(10)).await?);
+                        let access = crate::worker::Access {
+                            token: token.clone(),
+                            security: security.clone(),
+                            server_name: None,
+                        };
+                        client = Some(crate::worker::connect(&url, &access, Duration::from_secs(10)).await?);
                     } else if started.elapsed() > Duration::from_secs(600) {
                         anyhow::bail!("the coordinator did not start listening within 10 minutes");
                     }
@@ -489,6 +533,7 @@ mod tests {
             no_progress: true,
             quiet: true,
             resume: false,
+            insecure: false,
         };
         let c = effective_config(&opts(vec!["data.tokenizer=tok".into()])).unwrap();
         // Flags are relative to the working directory, and made absolute for job.toml.

@@ -9,6 +9,7 @@
 //! - [`finetune_job`]: `tandem finetune`, one checkpoint fine-tuned on one task (a short job
 //!   config written into the state dir, then launched).
 //! - [`proto`]: the gRPC protocol (generated from `proto/tandem/v1`).
+//! - [`tls`]: mutual TLS on the control plane and the job's certificates.
 //! - [`model`]: BERT on candle — config, fused CPU kernels with backward, parameter store,
 //!   encoder and heads, HuggingFace checkpoint I/O.
 //! - [`train`]: AdamW over flat buffers, learning-rate schedules, the exact data-parallel step.
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod predict;
 pub mod proto;
+pub mod tls;
 pub mod train;
 pub mod util;
 pub mod worker;

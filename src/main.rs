@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tandem::cli::{
-    BenchCommand, Cli, Command, ConfigCommand, CoordinatorArgs, DataCommand, PredictArgs,
-    TokenizeArgs, TokenizerCommand, WorkerArgs,
+    BenchCommand, CertsCommand, Cli, Command, ConfigCommand, CoordinatorArgs, DataCommand,
+    PredictArgs, TokenizeArgs, TokenizerCommand, WorkerArgs,
 };
 
 fn main() -> ExitCode {
@@ -80,21 +80,21 @@ fn launch(
 }
 
 /// `tandem coordinator`: runs the job; an error unless it completed.
-fn coordinator(
-    config: &std::path::Path,
-    sets: &[String],
-    listen: std::net::SocketAddr,
-    addr_file: Option<std::path::PathBuf>,
-    resume: tandem::coordinator::Resume,
-    print_summary: bool,
-) -> anyhow::Result<()> {
-    let cfg = tandem::config::JobConfig::load(config, sets)?;
+fn coordinator(a: CoordinatorArgs, resume: tandem::coordinator::Resume) -> anyhow::Result<()> {
+    let print_summary = !a.no_summary;
+    let security = tandem::tls::Security::from_args(
+        a.tls.tls_dir.as_deref(),
+        a.tls.insecure,
+        tandem::tls::Role::Coordinator,
+    )?;
+    let cfg = tandem::config::JobConfig::load(&a.config, &a.sets)?;
     cfg.check_paths()?;
     let token = tandem::coordinator::resolve_token(&cfg)?;
     let opts = tandem::coordinator::CoordinatorOptions {
-        listen,
-        addr_file,
+        listen: a.listen,
+        addr_file: a.addr_file,
         token,
+        security,
         resume,
     };
     let state_dir = cfg.job.state_dir.clone();
@@ -144,6 +144,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(d) => data(d)?,
         Command::Config(c) => config(c)?,
         Command::Bench(b) => bench(b)?,
+        Command::Certs(c) => certs(c)?,
+    }
+    Ok(())
+}
+
+/// `tandem certs`: prints the files written.
+fn certs(c: CertsCommand) -> anyhow::Result<()> {
+    use tandem::tls::certs;
+    let written = match c {
+        CertsCommand::Init {
+            dir,
+            names,
+            days,
+            force,
+        } => certs::init(&certs::InitOptions {
+            dir,
+            coordinator_names: names,
+            days,
+            force,
+        })?,
+        CertsCommand::Issue {
+            ca_dir,
+            role,
+            names,
+            out,
+            stem,
+            days,
+        } => certs::issue(&certs::IssueOptions {
+            ca_dir,
+            role,
+            names,
+            out_dir: out,
+            stem,
+            days,
+        })?,
+    };
+    for f in written {
+        println!("{}", f.display());
     }
     Ok(())
 }
@@ -157,14 +195,7 @@ fn coordinator_cmd(a: CoordinatorArgs) -> anyhow::Result<()> {
     } else {
         tandem::coordinator::Resume::Never
     };
-    coordinator(
-        &a.config,
-        &a.sets,
-        a.listen,
-        a.addr_file,
-        resume,
-        !a.no_summary,
-    )
+    coordinator(a, resume)
 }
 
 /// `tandem worker`: runs until the job ends or a signal.
@@ -179,10 +210,20 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|t| !t.is_empty())
         .ok_or_else(|| anyhow::anyhow!("set TANDEM_TOKEN to the job token"))?;
+    let security = tandem::tls::Security::from_args(
+        a.tls.tls_dir.as_deref(),
+        a.tls.insecure,
+        tandem::tls::Role::Worker,
+    )?;
+    security.warn_if_insecure("worker");
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
     let opts = tandem::worker::WorkerOptions {
         coordinator: a.coordinator,
-        token,
+        access: tandem::worker::Access {
+            token,
+            security,
+            server_name: a.tls_server_name,
+        },
         worker_id: a
             .worker_id
             .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
@@ -324,6 +365,7 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
             iters,
             chunk_bytes,
             transport,
+            encryption,
             rank,
             ports,
         } => {
@@ -340,6 +382,7 @@ fn bench(c: BenchCommand) -> anyhow::Result<()> {
                 iters,
                 chunk_bytes,
                 transport,
+                encryption,
             };
             match rank {
                 Some(r) => bench.run_rank(r, &ports)?,

@@ -39,7 +39,7 @@ fn launch(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
 
 fn coordinator_url(dir: &std::path::Path) -> String {
     let addr = std::fs::read_to_string(dir.join("state/coordinator.addr")).unwrap();
-    format!("http://{}", addr.trim())
+    format!("https://{}", addr.trim())
 }
 
 /// The pid of the launched worker `local-{i}` of the job whose coordinator is at `url`.
@@ -231,7 +231,7 @@ fn coordinator_restart_resumes_from_the_last_checkpoint() {
     let _ = coord.kill();
     let _ = coord.wait();
     // Without --resume, a coordinator refuses a state_dir that holds a job.
-    let refused = Command::new(bin())
+    let refused = secure(&mut Command::new(bin()))
         .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("job.toml"))
         .env("TANDEM_TOKEN", token)

@@ -90,9 +90,9 @@ fn a_worker_that_cannot_reach_the_coordinator_says_why() {
     let port = common::free_port();
     let dir = common::TmpDir::new("operator", "dead-port");
     let log = dir.join("w.log");
-    let mut w = Command::new(bin())
+    let mut w = common::secure(&mut Command::new(bin()))
         .args(["worker", "--connect-timeout-s", "30", "--coordinator"])
-        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(format!("https://127.0.0.1:{port}"))
         .env("TANDEM_TOKEN", "t")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -107,13 +107,13 @@ fn a_worker_that_cannot_reach_the_coordinator_says_why() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains(&format!(
-            "coordinator http://127.0.0.1:{port} not reachable"
+            "coordinator https://127.0.0.1:{port} not reachable"
         )) && text.to_lowercase().contains("connection refused")
             && text.contains("attempt 1, giving up in"),
         "{text}"
     );
     let t0 = std::time::Instant::now();
-    let out = Command::new(bin())
+    let out = common::secure(&mut Command::new(bin()))
         .args(["worker", "--coordinator", &format!("127.0.0.1:{port}")])
         .env("TANDEM_TOKEN", "t")
         .output()
@@ -122,7 +122,7 @@ fn a_worker_that_cannot_reach_the_coordinator_says_why() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("invalid coordinator URL") && err.contains("http://"),
+        err.contains("invalid coordinator URL") && err.contains("https://"),
         "{err}"
     );
 }
@@ -136,7 +136,7 @@ fn refused_joins_are_logged_and_named_by_the_join_timeout() {
     let (mut coord, url) =
         common::coordinator(&dir, "127.0.0.1:0", "the-right-job-token", false, &log);
     let good = common::worker(&url, "the-right-job-token", "good", &dir.join("good.log"));
-    let bad = Command::new(bin())
+    let bad = common::secure(&mut Command::new(bin()))
         .args(["worker", "--connect-timeout-s", "5", "--coordinator", &url])
         .env("TANDEM_TOKEN", "wrong")
         .output()
@@ -311,10 +311,10 @@ fn the_readme_multi_host_example_runs_as_written() {
         })
         .unwrap();
     let commands: Vec<&Vec<String>> = lines.iter().filter(|l| l[0] == "tandem").collect();
-    assert_eq!(commands.len(), 4, "{commands:?}");
+    assert_eq!(commands.len(), 5, "{commands:?}");
     assert_eq!(
         commands.iter().map(|c| c[1].as_str()).collect::<Vec<_>>(),
-        ["coordinator", "worker", "worker", "summary"]
+        ["certs", "coordinator", "worker", "worker", "summary"]
     );
     let dir = common::TmpDir::new("operator", "readme");
     let status = Command::new("cp")
@@ -334,10 +334,20 @@ fn the_readme_multi_host_example_runs_as_written() {
             .spawn()
             .unwrap()
     };
-    let mut coord = common::Reap(spawn(commands[0], "coordinator.log"));
+    let certs = Command::new(bin())
+        .args(&commands[0][1..])
+        .current_dir(&*dir)
+        .output()
+        .unwrap();
+    assert!(
+        certs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&certs.stderr)
+    );
+    let mut coord = common::Reap(spawn(commands[1], "coordinator.log"));
     let mut workers = [
-        common::Reap(spawn(commands[1], "w1.log")),
-        common::Reap(spawn(commands[2], "w2.log")),
+        common::Reap(spawn(commands[2], "w1.log")),
+        common::Reap(spawn(commands[3], "w2.log")),
     ];
     let ok = wait_with_timeout(&mut coord.0, Duration::from_secs(300)).success();
     let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
@@ -351,7 +361,7 @@ fn the_readme_multi_host_example_runs_as_written() {
     );
     assert!(log.contains("job \"local\" completed in"), "{log}");
     let out = Command::new(bin())
-        .args(&commands[3][1..])
+        .args(&commands[4][1..])
         .current_dir(&*dir)
         .output()
         .unwrap();

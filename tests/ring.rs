@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tandem::comm::ring::{RingListener, Transport};
+use tandem::comm::ring::{Encryption, RingListener, Transport};
 use tandem::comm::{owned_segment, Collective, Ring, RingConfig};
 
 const TOKEN: &str = "test-job-token";
@@ -157,12 +157,17 @@ const LENGTHS: [usize; 6] = [0, 1, 2, 7, 1000, 100_003];
 #[test]
 fn all_reduce_is_the_sum_and_bit_identical() {
     // 12-byte chunks cut segments into many uneven chunks; 1 MiB leaves each segment whole.
-    for (transport, chunk_bytes) in [
-        (Transport::Auto, 12),
-        (Transport::Auto, 4096),
-        (Transport::Auto, 1 << 20),
-        (Transport::Tcp, 12),
-        (Transport::Tcp, 1 << 20),
+    // TCP connections are sealed by default (AES-256-GCM frames of 64 KiB), local ones not;
+    // 100_003 floats span several frames per chunk at 1 MiB chunks.
+    for (transport, encryption, chunk_bytes) in [
+        (Transport::Auto, Encryption::Tcp, 12),
+        (Transport::Auto, Encryption::Tcp, 4096),
+        (Transport::Auto, Encryption::Tcp, 1 << 20),
+        (Transport::Auto, Encryption::All, 12),
+        (Transport::Tcp, Encryption::Tcp, 12),
+        (Transport::Tcp, Encryption::Tcp, 1 << 20),
+        (Transport::Tcp, Encryption::Off, 12),
+        (Transport::Tcp, Encryption::Off, 1 << 20),
     ] {
         for n in 1..=4 {
             let results = per_rank_via(
@@ -170,10 +175,16 @@ fn all_reduce_is_the_sum_and_bit_identical() {
                 n,
                 chunk_bytes,
                 Duration::from_secs(10),
-                move |rank, cfg, l| {
+                move |rank, mut cfg, l| {
+                    cfg.encryption = encryption;
                     let mut ring = Ring::connect(cfg, l).unwrap();
                     assert_eq!((ring.rank(), ring.world_size()), (rank, n));
-                    assert_eq!(ring.transport(), expected_transport(n, transport));
+                    let kind = expected_transport(n, transport);
+                    assert_eq!(ring.transport(), kind);
+                    let sealed = n > 1
+                        && (encryption == Encryption::All
+                            || (encryption == Encryption::Tcp && kind == "tcp"));
+                    assert_eq!(ring.sealed(), sealed, "{transport:?} {encryption:?} n {n}");
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     LENGTHS
                         .iter()
@@ -597,4 +608,145 @@ fn an_abort_stops_joining_a_ring_whose_peer_never_comes() {
             "{transport:?}: the abort took {took:?}"
         );
     }
+}
+
+/// A TCP relay between a dialling rank and its peer's listener: forwards both ways, records
+/// what the dialler sends, and applies `tamper` to each piece of it (with the offset of its
+/// first byte) before passing it on. Returns its address and the recording.
+fn relay(
+    to: SocketAddr,
+    tamper: impl Fn(usize, &mut [u8]) + Send + 'static,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    thread::spawn(move || {
+        let (mut from_dialler, _) = listener.accept().unwrap();
+        let mut to_listener = TcpStream::connect(to).unwrap();
+        let (mut back_in, mut back_out) = (
+            to_listener.try_clone().unwrap(),
+            from_dialler.try_clone().unwrap(),
+        );
+        thread::spawn(move || std::io::copy(&mut back_in, &mut back_out));
+        let mut buf = vec![0u8; 1 << 16];
+        let mut at = 0;
+        while let Ok(n) = from_dialler.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            record.lock().unwrap().extend_from_slice(&buf[..n]);
+            tamper(at, &mut buf[..n]);
+            at += n;
+            if to_listener.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to_listener.shutdown(std::net::Shutdown::Both);
+    });
+    (addr, seen)
+}
+
+/// Two ranks over TCP where rank 0 reaches rank 1 through `relay`; each all-reduces
+/// `[rank + 1.25; len]` once. Returns each rank's result (or error) and the relay's recording.
+fn through_relay(
+    encryption: Encryption,
+    len: usize,
+    tamper: impl Fn(usize, &mut [u8]) + Send + 'static,
+) -> (Vec<Result<Vec<f32>, String>>, Vec<u8>) {
+    let (ls, addrs) = listeners(2);
+    let (relay_addr, seen) = relay(addrs[1], tamper);
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let mut peers = addrs.clone();
+            if rank == 0 {
+                peers[1] = relay_addr;
+            }
+            let mut cfg = config(rank, &peers, 1 << 20, Duration::from_secs(10));
+            cfg.transport = Transport::Tcp;
+            cfg.encryption = encryption;
+            thread::spawn(move || {
+                let mut ring = Ring::connect(cfg, l).map_err(|e| e.to_string())?;
+                let mut v = vec![rank as f32 + 1.25; len];
+                ring.all_reduce_sum(&mut v).map_err(|e| e.to_string())?;
+                Ok(v)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while !handles.iter().all(|h| h.is_finished()) {
+        assert!(
+            start.elapsed() < LIMIT,
+            "ranks still running after {LIMIT:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let seen = seen.lock().unwrap().clone();
+    (results, seen)
+}
+
+/// Bytes past the handshake (hello 56, proof 32) that the relay tampers with.
+const PAST_HANDSHAKE: usize = 4096;
+
+/// A relay that forwards the handshake and then flips one bit: on a sealed ring the receiving
+/// rank refuses the frame and names the tampering, and both ranks fail (the generation would
+/// end); without sealing the same bit silently changes the sum (the attack this prevents).
+#[test]
+fn a_relay_flipping_one_bit_is_caught_on_a_sealed_ring() {
+    let flip = |at: usize, piece: &mut [u8]| {
+        if (at..at + piece.len()).contains(&PAST_HANDSHAKE) {
+            piece[PAST_HANDSHAKE - at] ^= 0x40;
+        }
+    };
+    let (results, _) = through_relay(Encryption::Tcp, 100_000, flip);
+    let errs: Vec<String> = results.iter().map(|r| r.clone().unwrap_err()).collect();
+    assert!(
+        errs[1].contains("from rank 0 failed authentication") && errs[1].contains("altered"),
+        "{errs:?}"
+    );
+    assert!(!errs[0].is_empty());
+
+    let (results, _) = through_relay(Encryption::Off, 100_000, flip);
+    let sums: Vec<Vec<f32>> = results.into_iter().map(Result::unwrap).collect();
+    assert!(
+        sums.iter().any(|v| v.iter().any(|&x| x != 3.5)),
+        "in clear, the flipped bit goes unnoticed into the sum"
+    );
+}
+
+/// What crosses the wire of a sealed ring holds no run of the floats sent; in clear it does.
+#[test]
+fn sealed_ring_traffic_shows_no_floats() {
+    let pattern: Vec<u8> = std::iter::repeat_n(1.25f32.to_le_bytes(), 8)
+        .flatten()
+        .collect();
+    let holds = |seen: &[u8]| seen.windows(pattern.len()).any(|w| w == &pattern[..]);
+    let (results, seen) = through_relay(Encryption::Tcp, 100_000, |_, _| {});
+    for r in results {
+        assert!(r.unwrap().iter().all(|&x| x == 3.5));
+    }
+    assert!(seen.len() > 100_000 * 4 / 2, "{} bytes", seen.len());
+    assert!(!holds(&seen), "sealed traffic shows the floats");
+    let (_, seen) = through_relay(Encryption::Off, 100_000, |_, _| {});
+    assert!(holds(&seen), "the control: in clear, the floats are there");
+}
+
+/// A relay that drops a frame's worth of bytes or replays earlier ones is caught as well.
+#[test]
+fn a_relay_replaying_bytes_is_caught_on_a_sealed_ring() {
+    // Replace 64 bytes past the handshake with the 64 before them: a replay of sealed bytes.
+    let replay = |at: usize, piece: &mut [u8]| {
+        let (lo, hi) = (PAST_HANDSHAKE, PAST_HANDSHAKE + 64);
+        if at <= lo - 64 && at + piece.len() >= hi {
+            let (a, b) = (lo - 64 - at, lo - at);
+            piece.copy_within(a..b, b);
+        }
+    };
+    let (results, _) = through_relay(Encryption::Tcp, 100_000, replay);
+    let err = results[1].clone().unwrap_err();
+    assert!(err.contains("failed authentication"), "{err}");
 }

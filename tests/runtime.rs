@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_exactly_once, bin, job_dir, summary, wait_with_timeout};
+use common::{assert_exactly_once, bin, job_dir, secure, summary, wait_with_timeout};
 use serde_json::Value;
 
 fn check_completed(s: &Value, workers: u64) {
@@ -140,7 +140,7 @@ fn coordinator_and_three_workers_started_by_hand() {
     let dir = job_dir("hand3", 3, 3, "", "epochs = 1", 32);
     let addr_file = dir.join("addr");
     // A guessable job token is refused before anything listens, saying how to make one.
-    let short = Command::new(bin())
+    let short = secure(&mut Command::new(bin()))
         .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("job.toml"))
         .env("TANDEM_TOKEN", "secret")
@@ -153,7 +153,7 @@ fn coordinator_and_three_workers_started_by_hand() {
         "{err}"
     );
     let token = "runtime-test-token-3";
-    let mut coord = Command::new(bin())
+    let mut coord = secure(&mut Command::new(bin()))
         .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("job.toml"))
         .arg("--addr-file")
@@ -172,11 +172,11 @@ fn coordinator_and_three_workers_started_by_hand() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let url = format!(
-        "http://{}",
+        "https://{}",
         std::fs::read_to_string(&addr_file).unwrap().trim()
     );
     // A worker with the wrong token is refused and exits with an error.
-    let bad = Command::new(bin())
+    let bad = secure(&mut Command::new(bin()))
         .args(["worker", "--coordinator", &url, "--connect-timeout-s", "5"])
         .env("TANDEM_TOKEN", "wrong")
         .output()
@@ -189,7 +189,7 @@ fn coordinator_and_three_workers_started_by_hand() {
     );
     let mut workers: Vec<_> = (0..3)
         .map(|i| {
-            Command::new(bin())
+            secure(&mut Command::new(bin()))
                 .args([
                     "worker",
                     "--coordinator",

@@ -49,6 +49,8 @@ pub struct CoordinatorOptions {
     pub addr_file: Option<PathBuf>,
     /// The job token every worker must present ([`resolve_token`]).
     pub token: String,
+    /// Mutual TLS with the job's certificates, or plaintext (`--insecure`).
+    pub security: crate::tls::Security,
     /// Whether to continue the job recorded in `state_dir`.
     pub resume: Resume,
 }
@@ -193,6 +195,9 @@ pub async fn run(
         Ok(r) => r,
         Err(finished) => return Ok(*finished),
     };
+    opts.security.warn_if_insecure("coordinator");
+    // Read before binding: a bad certificate is an error now, not a refused handshake later.
+    let tls = opts.security.server_config()?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
@@ -208,7 +213,7 @@ pub async fn run(
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(shared_state(&cfg, prepared, store, &record, events_tx));
-    let (stop_server, server) = serve(&shared, listener, &opts).await;
+    let (stop_server, server) = serve(&shared, listener, &opts, tls).await?;
     if let Some(f) = &opts.addr_file {
         crate::util::write_atomic(f, addr.to_string().as_bytes())?;
     }
@@ -293,15 +298,16 @@ fn shared_state(
 }
 
 /// Serves the coordinator's gRPC service (token-checked) and the health service on
-/// `listener` until the returned sender fires.
+/// `listener` (behind mutual TLS when `tls` is given) until the returned sender fires.
 async fn serve(
     shared: &Arc<Shared>,
     listener: tokio::net::TcpListener,
     opts: &CoordinatorOptions,
-) -> (
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-) {
+)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<proto::coordinator_server::CoordinatorServer<service::Service>>()
@@ -313,8 +319,14 @@ async fn serve(
     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
     let svc = tonic_health_free_intercept(svc, opts.token.clone(), shared.refusals.clone());
     let (stop_server_tx, stop_server_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("the coordinator's TLS certificate or key")?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             // HTTP/2's default 64 KiB flow-control window stalls checkpoint uploads.
             .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(proto::STREAM_WINDOW_BYTES * 2)
@@ -327,7 +339,7 @@ async fn serve(
                 },
             ),
     );
-    (stop_server_tx, server)
+    Ok((stop_server_tx, server))
 }
 
 fn tonic_health_free_intercept<S>(

@@ -9,6 +9,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::{self, coordinator_client::CoordinatorClient};
+use crate::tls::Security;
 use crate::train::checkpoint::sha256_hex;
 
 pub type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
@@ -24,12 +25,23 @@ impl tonic::service::Interceptor for TokenInterceptor {
     }
 }
 
+/// How a client reaches the coordinator: the job token it presents and the TLS it speaks.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The job token, sent on every call (inside TLS unless `--insecure`).
+    pub token: String,
+    /// Mutual TLS with the job's certificates, or plaintext.
+    pub security: Security,
+    /// The name the coordinator's certificate must carry (default: the URL's host).
+    pub server_name: Option<String>,
+}
+
 /// Connects to the coordinator, retrying with exponential backoff until `deadline`.
-pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Result<Client> {
-    check_url(url)?;
-    let endpoint = Endpoint::from_shared(url.to_string())
+pub async fn connect(url: &str, access: &Access, deadline: Duration) -> anyhow::Result<Client> {
+    check_url(url, &access.security)?;
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| {
-            format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)")
+            format!("invalid coordinator URL {url:?} (expected e.g. https://127.0.0.1:50051)")
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -38,7 +50,16 @@ pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Resu
         .initial_connection_window_size(proto::STREAM_WINDOW_BYTES * 2)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    let token = token
+    if let Some(tls) = access
+        .security
+        .client_config(access.server_name.as_deref())?
+    {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS set-up for {url}: {}", root_cause(&e)))?;
+    }
+    let token = access
+        .token
         .parse()
         .map_err(|_| anyhow::anyhow!("the job token must be printable ASCII"))?;
     let start = Instant::now();
@@ -78,18 +99,29 @@ pub async fn connect(url: &str, token: &str, deadline: Duration) -> anyhow::Resu
     }
 }
 
-/// A coordinator URL is `http://HOST:PORT` (tonic's own error for anything else is an
-/// opaque "transport error" after the whole connect timeout).
-fn check_url(url: &str) -> anyhow::Result<()> {
+/// A coordinator URL is `https://HOST:PORT` (`http://` with `--insecure`); tonic's own error
+/// for anything else is an opaque "transport error" after the whole connect timeout.
+fn check_url(url: &str, security: &Security) -> anyhow::Result<()> {
+    let want = security.scheme();
     let bad = |why: &str| {
         anyhow::anyhow!(
-            "invalid coordinator URL {url:?}: {why} (expected e.g. http://127.0.0.1:50051)"
+            "invalid coordinator URL {url:?}: {why} (expected e.g. {want}://127.0.0.1:50051)"
         )
     };
     let uri: tonic::transport::Uri = url.parse().map_err(|_| bad("not a URL"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(bad("TLS is not supported yet: use http://")),
+        Some(s) if s == want => {}
+        Some("http") => {
+            return Err(bad(
+                "plaintext http:// with TLS certificates given: use https:// (or --insecure \
+                 for a plaintext control plane)",
+            ))
+        }
+        Some("https") => {
+            return Err(bad(
+                "https:// with --insecure: use http://, or drop --insecure and pass --tls-dir",
+            ))
+        }
         Some(s) => return Err(bad(&format!("scheme {s:?}"))),
         None => return Err(bad("no scheme")),
     }
@@ -253,17 +285,25 @@ mod tests {
 
     #[test]
     fn coordinator_urls_are_checked_before_any_attempt() {
-        check_url("http://127.0.0.1:50051").unwrap();
-        check_url("http://coordinator.default.svc:50051").unwrap();
-        check_url("http://coordinator").unwrap(); // port 80, as HTTP means
-        for (url, why) in [
-            ("127.0.0.1:50051", "scheme"),
-            ("localhost:50051", "scheme"),
-            ("https://h:50051", "TLS"),
-            ("http://:50051", "host"),
-            ("grpc://h:1", "scheme \"grpc\""),
+        let plain = Security::Insecure;
+        let tls = Security::Mutual(crate::tls::TlsFiles {
+            ca: "ca.pem".into(),
+            cert: "worker.pem".into(),
+            key: "worker.key".into(),
+        });
+        check_url("http://127.0.0.1:50051", &plain).unwrap();
+        check_url("https://127.0.0.1:50051", &tls).unwrap();
+        check_url("https://coordinator.default.svc:50051", &tls).unwrap();
+        check_url("http://coordinator", &plain).unwrap(); // port 80, as HTTP means
+        for (url, security, why) in [
+            ("127.0.0.1:50051", &tls, "scheme"),
+            ("localhost:50051", &plain, "scheme"),
+            ("http://h:50051", &tls, "use https://"),
+            ("https://h:50051", &plain, "with --insecure"),
+            ("https://:50051", &tls, "host"),
+            ("grpc://h:1", &tls, "scheme \"grpc\""),
         ] {
-            let e = check_url(url).unwrap_err().to_string();
+            let e = check_url(url, security).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(url), "{url}: {e}");
         }
     }

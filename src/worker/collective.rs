@@ -38,16 +38,25 @@ fn connect_ring(a: &proto::Assignment, ctx: &Ctx, cfg: &JobConfig) -> anyhow::Re
             timeout: Duration::from_secs_f64(cfg.cluster.collective_timeout_s),
             chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
             transport: cfg.cluster.ring_transport,
+            encryption: cfg.cluster.ring_encryption,
         },
         ctx.listener.try_clone()?,
         ctx.abort.clone(),
     )?;
     *ctx.ring_abort.lock().unwrap() = Some(ring.abort_handle());
+    if cfg.cluster.ring_encryption == crate::comm::ring::Encryption::Off {
+        tracing::warn!(
+            rank,
+            "cluster.ring_encryption = \"off\": gradients and weights cross the network in clear \
+             and can be read or altered by anyone on the path"
+        );
+    }
     tracing::info!(
         rank,
         world,
         generation = a.generation,
         transport = ring.transport(),
+        sealed = ring.sealed(),
         "ring connected"
     );
     Ok(ring)

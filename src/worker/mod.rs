@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+pub use client::Access;
 pub(crate) use client::{connect, Client};
 
 use crate::proto::{self, directive::Kind};
@@ -33,8 +34,8 @@ use crate::proto::{self, directive::Kind};
 pub struct WorkerOptions {
     /// e.g. `http://127.0.0.1:50051`
     pub coordinator: String,
-    /// The job token presented on every call.
-    pub token: String,
+    /// The job token and TLS material presented on every call (the token also keys the ring).
+    pub access: Access,
     /// Free-form, stable id (pod name); defaults to host:pid.
     pub worker_id: String,
     /// Where the ring listener binds (`0.0.0.0:PORT` in a pod, `127.0.0.1:0` locally).
@@ -65,7 +66,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
         Some(h) => format!("{h}:{}", bound.port()),
         None => bound.to_string(),
     };
-    let mut training = Training::new(listener, device, opts.token.clone());
+    let mut training = Training::new(listener, device, opts.access.token.clone());
     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
     tokio::pin!(shutdown);
     let mut first = true;
@@ -115,7 +116,7 @@ async fn join(
     let mut wait = Duration::from_millis(200);
     loop {
         let left = opts.connect_timeout.saturating_sub(start.elapsed());
-        let mut client = connect(&opts.coordinator, &opts.token, left).await?;
+        let mut client = connect(&opts.coordinator, &opts.access, left).await?;
         let r = client
             .join(proto::JoinRequest {
                 protocol_version: proto::PROTOCOL_VERSION,
@@ -141,8 +142,30 @@ async fn join(
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
-            Err(st) => return Err(anyhow::Error::new(st).context("joining the job")),
+            Err(st) => {
+                let hint = join_hint(&st, &opts.access.security);
+                return Err(anyhow::Error::new(st).context(format!("joining the job{hint}")));
+            }
         }
+    }
+}
+
+/// What a failed join's transport error means for the operator: a plaintext client at a TLS
+/// port gets an HTTP/2 protocol error, and a certificate from another CA a TLS alert.
+fn join_hint(st: &tonic::Status, security: &crate::tls::Security) -> &'static str {
+    let text = format!("{st:?}");
+    let protocol = text.contains("h2 protocol error") || text.contains("frame with invalid size");
+    if protocol && *security == crate::tls::Security::Insecure {
+        " (a protocol error in plaintext: does the coordinator use TLS? then give this worker \
+         the job's certificates with --tls-dir and an https:// URL)"
+    } else if ["UnknownCA", "BadCertificate", "CertificateRequired"]
+        .iter()
+        .any(|a| text.contains(a))
+    {
+        " (the coordinator refused this worker's certificate: --tls-dir must hold a worker \
+         certificate signed by the job's CA, from `tandem certs init` or `tandem certs issue`)"
+    } else {
+        ""
     }
 }
 

@@ -145,6 +145,33 @@ pub fn checkpoints(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The test jobs' certificates (`tandem certs init`), made once per test run and shared by
+/// every process the tests start: each gets them through `TANDEM_TLS_DIR` ([`secure`]).
+pub fn shared_tls() -> PathBuf {
+    static TLS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("test-tls-{}", std::process::id()));
+        let out = Command::new(bin())
+            .args(["certs", "init", "--force", "--dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .clone()
+}
+
+/// Gives a `tandem` process the test jobs' certificates (mutual TLS, as by default).
+pub fn secure(cmd: &mut Command) -> &mut Command {
+    cmd.env("TANDEM_TLS_DIR", shared_tls())
+}
+
 /// Starts a coordinator on `listen` with the job's config; returns the child and its URL.
 pub fn coordinator(
     dir: &Path,
@@ -156,6 +183,7 @@ pub fn coordinator(
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let mut cmd = Command::new(bin());
+    secure(&mut cmd);
     cmd.args(["coordinator", "--listen", listen, "--config"])
         .arg(dir.join("job.toml"))
         .arg("--addr-file")
@@ -183,14 +211,14 @@ pub fn coordinator(
         addr_file.exists()
     });
     let url = format!(
-        "http://{}",
+        "https://{}",
         std::fs::read_to_string(&addr_file).unwrap().trim()
     );
     (child, url)
 }
 
 pub fn worker(url: &str, token: &str, id: &str, log: &Path) -> Child {
-    Command::new(bin())
+    secure(&mut Command::new(bin()))
         .args([
             "worker",
             "--coordinator",

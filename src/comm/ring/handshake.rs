@@ -12,6 +12,17 @@ pub(super) const STATUS_GENERATION: u8 = 1;
 pub(super) const STATUS_RANKS: u8 = 2;
 pub(super) const STATUS_TOKEN: u8 = 3;
 
+/// The fresh nonces of one handshake (the dialler's, the listener's): with the token they key
+/// the connection's sealed frames (`seal.rs`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Nonces {
+    pub(super) dial: [u8; 16],
+    pub(super) accept: [u8; 16],
+}
+
+/// An authenticated connection and its handshake's nonces.
+pub(super) type Authenticated = (Stream, Nonces);
+
 pub(super) fn refusal(code: u8) -> &'static str {
     match code {
         STATUS_GENERATION => "a different generation",
@@ -71,7 +82,7 @@ pub(super) fn dial_handshake(
     cfg: &RingConfig,
     to: usize,
     deadline: Instant,
-) -> Result<Stream, String> {
+) -> Result<Authenticated, String> {
     let io = handshake_failure;
     set_timeouts(&s, deadline).map_err(io)?;
     let nonce: [u8; 16] = rand::random();
@@ -108,7 +119,11 @@ pub(super) fn dial_handshake(
     if status[0] != STATUS_OK {
         return Err(format!("refused: it expects {}", refusal(status[0])));
     }
-    Ok(s)
+    let nonces = Nonces {
+        dial: nonce,
+        accept: their_nonce,
+    };
+    Ok((s, nonces))
 }
 
 /// The accepting side of the handshake: only rank `from` of our job and generation passes.
@@ -117,7 +132,7 @@ pub(super) fn accept_handshake(
     cfg: &RingConfig,
     from: usize,
     deadline: Instant,
-) -> Result<Stream, String> {
+) -> Result<Authenticated, String> {
     let io = handshake_failure;
     s.set_nonblocking(false).map_err(io)?;
     set_timeouts(&s, deadline).map_err(io)?;
@@ -158,7 +173,11 @@ pub(super) fn accept_handshake(
         ));
     }
     (&s).write_all(&[STATUS_OK]).map_err(io)?;
-    Ok(s)
+    let nonces = Nonces {
+        dial: nonce,
+        accept: ours,
+    };
+    Ok((s, nonces))
 }
 
 /// Connects to rank `to`, retrying with backoff (the peer may not listen yet, or a stale
@@ -172,7 +191,7 @@ pub(super) fn dial(
     deadline: Instant,
     cancel: &AtomicBool,
     abort: &AtomicBool,
-) -> Result<Stream, String> {
+) -> Result<Authenticated, String> {
     let addr = cfg.peers[to];
     let mut backoff = Duration::from_millis(5);
     let mut last = String::from("no attempt finished");
@@ -243,7 +262,7 @@ pub(super) fn accept_from(
     from: usize,
     deadline: Instant,
     abort: &AtomicBool,
-) -> Result<Stream, String> {
+) -> Result<Authenticated, String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("listener: {e}"))?;

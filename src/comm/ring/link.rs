@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// Writes one part of a call to the next rank; the error says what and to whom.
+/// Writes one part of a call to the next rank, sealed on a sealed connection; the error says
+/// what and to whom.
 pub(super) fn write_part(
     mut to: &Stream,
     bytes: &[u8],
@@ -11,10 +12,19 @@ pub(super) fn write_part(
     part: Part,
     link: &Link,
 ) -> Result<(), String> {
-    to.write_all(bytes).map_err(|e| {
+    let fail = |e: io::Error| {
         let why = io_reason(&e, link.timeout);
         format!("{op}: {why} sending {part} to rank {}", link.next)
-    })
+    };
+    match &link.sealer {
+        Some(sealer) => {
+            let mut sealer = sealer
+                .lock()
+                .map_err(|_| format!("{op}: the sealer failed"))?;
+            to.write_all(sealer.seal(bytes)).map_err(fail)
+        }
+        None => to.write_all(bytes).map_err(fail),
+    }
 }
 
 /// A call's sender thread: writes the queued work in order and hands every chunk back once
@@ -264,15 +274,29 @@ impl<'a> Caller<'_, 'a> {
         }
     }
 
-    pub(super) fn read(&self, dst: &mut [u8], part: Part) -> Result<(), String> {
-        (&self.link.recv)
-            .read_exact(dst)
-            .map_err(|e| self.link.recv_failure(&e, self.op, part))
+    /// Reads one part into `dst` (through the staging buffer, opened, on a sealed connection).
+    pub(super) fn read(&mut self, dst: &mut [u8], part: Part) -> Result<(), String> {
+        if self.link.opener.is_none() {
+            return (&self.link.recv)
+                .read_exact(dst)
+                .map_err(|e| self.link.recv_failure(&e, self.op, part));
+        }
+        for piece in dst.chunks_mut(seal::FRAME_BYTES) {
+            let plain = self.read_frame(piece.len(), part)?;
+            piece.copy_from_slice(plain);
+        }
+        Ok(())
     }
 
-    /// Reads `dst.len()` floats and adds them in, a cache-sized piece at a time.
+    /// Reads `dst.len()` floats and adds them in, a cache-sized piece (a frame, on a sealed
+    /// connection) at a time.
     pub(super) fn read_add(&mut self, dst: &mut [f32], part: Part) -> Result<(), String> {
         for piece in dst.chunks_mut(READ_PIECE / 4) {
+            if self.link.opener.is_some() {
+                let plain = self.read_frame(piece.len() * 4, part)?;
+                add_le(piece, plain);
+                continue;
+            }
             let bytes = &mut self.rbuf[..piece.len() * 4];
             (&self.link.recv)
                 .read_exact(bytes)
@@ -280,6 +304,27 @@ impl<'a> Caller<'_, 'a> {
             add_le(piece, bytes);
         }
         Ok(())
+    }
+
+    /// Reads and opens the next sealed frame of `len` plaintext bytes into the staging buffer.
+    fn read_frame(&mut self, len: usize, part: Part) -> Result<&[u8], String> {
+        let (link, op) = (self.link, self.op);
+        let frame = &mut self.rbuf[..len + seal::TAG_BYTES];
+        (&link.recv)
+            .read_exact(frame)
+            .map_err(|e| link.recv_failure(&e, op, part))?;
+        let opener = link.opener.as_ref().expect("a sealed connection");
+        let mut opener = opener
+            .lock()
+            .map_err(|_| format!("{op}: the opener failed"))?;
+        opener.open(frame).map_err(|()| {
+            format!(
+                "{op}: {part} from rank {} failed authentication: the sealed frame was altered, \
+                 replayed, reordered or dropped on the way (or the peer holds another job \
+                 token); the connection is not trusted any more",
+                link.prev
+            )
+        })
     }
 
     /// Every call starts with a header, so ranks that disagree on the call fail with a clear

@@ -24,10 +24,13 @@ use crate::error::{Error, Result};
 mod handshake;
 mod link;
 pub(crate) mod schedule;
+mod seal;
 mod stream;
 
 use handshake::*;
 use schedule::*;
+pub use seal::Encryption;
+use seal::{Binding, Opener, Sealer, TAG_BYTES};
 use stream::{connect_local, Stream};
 pub use stream::{RingListener, Transport};
 
@@ -65,6 +68,8 @@ pub struct RingConfig {
     pub chunk_bytes: usize,
     /// Whether peers at loopback addresses are reached over a local socket (`Auto`).
     pub transport: Transport,
+    /// Which connections carry sealed (AES-256-GCM) frames.
+    pub encryption: Encryption,
 }
 
 impl RingConfig {
@@ -90,6 +95,7 @@ impl RingConfig {
             timeout: DEFAULT_TIMEOUT,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             transport: Transport::Auto,
+            encryption: Encryption::Tcp,
         }
     }
 
@@ -135,6 +141,7 @@ impl fmt::Debug for RingConfig {
             .field("timeout", &self.timeout)
             .field("chunk_bytes", &self.chunk_bytes)
             .field("transport", &self.transport)
+            .field("encryption", &self.encryption)
             .finish()
     }
 }
@@ -184,6 +191,8 @@ pub struct Ring {
     shared: Arc<Shared>,
     link: Option<Link>,
     transport: &'static str,
+    /// Whether both connections carry sealed frames.
+    sealed: bool,
 }
 
 /// The connections of a ring of two or more ranks.
@@ -193,9 +202,14 @@ struct Link {
     timeout: Duration,
     recv: Stream,
     send: Stream,
-    /// Staging for bytes that are added into the buffer (reduce-scatter).
+    /// Staging for bytes that are added into the buffer (reduce-scatter), and for sealed
+    /// frames.
     rbuf: Vec<u8>,
     shared: Arc<Shared>,
+    /// Seals what goes to `next` (a sealed connection); used by one thread at a time.
+    sealer: Option<Mutex<Sealer>>,
+    /// Opens what comes from `prev` (a sealed connection).
+    opener: Option<Mutex<Opener>>,
 }
 
 /// Work for a call's sender thread. Chunks are lent to it and handed back once written, so
@@ -363,6 +377,7 @@ impl Ring {
             }),
             link: None,
             transport: "none",
+            sealed: false,
         };
         if n == 1 {
             return Ok(ring);
@@ -394,7 +409,7 @@ impl Ring {
         let send = dialer
             .join()
             .unwrap_or_else(|_| Err("the connecting thread panicked".into()));
-        let (recv, send) = match (recv, send) {
+        let ((recv, recv_nonces), (send, send_nonces)) = match (recv, send) {
             (Ok(r), Ok(s)) => (r, s),
             (recv, send) => {
                 let why: Vec<String> = [recv.err(), send.err()].into_iter().flatten().collect();
@@ -434,6 +449,24 @@ impl Ring {
             send = send.kind(),
             "ring connected"
         );
+        let binding = |nonces: Nonces, from: usize, to: usize| Binding {
+            token: &cfg.token,
+            dial_nonce: nonces.dial,
+            accept_nonce: nonces.accept,
+            generation: cfg.generation,
+            world: n,
+            from,
+            to,
+        };
+        let sealer = cfg
+            .encryption
+            .seals(send.kind())
+            .then(|| Mutex::new(binding(send_nonces, rank, next).sealer()));
+        let opener = cfg
+            .encryption
+            .seals(recv.kind())
+            .then(|| Mutex::new(binding(recv_nonces, prev, rank).opener()));
+        ring.sealed = sealer.is_some() && opener.is_some();
         ring.shared = shared.clone();
         ring.link = Some(Link {
             prev,
@@ -441,8 +474,10 @@ impl Ring {
             timeout: cfg.timeout,
             recv,
             send,
-            rbuf: vec![0u8; READ_PIECE],
+            rbuf: vec![0u8; READ_PIECE + TAG_BYTES],
             shared,
+            sealer,
+            opener,
         });
         Ok(ring)
     }
@@ -461,6 +496,11 @@ impl Ring {
     /// or "none" (world size 1).
     pub fn transport(&self) -> &'static str {
         self.transport
+    }
+
+    /// Whether both of this rank's connections carry sealed (AES-256-GCM) frames.
+    pub fn sealed(&self) -> bool {
+        self.sealed
     }
 }
 
@@ -570,7 +610,7 @@ pub fn bench_rank(
     listener: impl Into<RingListener>,
     sizes_bytes: &[usize],
     iters: usize,
-) -> Result<(&'static str, Vec<(usize, f64)>)> {
+) -> Result<(String, Vec<(usize, f64)>)> {
     if iters == 0 {
         return Err(comm_err(
             cfg.rank,
@@ -594,7 +634,8 @@ pub fn bench_rank(
         }
         out.push((bytes, crate::util::median(&ms)));
     }
-    Ok((ring.transport(), out))
+    let sealed = if ring.sealed() { "+sealed" } else { "" };
+    Ok((format!("{}{sealed}", ring.transport()), out))
 }
 
 #[cfg(test)]

@@ -189,7 +189,10 @@ impl RingListener {
         #[cfg(target_os = "linux")]
         if let Some(l) = &self.local {
             match l.accept() {
-                Ok((s, _)) => return Ok((Stream::Local(s), "a local socket".into())),
+                Ok((s, _)) => {
+                    check_same_user(&s)?;
+                    return Ok((Stream::Local(s), "a local socket".into()));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
@@ -236,9 +239,12 @@ pub(super) fn connect_local(addr: SocketAddr) -> Option<Stream> {
             return None;
         }
         let name = std::os::unix::net::SocketAddr::from_abstract_name(local_name(addr));
-        name.and_then(|n| UnixStream::connect_addr(&n))
-            .ok()
-            .map(Stream::Local)
+        let s = name.and_then(|n| UnixStream::connect_addr(&n)).ok()?;
+        if let Err(e) = check_same_user(&s) {
+            tracing::warn!(%addr, "not using the local socket of the ring peer: {e}; using TCP");
+            return None;
+        }
+        Some(Stream::Local(s))
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -247,9 +253,68 @@ pub(super) fn connect_local(addr: SocketAddr) -> Option<Stream> {
     }
 }
 
+/// The uid of the process at the other end of a local socket (`SO_PEERCRED`: for a dialled
+/// socket, the listener's; for an accepted one, the dialler's).
+#[cfg(target_os = "linux")]
+fn peer_uid(s: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given, and the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Abstract socket names carry no permissions: any local user could bind a ring peer's name
+/// first or dial it. Only a process of our own user may be at the other end.
+#[cfg(target_os = "linux")]
+fn check_same_user(s: &UnixStream) -> io::Result<()> {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    same_user(peer_uid(s)?, unsafe { libc::getuid() })
+}
+
+#[cfg(target_os = "linux")]
+fn same_user(theirs: u32, ours: u32) -> io::Result<()> {
+    if theirs == ours {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("the local socket's other end runs as uid {theirs}, not as this worker's ({ours})"),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn local_peers_must_run_as_the_same_user() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // SAFETY: as in `check_same_user`.
+        let ours = unsafe { libc::getuid() };
+        assert_eq!(peer_uid(&a).unwrap(), ours);
+        check_same_user(&b).unwrap();
+        let e = same_user(ours + 1, ours).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains(&format!("uid {}", ours + 1)), "{e}");
+    }
 
     #[test]
     fn transport_parses() {
