@@ -3,10 +3,12 @@
 //! Kubernetes schemas; these tests check that the rendered objects fit the binary:
 //! the job config in the ConfigMap passes `tandem config check`, every container's command
 //! line parses with the real CLI and agrees with the ports, mounts and Services around it, the
-//! pods follow the security rules of deploy/README.md, and the cpu-smoke topology, started by
-//! hand on 127.0.0.1 with the manifests' arguments and environment, completes its job.
+//! pods follow the security rules of deploy/README.md (mutual TLS on the control plane, each
+//! role with its own Secret), the cert-manager example issues the Secrets the pods mount, and
+//! the cpu-smoke topology, started by hand on 127.0.0.1 with the manifests' arguments,
+//! environment and TLS Secrets, completes its job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +24,18 @@ const OVERLAYS: [&str; 2] = ["cpu-smoke", "gpu"];
 const ENTRYPOINT: &str = "tandem";
 /// Where the Dockerfiles copy the repository's configs/ directory.
 const IMAGE_CONFIGS: &str = "/opt/tandem/configs";
+/// The Secret keys tandem reads from a TLS directory (`tandem::tls::TlsFiles::find`) for a
+/// role: `tandem certs init`'s file names, or a Kubernetes TLS Secret's (cert-manager's).
+fn tls_layouts(role: &str) -> [[String; 3]; 2] {
+    [
+        [
+            "ca.pem".into(),
+            format!("{role}.pem"),
+            format!("{role}.key"),
+        ],
+        ["ca.crt".into(), "tls.crt".into(), "tls.key".into()],
+    ]
+}
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tandem")
@@ -46,9 +60,17 @@ fn newest_mtime(dir: &Path) -> SystemTime {
     newest
 }
 
-/// `kubectl kustomize` of an overlay, if a kubectl with a modern kustomize is at hand (on PATH,
-/// or the one scripts/check-deploy.sh fetched).
-fn render_with_kubectl(overlay: &str) -> Option<String> {
+/// The kustomization scripts/check-deploy.sh renders to target/deploy/<name>.yaml.
+fn kustomization(name: &str) -> PathBuf {
+    match name {
+        "cert-manager" | "corpus" => repo().join("deploy").join(name),
+        overlay => repo().join("deploy/overlays").join(overlay),
+    }
+}
+
+/// `kubectl kustomize` of a kustomization, if a kubectl with a modern kustomize is at hand (on
+/// PATH, or the one scripts/check-deploy.sh fetched).
+fn render_with_kubectl(name: &str) -> Option<String> {
     let cached = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/tandem/kubectl-v33/kubectl"))
         .filter(|p| p.exists());
@@ -56,7 +78,7 @@ fn render_with_kubectl(overlay: &str) -> Option<String> {
     for kubectl in candidates.into_iter().flatten() {
         let out = Command::new(&kubectl)
             .arg("kustomize")
-            .arg(repo().join("deploy/overlays").join(overlay))
+            .arg(kustomization(name))
             .output();
         if let Ok(out) = out {
             if out.status.success() {
@@ -82,7 +104,7 @@ fn rendered(overlay: &str) -> Vec<Value> {
         panic!(
             "{} is missing or older than deploy/, and no kubectl with kustomize >= 4 can render \
              it: run scripts/check-deploy.sh (it installs what it needs, renders and validates \
-             every overlay)",
+             every kustomization)",
             file.display()
         );
     };
@@ -281,7 +303,7 @@ fn container_command_lines_parse_and_match_the_services() {
                 .unwrap()
         };
 
-        // Coordinator: `tandem coordinator --config … --listen 0.0.0.0:50051`, probed over gRPC.
+        // Coordinator: `tandem coordinator --config … --listen 0.0.0.0:50051`, probed over TCP.
         let coord = container(
             find(&docs, "StatefulSet", "tandem-coordinator"),
             "coordinator",
@@ -305,15 +327,21 @@ fn container_command_lines_parse_and_match_the_services() {
         assert_eq!(container_port(coord, "grpc"), grpc);
         assert_eq!(port(coord_svc, "grpc"), grpc);
         assert_eq!(port(coord_svc, "metrics"), container_port(coord, "metrics"));
+        // The kubelet's gRPC probe speaks plaintext and shows no client certificate: against
+        // the mutual-TLS port it could never pass. Readiness is a TCP connect to that port.
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-            assert_eq!(
-                coord[probe]["grpc"]["port"].as_u64(),
-                Some(grpc),
-                "{overlay}: coordinator {probe} must use the gRPC health service"
+            assert!(
+                coord[probe]["grpc"].is_null(),
+                "{overlay}: coordinator {probe}: a gRPC probe cannot pass mutual TLS"
             );
         }
+        let tcp = &coord["readinessProbe"]["tcpSocket"]["port"];
+        assert!(
+            tcp == "grpc" || tcp.as_u64() == Some(grpc),
+            "{overlay}: the coordinator's readiness probe must connect to the gRPC port, not {tcp}"
+        );
 
-        // Workers: `tandem worker --coordinator http://tandem-coordinator:50051 --ring-listen …`.
+        // Workers: `tandem worker --coordinator https://tandem-coordinator:50051 --ring-listen …`.
         let worker = container(find(&docs, "StatefulSet", "tandem-worker"), "worker");
         let argv: Vec<String> = std::iter::once(ENTRYPOINT.to_string())
             .chain(strings(&worker["args"]))
@@ -332,8 +360,8 @@ fn container_command_lines_parse_and_match_the_services() {
         };
         assert_eq!(
             coordinator,
-            format!("http://tandem-coordinator:{}", port(coord_svc, "grpc")),
-            "{overlay}: workers must dial the coordinator's Service"
+            format!("https://tandem-coordinator:{}", port(coord_svc, "grpc")),
+            "{overlay}: workers must dial the coordinator's Service, over TLS"
         );
         assert!(ring_listen.ip().is_unspecified());
         let ring = u64::from(ring_listen.port());
@@ -426,6 +454,441 @@ fn pods_follow_the_security_and_lifecycle_rules() {
     }
 }
 
+/// Every container of a pod, init containers included.
+fn all_containers(pod: &Value) -> Vec<&Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// The command line a container runs after the image's ENTRYPOINT (`tandem`), or None when it
+/// replaces the ENTRYPOINT with something else.
+fn tandem_argv(c: &Value) -> Option<Vec<String>> {
+    let mut argv = vec![];
+    if !c["command"].is_null() {
+        let command = strings(&c["command"]);
+        if command.first().map(|p| Path::new(p).file_name()) != Some(Some(ENTRYPOINT.as_ref())) {
+            return None;
+        }
+        argv.extend(command.into_iter().skip(1));
+    }
+    if !c["args"].is_null() {
+        argv.extend(strings(&c["args"]));
+    }
+    Some(argv)
+}
+
+/// `coordinator` or `worker` when the container runs that `tandem` subcommand.
+fn tandem_role(c: &Value) -> Option<String> {
+    tandem_argv(c)?
+        .into_iter()
+        .next()
+        .filter(|a| a == "coordinator" || a == "worker")
+}
+
+/// A container's setting of `flag`: from its command line, else the literal value of `env`
+/// (the variable clap reads for that flag).
+fn setting(c: &Value, flag: &str, env: &str) -> Option<String> {
+    let args = tandem_argv(c).unwrap_or_default();
+    if let Some(i) = args.iter().position(|a| a == flag) {
+        return Some(args[i + 1].clone());
+    }
+    if let Some(v) = args
+        .iter()
+        .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+    {
+        return Some(v.to_string());
+    }
+    let e = c["env"].as_array()?.iter().find(|e| e["name"] == env)?;
+    Some(
+        e["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{env}: expected a literal value, got {e}"))
+            .to_string(),
+    )
+}
+
+/// The name of every Secret a pod can read: volumes (plain and projected) and env.
+fn pod_secrets(pod: &Value) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut add = |v: &Value| {
+        if let Some(n) = v.as_str() {
+            names.insert(n.to_string());
+        }
+    };
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        add(&v["secret"]["secretName"]);
+        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
+            add(&source["secret"]["name"]);
+        }
+    }
+    for c in all_containers(pod) {
+        for e in c["env"].as_array().into_iter().flatten() {
+            add(&e["valueFrom"]["secretKeyRef"]["name"]);
+        }
+        for e in c["envFrom"].as_array().into_iter().flatten() {
+            add(&e["secretRef"]["name"]);
+        }
+    }
+    names
+}
+
+/// A tandem container's TLS directory (`--tls-dir` or `TANDEM_TLS_DIR`) and the Secret volume
+/// (its `secret` object) mounted there, read-only.
+fn tls_volume<'a>(pod: &'a Value, c: &Value, what: &str) -> (String, &'a Value) {
+    let dir = setting(c, "--tls-dir", "TANDEM_TLS_DIR").unwrap_or_else(|| {
+        panic!("{what}: neither --tls-dir nor TANDEM_TLS_DIR (tandem refuses to start)")
+    });
+    let mount = c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == dir.as_str())
+        .unwrap_or_else(|| panic!("{what}: nothing is mounted at the TLS directory {dir}"));
+    assert_eq!(mount["readOnly"], true, "{what}: mount {dir} read-only");
+    assert!(
+        mount["subPath"].is_null(),
+        "{what}: a subPath mount never sees the Secret's updates"
+    );
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("{what}: no volume {}", mount["name"]));
+    assert!(
+        volume["secret"].is_object(),
+        "{what}: {dir} must be a Secret volume, not {volume}"
+    );
+    (dir, &volume["secret"])
+}
+
+/// Mutual TLS on the control plane (deploy/README.md, "TLS certificates"): every container that
+/// runs `tandem coordinator` or `tandem worker` has a TLS directory and never `--insecure`; it
+/// is a Secret of its own role's (`tandem-<role>-tls`), mounted read-only, readable by the
+/// pod's group at most, with only the keys tandem reads for that role projected, in both
+/// layouts; a pod reads no other Secret than that and the token (so no worker sees the
+/// coordinator's key, and no pod the CA's); workers dial https.
+#[test]
+fn control_plane_is_mutual_tls_with_a_secret_per_role() {
+    for overlay in OVERLAYS {
+        let docs = rendered(overlay);
+        let mut roles = BTreeSet::new();
+        for sts in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+            let name = sts["metadata"]["name"].as_str().unwrap();
+            let pod = &sts["spec"]["template"]["spec"];
+            let mut pod_roles = BTreeSet::new();
+            for c in all_containers(pod) {
+                let Some(role) = tandem_role(c) else {
+                    continue;
+                };
+                let what = format!("{overlay}/{name}/{}", c["name"].as_str().unwrap());
+                let argv = tandem_argv(c).unwrap();
+                assert!(
+                    !argv.iter().any(|a| a.starts_with("--insecure")),
+                    "{what}: --insecure: a plaintext control plane"
+                );
+                assert!(
+                    !c["env"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["name"] == "TANDEM_INSECURE"),
+                    "{what}: TANDEM_INSECURE: a plaintext control plane"
+                );
+                let (dir, secret) = tls_volume(pod, c, &what);
+                assert_eq!(
+                    secret["secretName"],
+                    format!("tandem-{role}-tls"),
+                    "{what}: {dir} must hold the {role}'s own Secret"
+                );
+                // Unset, the kubelet writes 0644: world-readable keys.
+                let mode = secret["defaultMode"].as_u64().unwrap_or(0o644);
+                assert_eq!(
+                    mode & 0o227,
+                    0,
+                    "{what}: defaultMode {mode:#o}: no one may write the key, nor read it \
+                     outside the pod's user and group"
+                );
+                let items = secret["items"].as_array().unwrap_or_else(|| {
+                    panic!("{what}: list the Secret's keys (items), so nothing else in it reaches the pod")
+                });
+                let mut keys = BTreeSet::new();
+                for item in items {
+                    let key = item["key"].as_str().unwrap();
+                    assert_eq!(
+                        item["path"], key,
+                        "{what}: tandem looks for {key} under that name"
+                    );
+                    if let Some(m) = item["mode"].as_u64() {
+                        assert_eq!(m & 0o227, 0, "{what}: {key}: mode {m:#o}");
+                    }
+                    keys.insert(key.to_string());
+                }
+                let readable: BTreeSet<String> = tls_layouts(&role).into_iter().flatten().collect();
+                assert_eq!(
+                    keys, readable,
+                    "{what}: project the keys tandem reads for a {role}, in both layouts \
+                     (`tandem certs init`, cert-manager), and nothing else"
+                );
+                assert_eq!(
+                    secret["optional"], true,
+                    "{what}: a Secret holds one layout, so the other's keys are missing: the \
+                     volume must be optional or the pod never starts"
+                );
+                if role == "worker" {
+                    let url = setting(c, "--coordinator", "TANDEM_COORDINATOR")
+                        .unwrap_or_else(|| panic!("{what}: no coordinator URL"));
+                    assert!(
+                        url.starts_with("https://"),
+                        "{what}: {url}: the coordinator is reached over TLS"
+                    );
+                }
+                pod_roles.insert(role);
+            }
+            let allowed: BTreeSet<String> = std::iter::once("tandem-token".to_string())
+                .chain(pod_roles.iter().map(|r| format!("tandem-{r}-tls")))
+                .collect();
+            assert_eq!(
+                pod_secrets(pod),
+                allowed,
+                "{overlay}/{name}: the Secrets this pod can read (the job token and its own \
+                 role's certificate only)"
+            );
+            roles.extend(pod_roles);
+        }
+        assert_eq!(
+            roles,
+            BTreeSet::from(["coordinator".to_string(), "worker".to_string()]),
+            "{overlay}"
+        );
+    }
+}
+
+/// The fields of cert-manager.io/v1 objects (cert-manager's CRDs): kubernetes-validate has no
+/// schema for them, so scripts/check-deploy.sh leaves deploy/cert-manager to this test.
+const CERTIFICATE_FIELDS: &[&str] = &[
+    "additionalOutputFormats",
+    "commonName",
+    "dnsNames",
+    "duration",
+    "emailAddresses",
+    "encodeUsagesInRequest",
+    "ipAddresses",
+    "isCA",
+    "issuerRef",
+    "keystores",
+    "literalSubject",
+    "nameConstraints",
+    "otherNames",
+    "privateKey",
+    "renewBefore",
+    "renewBeforePercentage",
+    "revisionHistoryLimit",
+    "secretName",
+    "secretTemplate",
+    "signatureAlgorithm",
+    "subject",
+    "uris",
+    "usages",
+];
+const ISSUER_FIELDS: &[&str] = &["acme", "ca", "selfSigned", "vault", "venafi"];
+const CA_ISSUER_FIELDS: &[&str] = &[
+    "crlDistributionPoints",
+    "issuingCertificateURLs",
+    "ocspServers",
+    "secretName",
+];
+const ISSUER_REF_FIELDS: &[&str] = &["group", "kind", "name"];
+const PRIVATE_KEY_FIELDS: &[&str] = &["algorithm", "encoding", "rotationPolicy", "size"];
+const KEY_USAGES: &[&str] = &[
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
+];
+
+/// Fails on a field `known` does not list (kubernetes-validate's strict mode, by hand).
+fn known_fields(what: &str, v: &Value, known: &[&str]) {
+    let map = v
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: expected an object, got {v}"));
+    for k in map.keys() {
+        assert!(
+            known.contains(&k.as_str()),
+            "{what}: unknown field {k} (cert-manager.io/v1 knows {known:?})"
+        );
+    }
+}
+
+/// deploy/cert-manager, the alternative to making the Secrets by hand: its objects are
+/// well-formed cert-manager.io/v1 Issuers and Certificates; every Secret the overlays mount
+/// for TLS is written by one of its Certificates, for the right side of the handshake (server
+/// auth for the coordinator, client auth for the workers), issued by a CA Issuer whose CA is
+/// defined here, the same for both sides; the coordinator's certificate carries the host the
+/// workers dial; and the pods project the keys cert-manager writes (ca.crt, tls.crt, tls.key).
+#[test]
+fn cert_manager_example_issues_the_secrets_the_pods_mount() {
+    let docs = rendered("cert-manager");
+    let mut issuers: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut certs: BTreeMap<String, &Value> = BTreeMap::new();
+    for d in &docs {
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        assert_eq!(d["apiVersion"], "cert-manager.io/v1", "{name}");
+        known_fields(&name, d, &["apiVersion", "kind", "metadata", "spec"]);
+        assert!(
+            d["metadata"]["namespace"].is_null(),
+            "{name}: the job's namespace is given at apply time"
+        );
+        let spec = &d["spec"];
+        match d["kind"].as_str().unwrap() {
+            "Issuer" => {
+                known_fields(&name, spec, ISSUER_FIELDS);
+                assert_eq!(
+                    spec.as_object().unwrap().len(),
+                    1,
+                    "{name}: one issuer type"
+                );
+                if spec["ca"].is_object() {
+                    known_fields(&format!("{name}.ca"), &spec["ca"], CA_ISSUER_FIELDS);
+                }
+                issuers.insert(name, spec);
+            }
+            "Certificate" => {
+                known_fields(&name, spec, CERTIFICATE_FIELDS);
+                known_fields(&name, &spec["issuerRef"], ISSUER_REF_FIELDS);
+                if !spec["privateKey"].is_null() {
+                    known_fields(&name, &spec["privateKey"], PRIVATE_KEY_FIELDS);
+                }
+                assert!(spec["secretName"].is_string(), "{name}: no secretName");
+                if !spec["usages"].is_null() {
+                    for u in strings(&spec["usages"]) {
+                        assert!(KEY_USAGES.contains(&u.as_str()), "{name}: usage {u:?}");
+                    }
+                }
+                certs.insert(name, spec);
+            }
+            other => panic!(
+                "{name}: {other}: only Issuers and Certificates, in the job's namespace (not a \
+                 ClusterIssuer: the CA is the job's)"
+            ),
+        }
+    }
+    for (name, spec) in &certs {
+        let r = &spec["issuerRef"];
+        assert!(r["kind"].is_null() || r["kind"] == "Issuer", "{name}: {r}");
+        assert!(
+            r["group"].is_null() || r["group"] == "cert-manager.io",
+            "{name}: {r}"
+        );
+        let issuer = r["name"].as_str().unwrap();
+        assert!(
+            issuers.contains_key(issuer),
+            "{name}: its Issuer {issuer} is not in deploy/cert-manager"
+        );
+    }
+    // The CA certificate behind a leaf: its issuer is a CA Issuer, whose Secret a CA
+    // Certificate here writes.
+    let ca_of = |leaf: &str, spec: &Value| -> String {
+        let issuer = issuers[spec["issuerRef"]["name"].as_str().unwrap()];
+        let secret = issuer["ca"]["secretName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{leaf}: not issued by a CA Issuer"));
+        let (ca, ca_spec) = certs
+            .iter()
+            .find(|(_, c)| c["secretName"] == secret)
+            .unwrap_or_else(|| {
+                panic!("{leaf}: no Certificate here writes its CA's Secret {secret}")
+            });
+        assert_eq!(ca_spec["isCA"], true, "{ca}");
+        ca.clone()
+    };
+    for overlay in OVERLAYS {
+        let odocs = rendered(overlay);
+        let worker_sts = find(&odocs, "StatefulSet", "tandem-worker");
+        let url = flag_value(
+            &strings(&container(worker_sts, "worker")["args"]),
+            "--coordinator",
+        )
+        .to_string();
+        let host = url
+            .strip_prefix("https://")
+            .and_then(|r| r.split([':', '/']).next())
+            .unwrap_or_else(|| panic!("{overlay}: {url}"));
+        let mut cas = BTreeSet::new();
+        for (sts, role, usage, not) in [
+            (
+                "tandem-coordinator",
+                "coordinator",
+                "server auth",
+                "client auth",
+            ),
+            ("tandem-worker", "worker", "client auth", "server auth"),
+        ] {
+            let what = format!("{overlay}/{sts}");
+            let s = find(&odocs, "StatefulSet", sts);
+            let (_, secret) = tls_volume(&s["spec"]["template"]["spec"], container(s, role), &what);
+            let secret_name = secret["secretName"].as_str().unwrap();
+            let (cert, spec) = certs
+                .iter()
+                .find(|(_, c)| c["secretName"] == secret_name)
+                .unwrap_or_else(|| {
+                    panic!("{what} mounts the Secret {secret_name}, which no Certificate writes")
+                });
+            let usages = strings(&spec["usages"]);
+            assert!(
+                usages.iter().any(|u| u == usage) && !usages.iter().any(|u| u == not),
+                "{cert}: usages {usages:?}: a {role} certificate is for {usage} only"
+            );
+            assert_ne!(spec["isCA"], true, "{cert}");
+            if role == "coordinator" {
+                assert!(
+                    strings(&spec["dnsNames"]).iter().any(|n| n == host),
+                    "{cert}: the workers dial {url}: the certificate must carry {host}"
+                );
+            }
+            let projected: Vec<&str> = secret["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["key"].as_str().unwrap())
+                .collect();
+            for key in ["ca.crt", "tls.crt", "tls.key"] {
+                assert!(
+                    projected.contains(&key),
+                    "{what}: cert-manager writes {key}: the pod must project it"
+                );
+            }
+            cas.insert(ca_of(cert, spec));
+        }
+        assert_eq!(
+            cas.len(),
+            1,
+            "{overlay}: both sides trust one CA, so both must be issued by it: {cas:?}"
+        );
+    }
+}
+
 /// A container's environment as the kubelet would build it for pod `pod` in `namespace`, with
 /// `token` as the Secret's value: `$(VAR)` refers to variables defined before it.
 fn pod_env(c: &Value, pod: &str, namespace: &str, token: &str) -> BTreeMap<String, String> {
@@ -507,9 +970,70 @@ fn wait_for(
     }
 }
 
+/// A Secret's content, as test files: key → file.
+type Secrets = BTreeMap<&'static str, Vec<(&'static str, PathBuf)>>;
+
+/// What the kubelet makes of a tandem container's TLS Secret volume, done here: the keys of
+/// the Secret (from `secrets`) that the volume projects, with the volume's file modes, copied
+/// into `local`, which then replaces the pod's TLS directory in `args` (`--tls-dir`) or `env`
+/// (`TANDEM_TLS_DIR`).
+fn mount_tls_secret(
+    pod: &Value,
+    c: &Value,
+    secrets: &Secrets,
+    local: &Path,
+    args: &mut [String],
+    env: &mut BTreeMap<String, String>,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let what = c["name"].as_str().unwrap();
+    let (_, volume) = tls_volume(pod, c, what);
+    let name = volume["secretName"].as_str().unwrap();
+    let data = secrets
+        .get(name)
+        .unwrap_or_else(|| panic!("{what}: the namespace has no Secret {name}"));
+    let default_mode = volume["defaultMode"].as_u64().unwrap_or(0o644) as u32;
+    let items: Vec<(String, String, u32)> = match volume["items"].as_array() {
+        Some(items) => items
+            .iter()
+            .map(|i| {
+                let mode = i["mode"].as_u64().map_or(default_mode, |m| m as u32);
+                let key = i["key"].as_str().unwrap().to_string();
+                (key, i["path"].as_str().unwrap().to_string(), mode)
+            })
+            .collect(),
+        None => data
+            .iter()
+            .map(|(k, _)| (k.to_string(), k.to_string(), default_mode))
+            .collect(),
+    };
+    std::fs::create_dir_all(local).unwrap();
+    for (key, path, mode) in items {
+        let Some((_, src)) = data.iter().find(|(k, _)| *k == key) else {
+            // The kubelet skips a missing key of an optional volume, and fails the pod otherwise.
+            assert_eq!(
+                volume["optional"], true,
+                "{what}: the Secret {name} has no key {key}: the pod would not start"
+            );
+            continue;
+        };
+        let dst = local.join(path);
+        std::fs::copy(src, &dst).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let local = local.display().to_string();
+    if let Some(i) = args.iter().position(|a| a == "--tls-dir") {
+        args[i + 1] = local;
+    } else {
+        *env.get_mut("TANDEM_TLS_DIR").unwrap() = local;
+    }
+}
+
 /// The cpu-smoke overlay as the cluster would run it, on 127.0.0.1: one coordinator and the
-/// StatefulSet's worker pods as processes, with the containers' args and env; only the
-/// addresses (loopback, port 0), the config path and the config's in-pod paths are rewritten.
+/// StatefulSet's worker pods as processes, with the containers' args and env and their TLS
+/// Secrets mounted; only the addresses (loopback, port 0), the config path, the config's
+/// in-pod paths and the TLS directories are rewritten (the workers still check the
+/// coordinator's certificate against the host of the manifests' URL).
 #[test]
 fn cpu_smoke_topology_completes_on_loopback() {
     let docs = rendered("cpu-smoke");
@@ -537,6 +1061,40 @@ fn cpu_smoke_topology_completes_on_loopback() {
     let config = dir.join("job.toml");
     std::fs::write(&config, toml::to_string(&job).unwrap()).unwrap();
 
+    // The two TLS Secrets from one `tandem certs init`, as deploy/README.md makes them: the
+    // coordinator's with `kubectl create secret generic --from-file` of its files, the
+    // workers' in cert-manager's layout (ca.crt, tls.crt, tls.key), so that the run goes
+    // through both layouts the manifests project. The CA's key is in neither.
+    let ca = dir.join("ca");
+    let out = clean_command(bin())
+        .args(["certs", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem certs init failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secrets: Secrets = BTreeMap::from([
+        (
+            "tandem-coordinator-tls",
+            vec![
+                ("ca.pem", ca.join("ca.pem")),
+                ("coordinator.pem", ca.join("coordinator.pem")),
+                ("coordinator.key", ca.join("coordinator.key")),
+            ],
+        ),
+        (
+            "tandem-worker-tls",
+            vec![
+                ("ca.crt", ca.join("ca.pem")),
+                ("tls.crt", ca.join("worker.pem")),
+                ("tls.key", ca.join("worker.key")),
+            ],
+        ),
+    ]);
+
     let log = |name: &str| Stdio::from(File::create(dir.join(format!("{name}.log"))).unwrap());
     let mut procs = Procs(vec![]);
 
@@ -554,7 +1112,15 @@ fn cpu_smoke_topology_completes_on_loopback() {
         args[i + 1] = value;
     }
     args.extend(["--addr-file".to_string(), addr_file.display().to_string()]);
-    let env = pod_env(coord, "tandem-coordinator-0", "default", token);
+    let mut env = pod_env(coord, "tandem-coordinator-0", "default", token);
+    mount_tls_secret(
+        &coord_sts["spec"]["template"]["spec"],
+        coord,
+        &secrets,
+        &dir.join("tls-tandem-coordinator-0"),
+        &mut args,
+        &mut env,
+    );
     let child = clean_command(bin())
         .args(&args)
         .envs(&env)
@@ -575,15 +1141,19 @@ fn cpu_smoke_topology_completes_on_loopback() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let url = format!(
-        "http://{}",
-        std::fs::read_to_string(&addr_file).unwrap().trim()
-    );
 
-    // Workers: the StatefulSet's pods tandem-worker-0..N-1.
+    // Workers: the StatefulSet's pods tandem-worker-0..N-1, dialling the manifests' scheme at
+    // the loopback address, and checking the certificate for the manifests' host.
     let worker_sts = find(&docs, "StatefulSet", "tandem-worker");
     let replicas = worker_sts["spec"]["replicas"].as_u64().unwrap();
     let worker = container(worker_sts, "worker");
+    let pod_url = flag_value(&strings(&worker["args"]), "--coordinator").to_string();
+    let (scheme, rest) = pod_url.split_once("://").unwrap();
+    let host = rest.split([':', '/']).next().unwrap();
+    let url = format!(
+        "{scheme}://{}",
+        std::fs::read_to_string(&addr_file).unwrap().trim()
+    );
     for i in 0..replicas {
         let pod = format!("tandem-worker-{i}");
         let mut args = strings(&worker["args"]);
@@ -601,6 +1171,18 @@ fn cpu_smoke_topology_completes_on_loopback() {
             format!("{pod}.tandem-worker.default.svc")
         );
         env.insert("TANDEM_ADVERTISE_HOST".into(), "127.0.0.1".into());
+        mount_tls_secret(
+            &worker_sts["spec"]["template"]["spec"],
+            worker,
+            &secrets,
+            &dir.join(format!("tls-{pod}")),
+            &mut args,
+            &mut env,
+        );
+        if !args.iter().any(|a| a.starts_with("--tls-server-name")) {
+            env.entry("TANDEM_TLS_SERVER_NAME".into())
+                .or_insert_with(|| host.to_string());
+        }
         let child = clean_command(bin())
             .args(&args)
             .envs(&env)
