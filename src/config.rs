@@ -53,6 +53,10 @@ pub enum ConfigError {
     },
 }
 
+/// The largest number of seconds (and MiB) a setting may give: about 31 years, far from where
+/// `Instant + Duration` overflows.
+const MAX_SECONDS: f64 = 1e9;
+
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -435,6 +439,14 @@ impl StageConfig {
                 "expected a fraction in [0, 1]",
             ));
         }
+        for (f, v) in [
+            ("weight_decay", s.weight_decay),
+            ("max_grad_norm", s.max_grad_norm),
+        ] {
+            if !v.is_finite() {
+                return Err(invalid(&k(f), format!("{v}: must be a finite number")));
+            }
+        }
         if s.max_steps == Some(0) {
             return Err(invalid(&k("max_steps"), "must be at least 1 when set"));
         }
@@ -575,18 +587,27 @@ impl JobConfig {
                 format!("{} is below min_workers {}", c.max_workers, c.min_workers),
             ));
         }
+        // Seconds become deadlines (`Instant + d`), and the config reaches workers as JSON,
+        // which has no NaN or infinity: every number must be finite and in range.
         for (k, v) in [
             ("cluster.join_timeout_s", c.join_timeout_s),
             ("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s),
             ("cluster.collective_timeout_s", c.collective_timeout_s),
             ("cluster.bucket_mib", c.bucket_mib),
         ] {
-            if v.is_nan() || v <= 0.0 {
-                return Err(invalid(k, format!("{v}: must be positive")));
+            if !(v > 0.0 && v <= MAX_SECONDS) {
+                return Err(invalid(k, format!("{v}: must be positive, at most 1e9")));
             }
         }
+        let w = c.join_window_s;
+        if !(0.0..=MAX_SECONDS).contains(&w) {
+            return Err(invalid(
+                "cluster.join_window_s",
+                format!("{w}: must be 0 or more seconds, at most 1e9"),
+            ));
+        }
         let p = c.progress_log_s;
-        if !(p == 0.0 || p >= 0.1 && p.is_finite()) {
+        if !(p == 0.0 || (0.1..=MAX_SECONDS).contains(&p)) {
             return Err(invalid(
                 "cluster.progress_log_s",
                 format!("{p}: must be 0 (off) or at least 0.1 seconds"),
@@ -630,6 +651,9 @@ impl JobConfig {
         }
         if self.data.vocab_size < 16 {
             return Err(invalid("data.vocab_size", "must be at least 16"));
+        }
+        if let Err(e) = self.data.instances.validate() {
+            return Err(invalid("data.instances", e.to_string()));
         }
         if self.stages.is_empty() {
             return Err(invalid("stages", "define at least one [[stages]] entry"));

@@ -144,7 +144,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// else is Internal; the message is the error's own (it says what and where).
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
+        // A status travels in an HTTP/2 header (peers take 16 KiB): a message quoting a long
+        // name from the request is cut, or the client would get a protocol error instead.
+        let mut msg = e.to_string();
+        if msg.len() > 2048 {
+            let cut = (0..=2048)
+                .rev()
+                .find(|i| msg.is_char_boundary(*i))
+                .unwrap_or(0);
+            msg.truncate(cut);
+            msg.push('…');
+        }
         match &e {
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 tonic::Status::not_found(msg)

@@ -30,6 +30,12 @@ pub(super) fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, Confi
         let (k, v) = o
             .split_once('=')
             .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+        if let Some(msg) = index_out_of_reach(k) {
+            return Err(ConfigError::Override {
+                arg: o.clone(),
+                msg,
+            });
+        }
         sets.push((o.as_str(), k.trim(), v.trim()));
     }
     let mut cfg = layered(&file, true, &sets).map_err(|e| explain(path, &text, &file, &sets, e))?;
@@ -59,6 +65,21 @@ impl JobConfig {
             }
         }
     }
+}
+
+/// The largest array index (either way) a `--set` key may use. The config crate grows an
+/// array to whatever index it is given, so `stages[4294967296]` would allocate hundreds of GB.
+const MAX_SET_INDEX: u64 = 1024;
+
+/// Why `key` (e.g. `stages[1].lr`) indexes beyond [`MAX_SET_INDEX`], if it does.
+fn index_out_of_reach(key: &str) -> Option<String> {
+    key.split('[').skip(1).find_map(|part| {
+        let index = part.split(']').next()?.trim();
+        let n: u64 = index.trim_start_matches('-').parse().ok()?;
+        (n > MAX_SET_INDEX).then(|| {
+            format!("index [{index}] is out of range: a job config has at most {MAX_SET_INDEX} entries in an array")
+        })
+    })
 }
 
 /// The file's text, the environment if `env`, then `sets`, deserialised.

@@ -8,6 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Distinct (reason, peer) pairs kept: reasons quote what a request claimed (its job, its
+/// protocol version), so beyond this many the rest are counted together.
+const MAX_KINDS: usize = 64;
 
 /// Per (reason, peer): how many, and when one was last logged.
 type Seen = BTreeMap<(String, String), (u64, Option<Instant>)>;
@@ -24,9 +27,11 @@ impl Refusals {
         let peer = peer.map_or_else(|| "an unknown peer".to_string(), |p| p.to_string());
         let mut seen = self.seen.lock().unwrap();
         let now = Instant::now();
-        let e = seen
-            .entry((reason.to_string(), peer.clone()))
-            .or_insert((0, None));
+        let mut key = (reason.to_string(), peer.clone());
+        if seen.len() >= MAX_KINDS && !seen.contains_key(&key) {
+            key = ("other reasons".into(), "various peers".into());
+        }
+        let e = seen.entry(key).or_insert((0, None));
         e.0 += 1;
         if e.1.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
             e.1 = Some(now);
@@ -65,5 +70,17 @@ mod tests {
             "3 request(s) refused: job \"x\" (this coordinator runs \"y\") from an unknown peer (1), \
              wrong job token from 127.0.0.1 (2)"
         );
+    }
+
+    #[test]
+    fn refusals_of_ever_new_reasons_stay_bounded() {
+        let r = Refusals::default();
+        for v in 0..10_000 {
+            r.note(None, &format!("protocol version {v}"));
+        }
+        assert_eq!(r.seen.lock().unwrap().len(), MAX_KINDS + 1);
+        let d = r.describe().unwrap();
+        assert!(d.starts_with("10000 request(s) refused: "), "{d}");
+        assert!(d.contains("other reasons from various peers (9936)"), "{d}");
     }
 }

@@ -16,6 +16,16 @@ use crate::train::checkpoint::sha256_hex;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// A client's string as a status message or a log line quotes it: cut to 64 characters, as a
+/// status travels in an HTTP/2 header (which peers limit to 16 KiB).
+fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
 pub struct Service {
     pub(crate) shared: Arc<Shared>,
 }
@@ -65,8 +75,9 @@ impl Service {
     fn check_job(&self, job_id: &str) -> Result<(), Status> {
         if job_id != self.shared.job_id {
             return Err(Status::permission_denied(format!(
-                "this coordinator runs job {:?}, not {job_id:?}",
-                self.shared.job_id
+                "this coordinator runs job {:?}, not {}",
+                self.shared.job_id,
+                shown(job_id)
             )));
         }
         Ok(())
@@ -109,8 +120,9 @@ impl Coordinator for Service {
         if !r.job_id.is_empty() {
             self.check_job(&r.job_id).inspect_err(|_| {
                 let reason = format!(
-                    "job {:?} (this coordinator runs {:?})",
-                    r.job_id, self.shared.job_id
+                    "job {} (this coordinator runs {:?})",
+                    shown(&r.job_id),
+                    self.shared.job_id
                 );
                 self.shared.refusals.note(peer, &reason);
             })?;
@@ -240,7 +252,11 @@ impl Coordinator for Service {
             .iter()
             .find(|f| f.role == r.role)
             .ok_or_else(|| {
-                Status::not_found(format!("stage {} has no {:?} file", r.stage_index, r.role))
+                Status::not_found(format!(
+                    "stage {} has no {} file",
+                    r.stage_index,
+                    shown(&r.role)
+                ))
             })?;
         Ok(Response::new(Box::pin(tokio_stream::iter(byte_chunks(
             &f.data,
@@ -265,7 +281,8 @@ impl Coordinator for Service {
                 .await
                 .map_err(|_| {
                     Status::deadline_exceeded(format!(
-                        "checkpoint upload {name:?}: no data for {:.0} s (collective_timeout_s)",
+                        "checkpoint upload {}: no data for {:.0} s (collective_timeout_s)",
+                        shown(&name),
                         idle.as_secs_f64()
                     ))
                 })?;
@@ -284,8 +301,9 @@ impl Coordinator for Service {
             let cur = current.get_or_insert_with(|| (c.file.clone(), vec![]));
             if cur.0 != c.file {
                 return Err(Status::invalid_argument(format!(
-                    "file {:?} started before {:?} ended",
-                    c.file, cur.0
+                    "file {} started before {} ended",
+                    shown(&c.file),
+                    shown(&cur.0)
                 )));
             }
             cur.1.extend_from_slice(&c.data);
@@ -293,7 +311,9 @@ impl Coordinator for Service {
                 let (f, b) = current.take().expect("set above");
                 if sha256_hex(&b) != c.sha256 {
                     return Err(Status::data_loss(format!(
-                        "checkpoint {name}: file {f} arrived corrupted (SHA-256 mismatch)"
+                        "checkpoint {}: file {} arrived corrupted (SHA-256 mismatch)",
+                        shown(&name),
+                        shown(&f)
                     )));
                 }
                 files.push((f, b));

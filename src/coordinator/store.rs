@@ -26,6 +26,12 @@ struct Manifest {
     created_unix_s: u64,
 }
 
+/// A checkpoint's name, or a file name in one: a single component of the store's directory
+/// (no separator, not hidden, not `.`/`..`, no NUL).
+fn plain_name(name: &str) -> bool {
+    !(name.is_empty() || name.contains(['/', '\\', '\0']) || name.starts_with('.'))
+}
+
 impl CheckpointStore {
     pub fn new(root: PathBuf, keep: usize) -> Result<Self> {
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
@@ -56,7 +62,7 @@ impl CheckpointStore {
                 msg: format!("{} hashes for {} files", hashes.len(), files.len()),
             });
         }
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        if !plain_name(name) {
             return Err(Error::Checkpoint {
                 path: self.root.clone(),
                 msg: format!("invalid checkpoint name {name:?}"),
@@ -76,7 +82,7 @@ impl CheckpointStore {
                 .unwrap_or(0),
         };
         for ((f, bytes), sha) in files.iter().zip(hashes) {
-            if f.contains(['/', '\\']) || f.starts_with('.') || f == MANIFEST {
+            if !plain_name(f) || f == MANIFEST {
                 return Err(Error::Checkpoint {
                     path: tmp.clone(),
                     msg: format!("invalid file name {f:?}"),
@@ -142,6 +148,13 @@ impl CheckpointStore {
 
     /// Reads a checkpoint, verifying every file against the manifest.
     pub fn read(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        // Names come from requests: only checkpoints of this store are served.
+        if !plain_name(name) {
+            return Err(Error::Checkpoint {
+                path: self.root.clone(),
+                msg: format!("invalid checkpoint name {name:?}"),
+            });
+        }
         let dir = self.root.join(name);
         let mpath = dir.join(MANIFEST);
         let bytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
@@ -151,6 +164,12 @@ impl CheckpointStore {
         })?;
         let mut out = vec![];
         for (f, (len, sha)) in &m.files {
+            if !plain_name(f) || f == MANIFEST {
+                return Err(Error::Checkpoint {
+                    path: mpath.clone(),
+                    msg: format!("lists {f:?}, not a file name of the checkpoint"),
+                });
+            }
             let p = dir.join(f);
             let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
             if b.len() as u64 != *len || &sha256_hex(&b) != sha {

@@ -339,7 +339,9 @@ impl ShardIndex {
                         f.size
                     ));
                 }
-                total += r.end - r.start;
+                total = total
+                    .checked_add(r.end - r.start)
+                    .ok_or_else(|| format!("shard {i}: its ranges hold more than 2^64 bytes"))?;
             }
             if total != s.bytes {
                 return Err(format!(
@@ -400,7 +402,8 @@ impl ShardIndex {
     /// The bytes of shard `id` (what the coordinator serves), checksum verified.
     pub fn read_shard(&self, id: u32) -> Result<Vec<u8>> {
         let spec = self.shard(id)?;
-        let mut out = Vec::with_capacity(spec.bytes as usize);
+        // `bytes` is the index's claim; the files' real lengths are checked as they are read.
+        let mut out = Vec::with_capacity(spec.bytes.min(64 << 20) as usize);
         for r in &spec.ranges {
             let f = self
                 .files
@@ -471,7 +474,8 @@ pub fn parse_shard(
     opts: &CorpusOptions,
 ) -> Result<Vec<Document>> {
     verify_shard_bytes(spec, bytes)?;
-    let mut docs = Vec::with_capacity(spec.documents as usize);
+    // The spec may come from outside (an assignment): no count or range is taken on trust.
+    let mut docs = Vec::with_capacity(spec.documents.min(bytes.len() as u64) as usize);
     let mut stats = ParseStats::default();
     let mut at = 0usize;
     for r in &spec.ranges {
@@ -479,9 +483,20 @@ pub fn parse_shard(
             id: spec.id,
             msg: format!("file index {} out of range", r.file),
         })?;
-        let len = (r.end - r.start) as usize;
-        let piece = &bytes[at..at + len];
-        at += len;
+        let piece = (r.end.checked_sub(r.start))
+            .and_then(|len| at.checked_add(usize::try_from(len).ok()?))
+            .and_then(|end| bytes.get(at..end))
+            .ok_or_else(|| Error::Shard {
+                id: spec.id,
+                msg: format!(
+                    "range {}..{} of file {} does not fit the shard's {} bytes",
+                    r.start,
+                    r.end,
+                    r.file,
+                    bytes.len()
+                ),
+            })?;
+        at += piece.len();
         let origin = f.path.display().to_string();
         docs.extend(crate::data::corpus::parse_piece(
             piece,

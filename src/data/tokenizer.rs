@@ -90,6 +90,13 @@ fn tok_err(origin: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// `tokenizers::Tokenizer::from_bytes`, with the JSON's syntax checked first: tokenizers 0.23
+/// panics on a syntax error inside `"decoder"` (an `expect` in its deserialiser).
+fn hf_from_bytes(bytes: &[u8], origin: &str) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| tok_err(origin, e))?;
+    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| tok_err(origin, e))
+}
+
 type BertImpl = TokenizerImpl<
     WordPiece,
     BertNormalizer,
@@ -150,6 +157,28 @@ fn finish_pipeline(mut tk: BertImpl, origin: &str) -> Result<Tokenizer> {
     let mut inner: tokenizers::Tokenizer = tk.into();
     register_specials(&mut inner, &names, origin)?;
     Tokenizer::from_hf(inner, origin)
+}
+
+/// The ids must be `0..vocab_size`, each once: an id past the size has no embedding row, and
+/// of two tokens sharing an id the JSON the coordinator sends its workers keeps only one.
+fn check_ids(inner: &tokenizers::Tokenizer, origin: &str) -> Result<()> {
+    let mut vocab: Vec<(u32, String)> = (inner.get_vocab(true).into_iter())
+        .map(|(t, id)| (id, t))
+        .collect();
+    vocab.sort_unstable();
+    let Some((i, (id, t))) = (vocab.iter().enumerate()).find(|(i, (id, _))| *id as usize != *i)
+    else {
+        return Ok(());
+    };
+    let msg = match i.checked_sub(1).map(|p| &vocab[p]) {
+        Some((prev, p)) if prev == id => format!("tokens {p:?} and {t:?} share the id {id}"),
+        _ => format!(
+            "no token has the id {i} (the next, {t:?}, has {id}): ids must run from 0 to one \
+             less than the vocabulary's {} tokens",
+            vocab.len()
+        ),
+    };
+    Err(tok_err(origin, msg))
 }
 
 /// Marks the special tokens the vocabulary has as special (never split or normalised).
@@ -318,6 +347,7 @@ impl Tokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| tok_err(origin, e))?;
+        check_ids(&inner, origin)?;
         let mut ids = [0u32; 5];
         for (slot, (key, t)) in ids.iter_mut().zip(names.keyed()) {
             *slot = inner.token_to_id(t).ok_or_else(|| {
@@ -346,17 +376,37 @@ impl Tokenizer {
         })
     }
 
-    /// The HF `tokenizer.json` text (what the coordinator sends to workers).
+    /// The HF `tokenizer.json` text (what the coordinator sends to workers). Workers read it
+    /// with BERT's special-token names ([`Tokenizer::from_json`]): a tokenizer whose config
+    /// names other tokens, which would get other ids there, is refused.
     pub fn to_json(&self) -> Result<String> {
-        self.inner
+        let json = self
+            .inner
             .to_string(false)
-            .map_err(|e| tok_err(&self.origin, e))
+            .map_err(|e| tok_err(&self.origin, e))?;
+        let theirs = Self::from_json(&json).map(|t| t.specials);
+        if theirs.as_ref().ok() != Some(&self.specials) {
+            let name = |id: u32| self.inner.id_to_token(id).unwrap_or_default();
+            let ours: Vec<String> = self.specials.ids().map(name).into();
+            return Err(tok_err(
+                &self.origin,
+                format!(
+                    "the special tokens are {ours:?} (from tokenizer_config.json), but workers \
+                     resolve {SPECIAL_TOKENS:?} ({}): training needs a tokenizer with BERT's \
+                     special-token names",
+                    match theirs {
+                        Ok(s) => format!("ids {:?}, not {:?}", s.ids(), self.specials.ids()),
+                        Err(e) => e.to_string(),
+                    }
+                ),
+            ));
+        }
+        Ok(json)
     }
 
     /// Parses HF `tokenizer.json` text, as [`Tokenizer::to_json`] wrote it.
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
-            .map_err(|e| tok_err("tokenizer.json text", e))?;
+        let inner = hf_from_bytes(json.as_bytes(), "tokenizer.json text")?;
         Self::from_hf(inner, "tokenizer.json text")
     }
 
@@ -397,8 +447,7 @@ impl Tokenizer {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
         let mut inner = if is_json {
-            let mut inner =
-                tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&origin, e))?;
+            let mut inner = hf_from_bytes(&bytes, &origin)?;
             if cfg.bert || lowercase.is_some() {
                 as_bert_tokenizer(&mut inner, &cfg, &origin)?;
             }

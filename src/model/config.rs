@@ -176,6 +176,20 @@ impl BertConfig {
                 return err(format!("{k} = {v}: expected a probability in [0, 1)"));
             }
         }
+        // Written back (checkpoints, the workers' copy) as JSON, which has no infinity: a value
+        // past f32 (`1e300`) would load here and nowhere else.
+        if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
+            return err(format!(
+                "initializer_range = {}: expected a finite standard deviation",
+                self.initializer_range
+            ));
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return err(format!(
+                "layer_norm_eps = {}: expected a small positive number",
+                self.layer_norm_eps
+            ));
+        }
         if self.pad_token_id >= self.vocab_size {
             return err(format!(
                 "pad_token_id {} is outside the vocabulary of {}",

@@ -9,7 +9,7 @@
 //! error naming it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -51,6 +51,19 @@ pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
         let map = v["weight_map"]
             .as_object()
             .ok_or_else(|| ck("model.safetensors.index.json has no weight_map".into()))?;
+        // Shards are files of this directory: an entry such as `../x` or `/x` is refused.
+        for (tensor, file) in map {
+            let mut parts = file.as_str().map(|f| Path::new(f).components());
+            let plain = parts.as_mut().is_some_and(|c| {
+                matches!((c.next(), c.next()), (Some(Component::Normal(_)), None))
+            });
+            if !plain {
+                return Err(ck(format!(
+                    "model.safetensors.index.json: weight_map[{tensor:?}] = {file}: expected \
+                     the name of a file in this directory"
+                )));
+            }
+        }
         let mut f: Vec<PathBuf> = map
             .values()
             .filter_map(|s| s.as_str())
@@ -232,11 +245,15 @@ pub fn tensors_from_bytes(bytes: &[u8], origin: &str) -> Result<HashMap<String, 
     })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
+        let bad = |e: candle_core::Error| Error::Checkpoint {
+            path: origin.into(),
+            msg: format!("tensor `{name}`: {e}"),
+        };
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(bad)?;
         let t = if t.dtype() == DType::F32 {
             t
         } else {
-            t.to_dtype(DType::F32)?
+            t.to_dtype(DType::F32).map_err(bad)?
         };
         out.insert(name, t);
     }

@@ -88,7 +88,7 @@ impl QaOptions {
     pub fn validate(&self) -> Result<()> {
         let window = self
             .max_seq_length
-            .saturating_sub(self.max_query_length + 3);
+            .saturating_sub(self.max_query_length.saturating_add(3));
         if self.max_query_length == 0 || window <= self.doc_stride {
             return Err(Error::Data(format!(
                 "QA windows: max_seq_length {} - max_query_length {} - 3 special tokens leaves \

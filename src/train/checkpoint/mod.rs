@@ -126,6 +126,16 @@ pub fn restore_store(
                 path: OPTIMIZER_FILE.into(),
                 msg: format!("missing `{key}`"),
             })?;
+            if t.dims() != spec.shape.as_slice() {
+                return Err(Error::Checkpoint {
+                    path: OPTIMIZER_FILE.into(),
+                    msg: format!(
+                        "`{key}` has shape {:?}, its parameter {:?}",
+                        t.dims(),
+                        spec.shape
+                    ),
+                });
+            }
             dst[store.range(i)].copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
         }
     }
