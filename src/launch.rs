@@ -144,13 +144,6 @@ pub fn effective_config(opts: &LaunchOptions) -> anyhow::Result<JobConfig> {
     Ok(cfg)
 }
 
-fn random_token() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 24];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn spawn(exe: &Path, args: &[String], token: &str, threads: usize) -> anyhow::Result<Child> {
     Command::new(exe)
         .args(args)
@@ -411,7 +404,7 @@ pub async fn run(
     let state_dir = cfg.job.state_dir.clone();
     let addr_file = state_dir.join("coordinator.addr");
     let exe = std::env::current_exe().context("locating the tandem binary")?;
-    let token = random_token();
+    let token = crate::util::random_hex(24);
     let n = cfg.cluster.max_workers;
     let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
     let (security, security_args) = local_security(&state_dir, opts.insecure)?;

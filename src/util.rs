@@ -180,6 +180,14 @@ pub fn set_threads(threads: usize) {
         .build_global();
 }
 
+/// `bytes` random bytes from the OS-seeded CSPRNG, as lower-case hex (tokens, secrets, ids).
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,6 +412,40 @@ fn ring_that_cannot_form_errors_within_the_timeout() {
     }
 }
 
+/// A flood of silent connections, more than the listener handshakes at once, only delays the
+/// ring by the listener's per-handshake patience (3 s), not the ring's deadline (30 s here).
+#[test]
+fn a_flood_of_silent_connections_does_not_stop_the_ring_forming() {
+    let started = Instant::now();
+    let results = per_rank_via(
+        Transport::Tcp,
+        2,
+        4096,
+        Duration::from_secs(30),
+        |rank, cfg, l| {
+            let mut flood = vec![];
+            if rank == 0 {
+                for _ in 0..40 {
+                    flood.push(TcpStream::connect(cfg.peers[1]).unwrap());
+                }
+            } else {
+                thread::sleep(Duration::from_millis(200));
+            }
+            let mut ring = Ring::connect(cfg, l).unwrap();
+            let mut v = vec![rank as f32 + 1.0];
+            ring.all_reduce_sum(&mut v).unwrap();
+            drop(flood);
+            v
+        },
+    );
+    assert_eq!(results, vec![vec![3.0], vec![3.0]]);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the ring took {:?} to form behind the flood",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn silent_and_garbage_connections_do_not_block_the_ring() {
     for transport in [Transport::Auto, Transport::Tcp] {
@@ -749,4 +783,64 @@ fn a_relay_replaying_bytes_is_caught_on_a_sealed_ring() {
     let (results, _) = through_relay(Encryption::Tcp, 100_000, replay);
     let err = results[1].clone().unwrap_err();
     assert!(err.contains("failed authentication"), "{err}");
+}
+
+/// A relay that passes the handshake, then forwards one byte at a time just inside the socket
+/// timeout: no single read ever times out, yet the call ends at its deadline (4 × the timeout)
+/// with a message that says so, instead of lasting for ever.
+#[test]
+fn a_trickling_peer_cannot_hold_a_call_past_its_deadline() {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_millis(1000);
+    let (ls, addrs) = listeners(2);
+    let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let to = addrs[1];
+    thread::spawn(move || {
+        let (mut from, _) = relay.accept().unwrap();
+        let mut onward = TcpStream::connect(to).unwrap();
+        let (mut back_in, mut back_out) = (onward.try_clone().unwrap(), from.try_clone().unwrap());
+        thread::spawn(move || std::io::copy(&mut back_in, &mut back_out));
+        // The dialler's hello (56 bytes) and proof (32) go at once; then a byte per 0.8 s.
+        for n in [56, 32] {
+            let mut part = vec![0u8; n];
+            from.read_exact(&mut part).unwrap();
+            onward.write_all(&part).unwrap();
+        }
+        let mut byte = [0u8; 1];
+        while from.read_exact(&mut byte).is_ok() {
+            thread::sleep(Duration::from_millis(800));
+            if onward.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let mut peers = addrs.clone();
+            if rank == 0 {
+                peers[1] = relay_addr;
+            }
+            let mut cfg = config(rank, &peers, 1 << 20, timeout);
+            cfg.transport = Transport::Tcp;
+            thread::spawn(move || {
+                let mut ring = Ring::connect(cfg, l).map_err(|e| e.to_string())?;
+                let mut v = vec![1.0f32; 1000];
+                ring.all_reduce_sum(&mut v).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let errs: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap_err())
+        .collect();
+    let took = started.elapsed();
+    assert!(
+        errs[1].contains("did not finish within its deadline (4 s = 4 × the timeout)"),
+        "{errs:?}"
+    );
+    assert!(took < Duration::from_secs(12), "took {took:?}");
 }

@@ -463,3 +463,107 @@ fn a_relay_on_the_ring_that_flips_a_bit_fails_the_generation_and_the_job_recover
     assert!(s["generations"].as_u64().unwrap() >= 2, "{s}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A second coordinator on the same state dir is refused while the first runs (it would
+/// overwrite the job's record, checkpoints and summary), naming the first one's pid.
+#[test]
+fn one_coordinator_per_state_dir() {
+    let dir = job_dir("sec-lock", 1, 1, "join_timeout_s = 60", "max_steps = 1", 32);
+    let token = "lock-test-token-000001";
+    let log = dir.join("coordinator.log");
+    let (first, _) = coordinator(&dir, "127.0.0.1:0", token, false, &log);
+    let first = Reap(first);
+    let out = secure(&mut Command::new(bin()))
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--resume-if-present",
+            "--config",
+        ])
+        .arg(dir.join("job.toml"))
+        .env("TANDEM_TOKEN", token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("another coordinator") && err.contains(&format!("pid {}", first.0.id())),
+        "{err}"
+    );
+    drop(first);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A client with the job token and a worker certificate, but not a member: its spoofed
+/// "rank 0 is done" report and its upload of a stage's final checkpoint are refused for want
+/// of the member secret, and the job runs on to its own end.
+#[test]
+fn a_token_holder_cannot_act_as_another_rank() {
+    let dir = job_dir("sec-spoof", 1, 1, "", "max_steps = 200", 32);
+    let token = "spoof-test-token-000001";
+    let log = dir.join("coordinator.log");
+    let (coord, url) = coordinator(&dir, "127.0.0.1:0", token, false, &log);
+    let mut coord = Reap(coord);
+    let mut w = Reap(worker(&url, token, "member", &dir.join("w.log")));
+    wait_for("training to start", LONG, || {
+        log_of(&log).contains("assigned ranks")
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (report, upload) = rt.block_on(async {
+        let access = tandem::worker::Access {
+            token: token.into(),
+            security: tandem::tls::Security::Mutual(
+                tandem::tls::TlsFiles::find(&shared_tls(), tandem::tls::Role::Worker).unwrap(),
+            ),
+            server_name: None,
+        };
+        let mut c = tandem::worker::connect(&url, &access, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let st = c
+            .status(tandem::proto::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let report = c
+            .report_progress(tandem::proto::ProgressReport {
+                job_id: st.job_id.clone(),
+                generation: st.generation,
+                rank: 0,
+                done: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let chunk = tandem::proto::CheckpointChunk {
+            job_id: st.job_id.clone(),
+            generation: st.generation,
+            name: "stage0-final".into(),
+            file: "model.safetensors".into(),
+            data: b"not a model".to_vec(),
+            sha256: String::new(),
+            last_of_file: true,
+            member_secret: "00".repeat(32),
+        };
+        let upload = c
+            .put_checkpoint(tokio_stream::iter(vec![chunk]))
+            .await
+            .unwrap_err();
+        (report, upload)
+    });
+    for e in [&report, &upload] {
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("wrong member secret"), "{e}");
+    }
+    assert!(
+        wait_with_timeout(&mut coord.0, LONG).success(),
+        "{}",
+        log_of(&log)
+    );
+    wait_with_timeout(&mut w.0, Duration::from_secs(30));
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["stages"][0]["steps"], 200, "{s}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -441,7 +441,9 @@ impl Driver {
             m.rank = Some(rank as u32);
             m.last_seen = Instant::now();
             m.phase = "assigned".into();
+            m.secret = crate::util::random_hex(32);
             let a = proto::Assignment {
+                member_secret: m.secret.clone(),
                 generation,
                 rank: rank as u32,
                 world_size: world,

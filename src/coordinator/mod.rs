@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 mod driver;
+mod lock;
 mod metrics_log;
 mod prepare;
 mod progress_log;
@@ -191,6 +192,7 @@ pub async fn run(
     opts: CoordinatorOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
+    let _lock = lock::StateLock::acquire(&cfg.job.state_dir)?;
     let record = match job_record(&cfg, opts.resume)? {
         Ok(r) => r,
         Err(finished) => return Ok(*finished),
@@ -297,6 +299,10 @@ fn shared_state(
     }
 }
 
+/// Calls one connection may have in progress (a worker makes a handful: its join stream,
+/// progress, a shard or checkpoint transfer).
+const PER_CONNECTION_CALLS: usize = 32;
+
 /// Serves the coordinator's gRPC service (token-checked) and the health service on
 /// `listener` (behind mutual TLS when `tls` is given) until the returned sender fires.
 async fn serve(
@@ -327,6 +333,10 @@ async fn serve(
     }
     let server = tokio::spawn(
         builder
+            // Bounded work per connection: a client opening streams without end queues
+            // instead of the coordinator holding them all.
+            .concurrency_limit_per_connection(PER_CONNECTION_CALLS)
+            .max_concurrent_streams(Some(PER_CONNECTION_CALLS as u32))
             // HTTP/2's default 64 KiB flow-control window stalls checkpoint uploads.
             .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(proto::STREAM_WINDOW_BYTES * 2)

@@ -83,6 +83,38 @@ impl Service {
         Ok(())
     }
 
+    /// An upload comes from the member holding rank 0, under a name of the current stage:
+    /// `stageS-stepNNNNNN`, `stageS-best` or `stageS-final` (never another stage's, so the
+    /// checkpoints later stages start from cannot be replaced).
+    fn check_uploader(&self, c: &proto::CheckpointChunk) -> Result<(), Status> {
+        let st = self.shared.state.lock().unwrap();
+        let rank0 = st.members.values().find(|m| m.rank == Some(0));
+        check_secret(rank0.map_or("", |m| &m.secret), &c.member_secret, 0)?;
+        if !upload_name_of_stage(&c.name, st.stage_index) {
+            let stage = format!("stage{}-", st.stage_index);
+            return Err(Status::permission_denied(format!(
+                "checkpoint name {}: uploads in stage {} are named {stage}stepNNNNNN, {stage}best \
+                 or {stage}final",
+                shown(&c.name),
+                st.stage_index
+            )));
+        }
+        Ok(())
+    }
+
+    /// The most an upload in the current stage may bring, from the stage's model.
+    fn upload_cap(&self) -> UploadCap {
+        let stage = self.shared.state.lock().unwrap().stage_index as usize;
+        let p = &self.shared.prepared;
+        let model = p
+            .stages
+            .get(stage)
+            .and_then(|s| s.model_cfg_json.as_deref())
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_else(|| p.model_cfg.clone());
+        UploadCap::for_model(&model)
+    }
+
     fn check_generation(&self, generation: u64) -> Result<(), Status> {
         let current = self.shared.state.lock().unwrap().generation;
         if generation != current {
@@ -148,6 +180,7 @@ impl Coordinator for Service {
                     last_seen: Instant::now(),
                     phase: "joined".into(),
                     step: 0,
+                    secret: String::new(),
                 },
             );
             id
@@ -178,6 +211,7 @@ impl Coordinator for Service {
                     r.rank
                 )));
             };
+            check_secret(&m.secret, &r.member_secret, r.rank)?;
             m.last_seen = Instant::now();
             m.phase = r.phase.clone();
             m.step = r.step;
@@ -273,6 +307,7 @@ impl Coordinator for Service {
         let mut current: Option<(String, Vec<u8>)> = None;
         let mut name = String::new();
         let mut in_flight = None;
+        let (mut cap, mut received) = (UploadCap::default(), 0u64);
         // A stream that stops sending (its worker stalled or vanished) fails after this long
         // instead of holding a waiting rendezvous.
         let idle = Duration::from_secs_f64(self.shared.cfg.cluster.collective_timeout_s);
@@ -291,6 +326,8 @@ impl Coordinator for Service {
             if name.is_empty() {
                 self.check_job(&c.job_id)?;
                 self.check_generation(c.generation)?;
+                self.check_uploader(&c)?;
+                cap = self.upload_cap();
                 name = c.name.clone();
                 in_flight = Some(super::state::UploadGuard::new(self.shared.clone()));
             } else if c.name != name {
@@ -298,6 +335,8 @@ impl Coordinator for Service {
                     "checkpoint name changed within one upload",
                 ));
             }
+            received += c.data.len() as u64;
+            cap.check(received, files.len() + 1, &name)?;
             let cur = current.get_or_insert_with(|| (c.file.clone(), vec![]));
             if cur.0 != c.file {
                 return Err(Status::invalid_argument(format!(
@@ -417,10 +456,84 @@ pub fn checkpoint_chunks(
                     String::new()
                 },
                 last_of_file: i + 1 == n,
+                member_secret: String::new(),
             });
         }
     }
     out
+}
+
+/// Bounds on one checkpoint upload, so a client cannot make the coordinator hold unbounded
+/// bytes: the weights and both AdamW moments of the stage's model with a quarter to spare, plus
+/// 64 MiB for the small files (config, tokenizer, state), in at most 32 files.
+#[derive(Debug, Clone, Copy)]
+struct UploadCap {
+    bytes: u64,
+    files: usize,
+}
+
+impl Default for UploadCap {
+    fn default() -> Self {
+        UploadCap {
+            bytes: 64 << 20,
+            files: 32,
+        }
+    }
+}
+
+impl UploadCap {
+    fn for_model(m: &crate::model::BertConfig) -> Self {
+        // Pre-training's parameters (the encoder, the MLM and NSP heads) bound every task
+        // model of the same encoder but a token-classification head with a huge label set;
+        // the fixed allowance covers such heads.
+        let params: u64 = crate::model::bert::pretraining_specs(m)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>() as u64)
+            .sum();
+        UploadCap {
+            bytes: params.saturating_mul(12).saturating_mul(5) / 4 + (64 << 20),
+            files: 32,
+        }
+    }
+
+    fn check(&self, bytes: u64, files: usize, name: &str) -> Result<(), Status> {
+        if bytes > self.bytes || files > self.files {
+            return Err(Status::resource_exhausted(format!(
+                "checkpoint upload {}: more than {} MiB or {} files, the most this job's model \
+                 needs",
+                shown(name),
+                self.bytes >> 20,
+                self.files
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` is one rank 0 uploads in stage `stage`: `stageS-stepNNNNNN`, `stageS-best`,
+/// `stageS-final`.
+fn upload_name_of_stage(name: &str, stage: u32) -> bool {
+    name.strip_prefix(&format!("stage{stage}-"))
+        .is_some_and(|rest| {
+            rest == "best"
+                || rest == "final"
+                || rest
+                    .strip_prefix("step")
+                    .is_some_and(|n| n.len() >= 6 && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
+/// A report or upload for `rank` must carry the secret its member was assigned (compared in
+/// constant time): the job token alone does not let a client act as another rank.
+fn check_secret(expected: &str, got: &str, rank: u32) -> Result<(), Status> {
+    let same: bool = subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), got.as_bytes()).into();
+    if expected.is_empty() || !same {
+        return Err(Status::permission_denied(format!(
+            "rank {rank}: wrong member secret (only the member assigned rank {rank} in this \
+             generation may report or upload for it)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -439,6 +552,62 @@ mod tests {
             "1123456789abcdef-job-token",
         ] {
             assert!(!token_matches(wrong, &want), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn uploads_are_named_for_the_current_stage_only() {
+        for ok in [
+            "stage2-step000100",
+            "stage2-step1234567",
+            "stage2-best",
+            "stage2-final",
+        ] {
+            assert!(upload_name_of_stage(ok, 2), "{ok}");
+        }
+        for bad in [
+            "stage1-final",
+            "stage2-init",
+            "stage2-step12",
+            "stage2-step00010x",
+            "stage22-final",
+            "../stage2-final",
+            "stage2-final/../../x",
+            "",
+        ] {
+            assert!(!upload_name_of_stage(bad, 2), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uploads_are_capped_by_the_model_size() {
+        let cfg = crate::model::BertConfig::preset(crate::model::Preset::Tiny);
+        let cap = UploadCap::for_model(&cfg);
+        let params: u64 = crate::model::bert::pretraining_specs(&cfg)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>() as u64)
+            .sum();
+        // Weights and both moments fit, with room to spare; far more does not.
+        cap.check(params * 12, 5, "stage0-final").unwrap();
+        let e = cap.check(cap.bytes + 1, 5, "stage0-final").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("stage0-final"), "{e}");
+        assert!(cap.bytes < params * 16 + (64 << 20));
+        assert!(cap.check(1, 33, "x").is_err());
+    }
+
+    #[test]
+    fn only_the_assigned_secret_passes() {
+        check_secret("ab12", "ab12", 0).unwrap();
+        for (want, got) in [
+            ("ab12", "ab13"),
+            ("ab12", ""),
+            ("", ""),
+            ("ab12", "ab12ab12"),
+        ] {
+            let e = check_secret(want, got, 3).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied);
+            assert!(e.message().contains("rank 3: wrong member secret"), "{e}");
         }
     }
 }

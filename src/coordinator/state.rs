@@ -66,6 +66,9 @@ pub struct Member {
     pub last_seen: Instant,
     pub phase: String,
     pub step: u64,
+    /// The secret handed out with this member's assignment (hex; empty while waiting): its
+    /// reports and uploads must carry it.
+    pub secret: String,
 }
 
 impl Member {

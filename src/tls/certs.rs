@@ -135,8 +135,10 @@ pub fn issue(o: &IssueOptions) -> anyhow::Result<Vec<PathBuf>> {
 fn ca_params(days: u32) -> anyhow::Result<(CertificateParams, KeyPair)> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.distinguished_name
-        .push(DnType::CommonName, format!("tandem job CA {}", random_id()));
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("tandem job CA {}", crate::util::random_hex(6)),
+    );
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut p, days);
     Ok((p, KeyPair::generate()?))
@@ -184,11 +186,6 @@ fn validity(p: &mut CertificateParams, days: u32) {
     // An hour of slack for clocks that run a little behind the issuer's.
     p.not_before = now - Duration::hours(1);
     p.not_after = now + Duration::days(i64::from(days));
-}
-
-fn random_id() -> String {
-    let b: [u8; 6] = rand::random();
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

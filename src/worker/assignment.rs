@@ -19,6 +19,7 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         generation: a.generation,
         rank: a.rank,
         stage_index: a.stage_index,
+        member_secret: a.member_secret.clone(),
         phase: super::phase::Phase::ConnectingRing.to_string(),
         ..Default::default()
     };

@@ -12,8 +12,10 @@ use crate::proto::{self, coordinator_client::CoordinatorClient};
 use crate::tls::Security;
 use crate::train::checkpoint::sha256_hex;
 
+/// A connected coordinator client that sends the job token on every call.
 pub type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
 
+/// Adds the job token (`x-tandem-token`) to every request.
 #[derive(Clone)]
 pub struct TokenInterceptor(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
@@ -206,15 +208,29 @@ async fn collect_chunks(
     Ok(bytes)
 }
 
-/// Uploads checkpoint files under `name`.
+/// Where an upload goes and who sends it.
+pub struct Upload<'a> {
+    /// The job.
+    pub job_id: &'a str,
+    /// The generation it belongs to.
+    pub generation: u64,
+    /// The uploading member's secret (rank 0's, from its assignment).
+    pub member_secret: &'a str,
+    /// The checkpoint's name.
+    pub name: &'a str,
+}
+
+/// Uploads checkpoint files under `to.name`.
 pub async fn put_checkpoint(
     client: &mut Client,
-    job_id: &str,
-    generation: u64,
-    name: &str,
+    to: &Upload<'_>,
     files: &[(String, Vec<u8>)],
 ) -> anyhow::Result<()> {
-    let chunks = crate::coordinator::checkpoint_chunks(job_id, generation, name, files);
+    let name = to.name;
+    let mut chunks = crate::coordinator::checkpoint_chunks(to.job_id, to.generation, name, files);
+    if let Some(first) = chunks.first_mut() {
+        first.member_secret = to.member_secret.to_string();
+    }
     // Test hook: TANDEM_TEST_UPLOAD_PAUSE_MS holds this process's first upload after its
     // first chunk, so a test can fail a generation while a checkpoint is still arriving.
     static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -25,8 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub use client::Access;
-pub(crate) use client::{connect, Client};
+pub use client::{connect, Access, Client};
 
 use crate::proto::{self, directive::Kind};
 

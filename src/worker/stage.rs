@@ -134,7 +134,7 @@ where
             trainer,
             state,
             comm,
-            uploads: Uploads::new(&cfg.job.name, a.generation),
+            uploads: Uploads::new(&cfg.job.name, a.generation, &a.member_secret),
         };
         Ok((run, global))
     }

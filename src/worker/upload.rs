@@ -18,14 +18,17 @@ type Upload = tokio::task::JoinHandle<anyhow::Result<()>>;
 pub(super) struct Uploads {
     job_id: String,
     generation: u64,
+    /// The assignment's member secret: the coordinator takes uploads only from rank 0's.
+    member_secret: String,
     in_flight: Option<Upload>,
 }
 
 impl Uploads {
-    pub(super) fn new(job_id: &str, generation: u64) -> Self {
+    pub(super) fn new(job_id: &str, generation: u64, member_secret: &str) -> Self {
         Uploads {
             job_id: job_id.into(),
             generation,
+            member_secret: member_secret.into(),
             in_flight: None,
         }
     }
@@ -83,9 +86,16 @@ impl Uploads {
         let serialise_ms = t0.elapsed().as_millis() as u64;
         let mut c = ctx.client.clone();
         let (job_id, generation, name) = (self.job_id.clone(), self.generation, name.to_string());
+        let secret = self.member_secret.clone();
         Ok(async move {
             let t1 = Instant::now();
-            client::put_checkpoint(&mut c, &job_id, generation, &name, &files).await?;
+            let to = client::Upload {
+                job_id: &job_id,
+                generation,
+                member_secret: &secret,
+                name: &name,
+            };
+            client::put_checkpoint(&mut c, &to, &files).await?;
             let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
             tracing::info!(
                 checkpoint = %name,

@@ -8,6 +8,9 @@ pub(super) const ACCEPT_DOMAIN: &[u8] = b"tandem-ring/v1/accept";
 pub(super) const STATUS_OK: u8 = 0;
 /// How long a handshake over the local socket may take before the dialler tries TCP.
 const LOCAL_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the listener gives one incoming handshake: a few seconds, so silent or trickling
+/// connections free their slot long before the ring's deadline and the real peer gets in.
+const ACCEPT_PATIENCE: Duration = Duration::from_secs(3);
 pub(super) const STATUS_GENERATION: u8 = 1;
 pub(super) const STATUS_RANKS: u8 = 2;
 pub(super) const STATUS_TOKEN: u8 = 3;
@@ -295,9 +298,10 @@ pub(super) fn accept_from(
             Ok((s, addr)) if busy.load(Ordering::SeqCst) < MAX_HANDSHAKES => {
                 busy.fetch_add(1, Ordering::SeqCst);
                 let (tx, busy, cfg) = (tx.clone(), busy.clone(), cfg.clone());
+                let until = deadline.min(Instant::now() + ACCEPT_PATIENCE);
                 thread::spawn(move || {
-                    let res = accept_handshake(s, &cfg, from, deadline)
-                        .map_err(|e| format!("{addr}: {e}"));
+                    let res =
+                        accept_handshake(s, &cfg, from, until).map_err(|e| format!("{addr}: {e}"));
                     busy.fetch_sub(1, Ordering::SeqCst);
                     let _ = tx.send(res);
                 });

@@ -5,13 +5,7 @@ use super::*;
 
 /// Writes one part of a call to the next rank, sealed on a sealed connection; the error says
 /// what and to whom.
-pub(super) fn write_part(
-    mut to: &Stream,
-    bytes: &[u8],
-    op: Op,
-    part: Part,
-    link: &Link,
-) -> Result<(), String> {
+pub(super) fn write_part(bytes: &[u8], op: Op, part: Part, link: &Link) -> Result<(), String> {
     let fail = |e: io::Error| {
         let why = io_reason(&e, link.timeout);
         format!("{op}: {why} sending {part} to rank {}", link.next)
@@ -21,9 +15,9 @@ pub(super) fn write_part(
             let mut sealer = sealer
                 .lock()
                 .map_err(|_| format!("{op}: the sealer failed"))?;
-            to.write_all(sealer.seal(bytes)).map_err(fail)
+            link.write_all(sealer.seal(bytes)).map_err(fail)
         }
-        None => to.write_all(bytes).map_err(fail),
+        None => link.write_all(bytes).map_err(fail),
     }
 }
 
@@ -40,8 +34,8 @@ pub(super) fn send_loop<'a>(
     for job in jobs {
         let res = match &job {
             _ if !ok => Ok(()),
-            Job::Header(h) => write_part(&link.send, h, op, Part::Header, link),
-            Job::Chunk(_, c, part) => write_part(&link.send, bytes_of(c), op, *part, link),
+            Job::Header(h) => write_part(h, op, Part::Header, link),
+            Job::Chunk(_, c, part) => write_part(bytes_of(c), op, *part, link),
         };
         if let Err(msg) = res {
             ok = false;
@@ -96,6 +90,8 @@ impl Link {
         send_bytes: usize,
         body: impl FnOnce(&mut Caller<'_, 'a>) -> Result<(), String>,
     ) -> Result<(), String> {
+        self.start_clock()
+            .map_err(|e| format!("{op}: setting the socket timeouts: {e}"))?;
         let mut rbuf = std::mem::take(&mut self.rbuf);
         let link: &Link = self;
         let res = thread::scope(|scope| {
@@ -243,9 +239,9 @@ impl<'a> Caller<'_, 'a> {
         let (link, op) = (self.link, self.op);
         let Some(jobs) = &self.jobs else {
             let res = match job {
-                Job::Header(h) => write_part(&link.send, &h, op, Part::Header, link),
+                Job::Header(h) => write_part(&h, op, Part::Header, link),
                 Job::Chunk(i, c, part) => {
-                    let res = write_part(&link.send, bytes_of(c), op, part, link);
+                    let res = write_part(bytes_of(c), op, part, link);
                     self.back.push((i, c));
                     res
                 }
@@ -277,7 +273,8 @@ impl<'a> Caller<'_, 'a> {
     /// Reads one part into `dst` (through the staging buffer, opened, on a sealed connection).
     pub(super) fn read(&mut self, dst: &mut [u8], part: Part) -> Result<(), String> {
         if self.link.opener.is_none() {
-            return (&self.link.recv)
+            return self
+                .link
                 .read_exact(dst)
                 .map_err(|e| self.link.recv_failure(&e, self.op, part));
         }
@@ -298,7 +295,7 @@ impl<'a> Caller<'_, 'a> {
                 continue;
             }
             let bytes = &mut self.rbuf[..piece.len() * 4];
-            (&self.link.recv)
+            self.link
                 .read_exact(bytes)
                 .map_err(|e| self.link.recv_failure(&e, self.op, part))?;
             add_le(piece, bytes);
@@ -310,8 +307,7 @@ impl<'a> Caller<'_, 'a> {
     fn read_frame(&mut self, len: usize, part: Part) -> Result<&[u8], String> {
         let (link, op) = (self.link, self.op);
         let frame = &mut self.rbuf[..len + seal::TAG_BYTES];
-        (&link.recv)
-            .read_exact(frame)
+        link.read_exact(frame)
             .map_err(|e| link.recv_failure(&e, op, part))?;
         let opener = link.opener.as_ref().expect("a sealed connection");
         let mut opener = opener

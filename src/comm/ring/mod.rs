@@ -21,6 +21,7 @@ use sha2::Sha256;
 use super::Collective;
 use crate::error::{Error, Result};
 
+mod deadline;
 mod handshake;
 mod link;
 pub(crate) mod schedule;
@@ -210,6 +211,8 @@ struct Link {
     sealer: Option<Mutex<Sealer>>,
     /// Opens what comes from `prev` (a sealed connection).
     opener: Option<Mutex<Opener>>,
+    /// When the current call must be over ([`deadline`]).
+    deadline: Instant,
 }
 
 /// Work for a call's sender thread. Chunks are lent to it and handed back once written, so
@@ -478,6 +481,7 @@ impl Ring {
             shared,
             sealer,
             opener,
+            deadline: Instant::now(),
         });
         Ok(ring)
     }
