@@ -180,6 +180,16 @@ pub fn set_threads(threads: usize) {
         .build_global();
 }
 
+/// Whether `name` (from the wire or from a file: a checkpoint's name, a manifest's or an HF
+/// index's file, a dataset's name) is a plain file name, safe to join to a directory: one
+/// path component, not hidden, not `.` or `..`, no separator or NUL, at most 255 bytes.
+pub fn plain_file_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name.len() > 255
+        || name.starts_with('.')
+        || name.contains(['/', '\\', '\0']))
+}
+
 /// `bytes` random bytes from the OS-seeded CSPRNG, as lower-case hex (tokens, secrets, ids).
 pub fn random_hex(bytes: usize) -> String {
     use rand::RngCore;
@@ -191,6 +201,34 @@ pub fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_file_names_pass() {
+        for ok in [
+            "model.safetensors",
+            "stage0-final",
+            "train.tsv",
+            "a..b",
+            "x-00001-of-00002",
+        ] {
+            assert!(plain_file_name(ok), "{ok}");
+        }
+        let long = "x".repeat(256);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc/passwd",
+            "a\\b",
+            ".hidden",
+            "a\0b",
+            &long,
+        ] {
+            assert!(!plain_file_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn shared_gpu_finds_two_workers_on_one_gpu() {

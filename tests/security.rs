@@ -500,7 +500,7 @@ fn one_coordinator_per_state_dir() {
 /// of the member secret, and the job runs on to its own end.
 #[test]
 fn a_token_holder_cannot_act_as_another_rank() {
-    let dir = job_dir("sec-spoof", 1, 1, "", "max_steps = 200", 32);
+    let dir = job_dir("sec-spoof", 1, 1, "", "epochs = 30", 32);
     let token = "spoof-test-token-000001";
     let log = dir.join("coordinator.log");
     let (coord, url) = coordinator(&dir, "127.0.0.1:0", token, false, &log);
@@ -564,6 +564,8 @@ fn a_token_holder_cannot_act_as_another_rank() {
     wait_with_timeout(&mut w.0, Duration::from_secs(30));
     let s = summary(&dir);
     assert_eq!(s["status"], "completed");
-    assert_eq!(s["stages"][0]["steps"], 200, "{s}");
+    // The spoofed "done" ended nothing early: every epoch used every instance once.
+    assert_eq!(s["stages"][0]["epochs"], 30, "{s}");
+    assert_exactly_once(&s);
     std::fs::remove_dir_all(dir).unwrap();
 }

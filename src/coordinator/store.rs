@@ -26,11 +26,7 @@ struct Manifest {
     created_unix_s: u64,
 }
 
-/// A checkpoint's name, or a file name in one: a single component of the store's directory
-/// (no separator, not hidden, not `.`/`..`, no NUL).
-fn plain_name(name: &str) -> bool {
-    !(name.is_empty() || name.contains(['/', '\\', '\0']) || name.starts_with('.'))
-}
+use crate::util::plain_file_name as plain_name;
 
 impl CheckpointStore {
     pub fn new(root: PathBuf, keep: usize) -> Result<Self> {

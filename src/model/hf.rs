@@ -9,7 +9,7 @@
 //! error naming it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -53,11 +53,7 @@ pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
             .ok_or_else(|| ck("model.safetensors.index.json has no weight_map".into()))?;
         // Shards are files of this directory: an entry such as `../x` or `/x` is refused.
         for (tensor, file) in map {
-            let mut parts = file.as_str().map(|f| Path::new(f).components());
-            let plain = parts.as_mut().is_some_and(|c| {
-                matches!((c.next(), c.next()), (Some(Component::Normal(_)), None))
-            });
-            if !plain {
+            if !file.as_str().is_some_and(crate::util::plain_file_name) {
                 return Err(ck(format!(
                     "model.safetensors.index.json: weight_map[{tensor:?}] = {file}: expected \
                      the name of a file in this directory"

@@ -272,13 +272,11 @@ fn load_data(
     stage: &StageConfig,
     tokenizer: &Tokenizer,
 ) -> anyhow::Result<TaskData> {
-    let scratch = std::env::temp_dir().join(format!(
-        "tandem-stage-{}-{}-{}",
-        std::process::id(),
-        a.generation,
-        a.stage_index
-    ));
-    std::fs::create_dir_all(&scratch)?;
+    // A fresh private directory (0700, unpredictable name), removed when the data is read.
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("tandem-stage{}-", a.stage_index))
+        .tempdir()
+        .context("creating a scratch directory for the stage's files")?;
     let fetch = |role: &str| {
         let mut c = ctx.client.clone();
         ctx.rt.block_on(client::fetch_stage_file(
@@ -289,16 +287,14 @@ fn load_data(
             role,
         ))
     };
-    let data = TaskData::load(
+    TaskData::load(
         stage.kind,
         &a.stage_files,
         fetch,
         tokenizer,
         stage,
-        &scratch,
-    );
-    let _ = std::fs::remove_dir_all(&scratch);
-    data
+        scratch.path(),
+    )
 }
 
 /// The task model: the encoder checkpoint's weights with a fresh head (or all fresh), with

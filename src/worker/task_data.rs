@@ -47,6 +47,11 @@ impl TaskData {
                 .iter()
                 .find(|f| f.role == role)
                 .with_context(|| format!("the assignment carries no {role} file"))?;
+            anyhow::ensure!(
+                crate::util::plain_file_name(&f.name),
+                "the assignment's {role} file is named {:?}: expected a plain file name",
+                f.name
+            );
             let data = fetch(role)?;
             anyhow::ensure!(
                 crate::train::checkpoint::sha256_hex(&data) == f.sha256,
