@@ -14,6 +14,20 @@ use crate::metrics::{postprocess_qa, MetricCounts, MetricKind, QaPostprocess};
 use crate::model::{TaskHead, TaskModel};
 use crate::proto;
 
+/// Where the stage's `role` file goes in the scratch dir: its announced name must be a plain
+/// file name (it comes over the wire), or it could write outside `dir`.
+fn scratch_path(
+    dir: &std::path::Path,
+    role: &str,
+    name: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    anyhow::ensure!(
+        crate::util::plain_file_name(name),
+        "the assignment's {role} file is named {name:?}: expected a plain file name"
+    );
+    Ok(dir.join(format!("{role}-{name}")))
+}
+
 /// A stage's featurised data.
 pub(super) enum TaskData {
     Classes {
@@ -47,18 +61,13 @@ impl TaskData {
                 .iter()
                 .find(|f| f.role == role)
                 .with_context(|| format!("the assignment carries no {role} file"))?;
-            anyhow::ensure!(
-                crate::util::plain_file_name(&f.name),
-                "the assignment's {role} file is named {:?}: expected a plain file name",
-                f.name
-            );
+            let p = scratch_path(dir, role, &f.name)?;
             let data = fetch(role)?;
             anyhow::ensure!(
                 crate::train::checkpoint::sha256_hex(&data) == f.sha256,
                 "the {role} file {} differs from the one the coordinator announced",
                 f.name
             );
-            let p = dir.join(format!("{role}-{}", f.name));
             std::fs::write(&p, &data)?;
             Ok(p)
         };
@@ -221,4 +230,25 @@ impl TaskData {
 
 fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
     idx.iter().map(|i| v[*i].clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_file_names_stay_in_the_scratch_dir() {
+        let dir = std::path::Path::new("/scratch");
+        assert_eq!(
+            scratch_path(dir, "train", "sst2.tsv").unwrap(),
+            dir.join("train-sst2.tsv")
+        );
+        for bad in ["../../home/u/.bashrc", "a/b.tsv", "/etc/passwd", ""] {
+            let e = scratch_path(dir, "dev", bad).unwrap_err().to_string();
+            assert!(
+                e.contains("dev file") && e.contains("plain file name"),
+                "{e}"
+            );
+        }
+    }
 }
