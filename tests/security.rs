@@ -569,3 +569,42 @@ fn a_token_holder_cannot_act_as_another_rank() {
     assert_exactly_once(&s);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Every rank reports the stage done but rank 0's final checkpoint never arrived (a premature
+/// "done"): the coordinator fails the generation instead of the job, and the next generation
+/// finishes the stage with its checkpoint.
+#[test]
+fn a_done_without_the_final_checkpoint_fails_the_generation_not_the_job() {
+    let dir = job_dir(
+        "sec-premature",
+        1,
+        1,
+        "max_restarts = 2",
+        "max_steps = 6",
+        32,
+    );
+    let token = "premature-test-token-01";
+    let log = dir.join("coordinator.log");
+    let (coord, url) = coordinator(&dir, "127.0.0.1:0", token, false, &log);
+    let mut coord = Reap(coord);
+    let mut w = Command::new(bin());
+    secure(&mut w);
+    w.args(["worker", "--worker-id", "w", "--coordinator", &url])
+        .env("TANDEM_TOKEN", token)
+        .env("TANDEM_TEST_SKIP_FINAL_UPLOAD", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("w.log")).unwrap());
+    let mut w = Reap(w.spawn().unwrap());
+    let status = wait_with_timeout(&mut coord.0, LONG);
+    let text = log_of(&log);
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("reported stage 0 done, but its final checkpoint is not usable"),
+        "{text}"
+    );
+    wait_with_timeout(&mut w.0, Duration::from_secs(30));
+    let s = summary(&dir);
+    assert_eq!(s["status"], "completed");
+    assert!(s["generations"].as_u64().unwrap() >= 2, "{s}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -258,14 +258,20 @@ impl Driver {
             return Ok(Next::Go);
         };
         let shared = self.shared.clone();
-        // Rank 0 uploaded the stage's final checkpoint before reporting done.
         let current = shared.state.lock().unwrap().stage_index;
-        let final_files = shared
-            .store
-            .read(&format!("stage{current}-final"))
-            .with_context(|| {
-                format!("stage {current} finished without a usable final checkpoint")
-            })?;
+        if let Some(why) = done_disagrees(&g.done) {
+            return Ok(Next::Failed(why, None));
+        }
+        // Rank 0 uploaded the stage's final checkpoint before reporting done. A done without
+        // it (premature, or a failed upload) fails the generation, not the whole job: the next
+        // one resumes from the last checkpoint.
+        let final_files = match shared.store.read(&format!("stage{current}-final")) {
+            Ok(f) => f,
+            Err(e) => {
+                let why = format!("every rank reported stage {current} done, but its final checkpoint is not usable: {e}");
+                return Ok(Next::Failed(why, None));
+            }
+        };
         let s = stage_summary(&shared, g, &final_files, &self.record.history, clock);
         tracing::info!("{}", super::stage_line(&s));
         let (identical, fps) = (s.replicas_identical, s.param_fingerprints.clone());
@@ -710,4 +716,41 @@ fn export_final(shared: &Shared, final_files: Vec<(String, Vec<u8>)>) -> anyhow:
     tok.save(&dst)?;
     tracing::info!(checkpoint = %name, "final model exported to {}", dst.display());
     Ok(())
+}
+
+/// Why the ranks' final reports of a stage cannot all be true: they must name the same step
+/// (ranks take every step together). `None` when they agree.
+fn done_disagrees(done: &std::collections::BTreeMap<u32, proto::ProgressReport>) -> Option<String> {
+    let steps: std::collections::BTreeSet<u64> = done.values().map(|r| r.step).collect();
+    (steps.len() > 1).then(|| {
+        let each: Vec<String> = done
+            .iter()
+            .map(|(k, r)| format!("rank {k} at step {}", r.step))
+            .collect();
+        format!(
+            "the ranks reported the stage done at different steps ({}): a premature report",
+            each.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_reports_must_name_one_step() {
+        let at = |step| proto::ProgressReport {
+            step,
+            ..Default::default()
+        };
+        let agree = BTreeMap::from([(0, at(40)), (1, at(40))]);
+        assert_eq!(done_disagrees(&agree), None);
+        let early = BTreeMap::from([(0, at(40)), (1, at(12))]);
+        let why = done_disagrees(&early).unwrap();
+        assert!(
+            why.contains("rank 1 at step 12") && why.contains("premature"),
+            "{why}"
+        );
+    }
 }

@@ -286,8 +286,10 @@ where
             flush_progress(self.ctx, "the final checkpoint");
             let name = checkpoint_name(&self.state);
             self.uploads.finish(self.ctx)?;
-            self.uploads
-                .now(self.ctx, &self.trainer, &self.state, &name)?;
+            if !skip_final_upload_once() {
+                self.uploads
+                    .now(self.ctx, &self.trainer, &self.state, &name)?;
+            }
         }
         let mut done = self.ctx.progress.lock().unwrap().clone();
         let at = Position {
@@ -366,4 +368,13 @@ fn start_or_restore<M: StageModel>(
     state.world_size = world;
     state.generation = a.generation;
     Ok(state)
+}
+
+/// Test hook: `TANDEM_TEST_SKIP_FINAL_UPLOAD=1` makes this process's first final report come
+/// without its checkpoint (a premature "done"), so a test can check the coordinator fails the
+/// generation rather than the job.
+fn skip_final_upload_once() -> bool {
+    static SKIPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    std::env::var_os("TANDEM_TEST_SKIP_FINAL_UPLOAD").is_some()
+        && !SKIPPED.swap(true, std::sync::atomic::Ordering::SeqCst)
 }
