@@ -305,6 +305,10 @@ pub struct CoordinatorArgs {
     /// TLS certificates or --insecure.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Also serve gRPC health checks (and nothing else) in plaintext on this address, for
+    /// probes that cannot show a client certificate (the kubelet's `grpc` probe).
+    #[arg(long)]
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// `tandem worker`.

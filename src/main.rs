@@ -95,6 +95,7 @@ fn coordinator(a: CoordinatorArgs, resume: tandem::coordinator::Resume) -> anyho
         addr_file: a.addr_file,
         token,
         security,
+        health_listen: a.health_listen,
         resume,
     };
     let state_dir = cfg.job.state_dir.clone();

@@ -313,7 +313,12 @@ fn container_command_lines_parse_and_match_the_services() {
             .collect();
         let cli = Cli::try_parse_from(&argv)
             .unwrap_or_else(|e| panic!("{overlay}: {argv:?} does not parse:\n{e}"));
-        let Cmd::Coordinator(tandem::cli::CoordinatorArgs { listen, config, .. }) = cli.command
+        let Cmd::Coordinator(tandem::cli::CoordinatorArgs {
+            listen,
+            config,
+            health_listen,
+            ..
+        }) = cli.command
         else {
             panic!("{overlay}: the coordinator container does not run `tandem coordinator`");
         };
@@ -328,18 +333,26 @@ fn container_command_lines_parse_and_match_the_services() {
         assert_eq!(port(coord_svc, "grpc"), grpc);
         assert_eq!(port(coord_svc, "metrics"), container_port(coord, "metrics"));
         // The kubelet's gRPC probe speaks plaintext and shows no client certificate: against
-        // the mutual-TLS port it could never pass. Readiness is a TCP connect to that port.
+        // the mutual-TLS port it could never pass. Every probe goes to the plaintext health
+        // listener; startup and readiness ask for the coordinator's service (serving once the
+        // job is prepared), liveness for the process.
+        let health = health_listen
+            .unwrap_or_else(|| panic!("{overlay}: the coordinator needs --health-listen"));
+        assert_eq!(u64::from(health.port()), container_port(coord, "health"));
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-            assert!(
-                coord[probe]["grpc"].is_null(),
-                "{overlay}: coordinator {probe}: a gRPC probe cannot pass mutual TLS"
+            let p = &coord[probe]["grpc"];
+            assert_eq!(
+                p["port"].as_u64(),
+                Some(u64::from(health.port())),
+                "{overlay}: coordinator {probe} must ask the health listener"
             );
+            let service = if probe == "livenessProbe" {
+                None
+            } else {
+                Some("tandem.v1.Coordinator")
+            };
+            assert_eq!(p["service"].as_str(), service, "{overlay}: {probe}");
         }
-        let tcp = &coord["readinessProbe"]["tcpSocket"]["port"];
-        assert!(
-            tcp == "grpc" || tcp.as_u64() == Some(grpc),
-            "{overlay}: the coordinator's readiness probe must connect to the gRPC port, not {tcp}"
-        );
 
         // Workers: `tandem worker --coordinator https://tandem-coordinator:50051 --ring-listen …`.
         let worker = container(find(&docs, "StatefulSet", "tandem-worker"), "worker");
@@ -1104,9 +1117,14 @@ fn cpu_smoke_topology_completes_on_loopback() {
     let coord = container(coord_sts, "coordinator");
     let addr_file = dir.join("addr");
     let mut args = strings(&coord["args"]);
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
     for (flag, value) in [
         ("--config", config.display().to_string()),
         ("--listen", "127.0.0.1:0".to_string()),
+        ("--health-listen", format!("127.0.0.1:{health_port}")),
     ] {
         let i = args.iter().position(|a| a == flag).unwrap();
         args[i + 1] = value;
@@ -1140,6 +1158,15 @@ fn cpu_smoke_topology_completes_on_loopback() {
             panic!("the coordinator exited with {s}\n{}", logs(&dir));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // The kubelet's probes, as it sends them: plaintext gRPC health checks, no certificate.
+    for service in ["", "tandem.v1.Coordinator"] {
+        assert_eq!(
+            health_check(health_port, service),
+            Ok(1),
+            "health of {service:?}\n{}",
+            logs(&dir)
+        );
     }
 
     // Workers: the StatefulSet's pods tandem-worker-0..N-1, dialling the manifests' scheme at
@@ -1316,4 +1343,25 @@ fn gpu_check_script_goes_on_past_a_failed_step() {
         "{last}"
     );
     assert!(err.contains("job_2w_gpu: failed"), "{err}");
+}
+
+/// A plaintext gRPC health check on 127.0.0.1:`port`, as the kubelet's `grpc` probe makes it:
+/// the status (1 = SERVING) or the error.
+fn health_check(port: u16, service: &str) -> Result<i32, String> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut c = HealthClient::new(ch);
+        c.check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .map_err(|e| e.to_string())
+    })
 }

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic_health::pb::health_server::{Health, HealthServer};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,9 @@ pub struct CoordinatorOptions {
     pub token: String,
     /// Mutual TLS with the job's certificates, or plaintext (`--insecure`).
     pub security: crate::tls::Security,
+    /// Also serve gRPC health checks, and nothing else, in plaintext here (for probes that
+    /// show no client certificate, as the kubelet's).
+    pub health_listen: Option<SocketAddr>,
     /// Whether to continue the job recorded in `state_dir`.
     pub resume: Resume,
 }
@@ -203,6 +207,15 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
+    // Health first: alive now (liveness), the coordinator's service serving once prepared.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<proto::coordinator_server::CoordinatorServer<service::Service>>()
+        .await;
+    let plain_health = match opts.health_listen {
+        Some(addr) => Some(serve_health(addr, health_service.clone()).await?),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     let cfg2 = cfg.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(&cfg2)).await??;
@@ -215,7 +228,10 @@ pub async fn run(
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(shared_state(&cfg, prepared, store, &record, events_tx));
-    let (stop_server, server) = serve(&shared, listener, &opts, tls).await?;
+    health_reporter
+        .set_serving::<proto::coordinator_server::CoordinatorServer<service::Service>>()
+        .await;
+    let (stop_server, server) = serve(&shared, listener, &opts, tls, health_service).await?;
     if let Some(f) = &opts.addr_file {
         crate::util::write_atomic(f, addr.to_string().as_bytes())?;
     }
@@ -233,6 +249,9 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_server.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Some(h) = plain_health {
+        h.abort();
+    }
     let summary = summary?;
     let path = cfg.job.state_dir.join("summary.json");
     crate::util::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -310,14 +329,11 @@ async fn serve(
     listener: tokio::net::TcpListener,
     opts: &CoordinatorOptions,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    health_service: HealthServer<impl Health>,
 ) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 )> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<proto::coordinator_server::CoordinatorServer<service::Service>>()
-        .await;
     let svc = proto::coordinator_server::CoordinatorServer::new(service::Service {
         shared: shared.clone(),
     })
@@ -350,6 +366,27 @@ async fn serve(
             ),
     );
     Ok((stop_server_tx, server))
+}
+
+/// Serves the health service alone, in plaintext, on `addr`: it tells whether the coordinator
+/// runs and is ready, nothing about the job, and takes no requests that change anything.
+async fn serve_health(
+    addr: SocketAddr,
+    health: HealthServer<impl Health>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the health listener on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "plaintext gRPC health checks (only) served");
+    Ok(tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+        if let Err(e) = served {
+            tracing::warn!("the health listener stopped: {e}");
+        }
+    }))
 }
 
 fn tonic_health_free_intercept<S>(
