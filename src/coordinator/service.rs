@@ -395,10 +395,8 @@ impl Coordinator for Service {
         let files = tokio::task::spawn_blocking(move || shared.store.read(&name))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
-        let chunks = checkpoint_chunks(&r.job_id, r.generation, &r.name, &files);
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        let chunks = checkpoint_chunks(&r.job_id, r.generation, &r.name, files);
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.map(Ok)))))
     }
 
     async fn status(
@@ -430,37 +428,36 @@ fn byte_chunks(bytes: &[u8]) -> Vec<Result<proto::ShardChunk, Status>> {
         .collect()
 }
 
-/// Splits checkpoint files into stream chunks (used in both directions).
+/// Splits checkpoint files into stream chunks (used in both directions), lazily: the stream
+/// owns the files and cuts each chunk as it is sent, so a checkpoint is not held twice (its
+/// files and all their chunks) while it streams.
 pub fn checkpoint_chunks(
     job_id: &str,
     generation: u64,
     name: &str,
-    files: &[(String, Vec<u8>)],
-) -> Vec<proto::CheckpointChunk> {
-    let mut out = vec![];
-    for (f, bytes) in files {
-        let sha = sha256_hex(bytes);
+    files: Vec<(String, Vec<u8>)>,
+) -> impl Iterator<Item = proto::CheckpointChunk> + Send + 'static {
+    let (job_id, name) = (job_id.to_string(), name.to_string());
+    files.into_iter().flat_map(move |(file, bytes)| {
+        let sha = sha256_hex(&bytes);
         let n = bytes.len().div_ceil(proto::CHUNK_BYTES).max(1);
-        for i in 0..n {
+        let (job_id, name) = (job_id.clone(), name.clone());
+        (0..n).map(move |i| {
             let lo = i * proto::CHUNK_BYTES;
             let hi = (lo + proto::CHUNK_BYTES).min(bytes.len());
-            out.push(proto::CheckpointChunk {
-                job_id: job_id.into(),
+            let last = i + 1 == n;
+            proto::CheckpointChunk {
+                job_id: job_id.clone(),
                 generation,
-                name: name.into(),
-                file: f.clone(),
+                name: name.clone(),
+                file: file.clone(),
                 data: bytes[lo..hi].to_vec(),
-                sha256: if i + 1 == n {
-                    sha.clone()
-                } else {
-                    String::new()
-                },
-                last_of_file: i + 1 == n,
+                sha256: if last { sha.clone() } else { String::new() },
+                last_of_file: last,
                 member_secret: String::new(),
-            });
-        }
-    }
-    out
+            }
+        })
+    })
 }
 
 /// Bounds on one checkpoint upload, so a client cannot make the coordinator hold unbounded
@@ -594,6 +591,27 @@ mod tests {
         assert!(e.message().contains("stage0-final"), "{e}");
         assert!(cap.bytes < params * 16 + (64 << 20));
         assert!(cap.check(1, 33, "x").is_err());
+    }
+
+    #[test]
+    fn checkpoint_chunks_carry_each_file_whole_and_checked() {
+        let big: Vec<u8> = (0..proto::CHUNK_BYTES * 2 + 7).map(|i| i as u8).collect();
+        let files = vec![("a".to_string(), big.clone()), ("b".to_string(), vec![])];
+        let chunks: Vec<_> = checkpoint_chunks("job", 3, "stage0-final", files).collect();
+        assert_eq!(
+            chunks.len(),
+            3 + 1,
+            "three chunks of `a`, one (empty) of `b`"
+        );
+        let a: Vec<u8> = chunks[..3].iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(a, big);
+        for (c, last) in chunks.iter().zip([false, false, true, true]) {
+            assert_eq!(c.last_of_file, last);
+            assert_eq!(c.sha256.is_empty(), !last);
+            assert_eq!((c.job_id.as_str(), c.generation), ("job", 3));
+        }
+        assert_eq!(chunks[2].sha256, sha256_hex(&big));
+        assert_eq!(chunks[3].sha256, sha256_hex(&[]));
     }
 
     #[test]

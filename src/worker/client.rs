@@ -224,13 +224,18 @@ pub struct Upload<'a> {
 pub async fn put_checkpoint(
     client: &mut Client,
     to: &Upload<'_>,
-    files: &[(String, Vec<u8>)],
+    files: Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<()> {
     let name = to.name;
-    let mut chunks = crate::coordinator::checkpoint_chunks(to.job_id, to.generation, name, files);
-    if let Some(first) = chunks.first_mut() {
-        first.member_secret = to.member_secret.to_string();
-    }
+    let secret = to.member_secret.to_string();
+    let chunks = crate::coordinator::checkpoint_chunks(to.job_id, to.generation, name, files)
+        .enumerate()
+        .map(move |(i, mut c)| {
+            if i == 0 {
+                c.member_secret = secret.clone();
+            }
+            (i, c)
+        });
     // Test hook: TANDEM_TEST_UPLOAD_PAUSE_MS holds this process's first upload after its
     // first chunk, so a test can fail a generation while a checkpoint is still arriving.
     static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -239,13 +244,12 @@ pub async fn put_checkpoint(
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|_| !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst))
         .map(Duration::from_millis);
-    let stream =
-        tokio_stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {
-            if let (1, Some(p)) = (i, pause) {
-                tokio::time::sleep(p).await;
-            }
-            c
-        });
+    let stream = tokio_stream::iter(chunks).then(move |(i, c)| async move {
+        if let (1, Some(p)) = (i, pause) {
+            tokio::time::sleep(p).await;
+        }
+        c
+    });
     client
         .put_checkpoint(stream)
         .await

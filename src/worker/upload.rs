@@ -95,8 +95,8 @@ impl Uploads {
                 member_secret: &secret,
                 name: &name,
             };
-            client::put_checkpoint(&mut c, &to, &files).await?;
             let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+            client::put_checkpoint(&mut c, &to, files).await?;
             tracing::info!(
                 checkpoint = %name,
                 mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
