@@ -148,6 +148,10 @@ fn spawn(exe: &Path, args: &[String], token: &str, threads: usize) -> anyhow::Re
     Command::new(exe)
         .args(args)
         .env("TANDEM_TOKEN", token)
+        // Security comes from the arguments `launch` gives (its own certificates, or
+        // --insecure), never from this shell's environment.
+        .env_remove("TANDEM_TLS_DIR")
+        .env_remove("TANDEM_INSECURE")
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
         .stdin(Stdio::null())

@@ -608,3 +608,29 @@ fn a_done_without_the_final_checkpoint_fails_the_generation_not_the_job() {
     assert!(s["generations"].as_u64().unwrap() >= 2, "{s}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `launch --insecure` runs in plaintext (warned by every process), whatever TLS settings the
+/// shell's environment holds: its children take their security from launch's arguments only.
+#[test]
+fn launch_insecure_ignores_the_environments_tls_settings() {
+    let dir = job_dir("sec-launch-insecure", 1, 1, "", "max_steps = 2", 32);
+    let out = Command::new(bin())
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .args(["--no-progress", "--insecure"])
+        .env("TANDEM_TLS_DIR", shared_tls())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("[coordinator]")
+            && err.contains("coordinator: --insecure: the control plane is plaintext"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("state/tls").exists(),
+        "no certificates are made for a plaintext job"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -32,3 +32,36 @@ pub fn run_assignment(a: proto::Assignment, ctx: Ctx) -> anyhow::Result<()> {
         _ => super::finetune::run_finetune(&a, &ctx, &cfg, stage),
     }
 }
+
+/// The assignment's model configuration, checked as the coordinator checked it: the JSON
+/// comes over the wire, and a shape candle cannot build must be an error, not a panic.
+pub(super) fn assigned_model_config(
+    a: &proto::Assignment,
+) -> anyhow::Result<crate::model::BertConfig> {
+    let cfg: crate::model::BertConfig =
+        serde_json::from_str(&a.model_config_json).context("the assignment's model config")?;
+    cfg.validate().context("the assignment's model config")?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assigned_model_config_is_validated() {
+        let mut cfg = crate::model::BertConfig::preset(crate::model::Preset::Tiny);
+        let a = |c: &crate::model::BertConfig| proto::Assignment {
+            model_config_json: serde_json::to_string(c).unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(
+            assigned_model_config(&a(&cfg)).unwrap().hidden_size,
+            cfg.hidden_size
+        );
+        // Heads that do not divide the width: candle would fail deep in a forward pass.
+        cfg.num_attention_heads = 3;
+        let e = format!("{:#}", assigned_model_config(&a(&cfg)).unwrap_err());
+        assert!(e.contains("the assignment's model config"), "{e}");
+    }
+}

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 
+use super::assignment::assigned_model_config;
 use super::client;
 use super::ctx::{precision, set_phase, Ctx};
 use super::phase::Phase;
@@ -21,7 +22,7 @@ use crate::config::{JobConfig, StageConfig};
 use crate::data::batch::FinetuneBatch;
 use crate::data::tokenizer::Tokenizer;
 use crate::metrics::MetricCounts;
-use crate::model::{hf, BertConfig, TaskHead, TaskModel};
+use crate::model::{hf, TaskHead, TaskModel};
 use crate::proto;
 use crate::train::checkpoint::{checkpoint_name, BestEpoch, DataCursor, LedgerRange, TrainerState};
 use crate::train::Trainer;
@@ -307,8 +308,7 @@ fn task_model(
     head: TaskHead,
     labels: &[String],
 ) -> anyhow::Result<TaskModel> {
-    let model_cfg: BertConfig =
-        serde_json::from_str(&a.model_config_json).context("model config")?;
+    let model_cfg = assigned_model_config(a)?;
     let (seed, rank) = (cfg.job.seed, a.rank as usize);
     let mut model = if a.encoder_checkpoint.is_empty() || !a.init_checkpoint.is_empty() {
         TaskModel::new(&model_cfg, head, seed, &ctx.device)?

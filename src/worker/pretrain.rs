@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use super::assignment::assigned_model_config;
 use super::client;
 use super::ctx::{precision, set_phase, Ctx};
 use super::feed::{self, FeedMsg, FeedSpec, Partition, Stream};
@@ -21,7 +22,7 @@ use crate::data::epoch::{balanced_bounds, EpochLayout};
 use crate::data::instances::collate;
 use crate::data::shard::{plan_epoch, EpochPlan, ShardIndex};
 use crate::data::tokenizer::Tokenizer;
-use crate::model::{BertConfig, PretrainModel};
+use crate::model::PretrainModel;
 use crate::proto;
 use crate::train::checkpoint::{DataCursor, LedgerRange, TrainerState};
 
@@ -379,8 +380,7 @@ pub(super) fn run_pretrain(
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let comm = super::collective::connect_collective(a, ctx, cfg)?;
     set_phase(ctx, Phase::InitialisingModel);
-    let model_cfg: BertConfig =
-        serde_json::from_str(&a.model_config_json).context("model config")?;
+    let model_cfg = assigned_model_config(a)?;
     let mut model = PretrainModel::new(&model_cfg, cfg.job.seed, &ctx.device)?;
     model.set_precision(precision(cfg, ctx, rank));
     let (run, global) = StageRun::start(a, ctx, cfg, model, comm, None)?;
