@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+mod admission;
 mod driver;
 mod lock;
 mod metrics_log;
