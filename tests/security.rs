@@ -634,3 +634,42 @@ fn launch_insecure_ignores_the_environments_tls_settings() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A worker presents the job it was assigned when it rejoins: a coordinator that comes back on
+/// the same address running another job (with the same token and CA) refuses it, naming both.
+#[test]
+fn a_worker_rejoins_only_its_own_job() {
+    let dir = job_dir("sec-job-a", 1, 1, "", "epochs = 200", 32);
+    let other = job_dir("sec-job-b", 1, 1, "join_timeout_s = 120", "epochs = 1", 32);
+    let token = "job-id-test-token-000001";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log = dir.join("coordinator.log");
+    let (a, url) = coordinator(&dir, &listen, token, false, &log);
+    let mut a = Reap(a);
+    let mut w = Reap(worker(&url, token, "w", &dir.join("w.log")));
+    // Training means the worker has taken its assignment's job as its own.
+    wait_for("the worker to train", LONG, || {
+        log_of(&dir.join("w.log")).contains("stage planned")
+    });
+    let _ = a.0.kill();
+    let _ = a.0.wait();
+    let (b, _) = coordinator(
+        &other,
+        &listen,
+        token,
+        false,
+        &other.join("coordinator.log"),
+    );
+    let _b = Reap(b);
+    let status = wait_with_timeout(&mut w.0, Duration::from_secs(120));
+    let wlog = log_of(&dir.join("w.log"));
+    assert!(!status.success(), "{wlog}");
+    assert!(
+        wlog.contains("this coordinator runs job")
+            && wlog.contains("sec-job-b")
+            && wlog.contains("not \\\"sec-job-a"),
+        "{wlog}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(other).unwrap();
+}

@@ -70,9 +70,12 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     tokio::pin!(shutdown);
     let mut first = true;
     let result = loop {
+        // Once assigned, the worker knows its job and presents it on every rejoin: a
+        // coordinator that comes back on this address running another job refuses it.
+        let job_id = training.progress.lock().unwrap().job_id.clone();
         let (client, directives) = tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            r = join(&opts, &ring_addr) => match r {
+            r = join(&opts, &ring_addr, &job_id) => match r {
                 Ok(x) => x,
                 Err(e) if first => break Err(e),
                 Err(e) => break Err(e.context("the coordinator did not come back")),
@@ -110,6 +113,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
 async fn join(
     opts: &WorkerOptions,
     ring_addr: &str,
+    job_id: &str,
 ) -> anyhow::Result<(Client, tonic::Streaming<proto::Directive>)> {
     let start = std::time::Instant::now();
     let mut wait = Duration::from_millis(200);
@@ -119,7 +123,7 @@ async fn join(
         let r = client
             .join(proto::JoinRequest {
                 protocol_version: proto::PROTOCOL_VERSION,
-                job_id: String::new(),
+                job_id: job_id.into(),
                 worker_id: opts.worker_id.clone(),
                 ring_addr: ring_addr.into(),
                 threads: opts.threads as u32,
