@@ -691,15 +691,37 @@ fn through_relay(
 ) -> (Vec<Result<Vec<f32>, String>>, Vec<u8>) {
     let (ls, addrs) = listeners(2);
     let (relay_addr, seen) = relay(addrs[1], tamper);
+    let results = via_relay(
+        ls,
+        &addrs,
+        relay_addr,
+        Duration::from_secs(10),
+        encryption,
+        len,
+    );
+    let seen = seen.lock().unwrap().clone();
+    (results, seen)
+}
+
+/// Two ranks over TCP, rank 0 reaching rank 1 at `relay_addr`; each all-reduces
+/// `[rank + 1.25; len]` once. Returns each rank's result or error, within [`LIMIT`].
+fn via_relay(
+    ls: Vec<RingListener>,
+    addrs: &[SocketAddr],
+    relay_addr: SocketAddr,
+    timeout: Duration,
+    encryption: Encryption,
+    len: usize,
+) -> Vec<Result<Vec<f32>, String>> {
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let mut peers = addrs.clone();
+            let mut peers = addrs.to_vec();
             if rank == 0 {
                 peers[1] = relay_addr;
             }
-            let mut cfg = config(rank, &peers, 1 << 20, Duration::from_secs(10));
+            let mut cfg = config(rank, &peers, 1 << 20, timeout);
             cfg.transport = Transport::Tcp;
             cfg.encryption = encryption;
             thread::spawn(move || {
@@ -718,9 +740,7 @@ fn through_relay(
         );
         thread::sleep(Duration::from_millis(5));
     }
-    let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let seen = seen.lock().unwrap().clone();
-    (results, seen)
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// Bytes past the handshake (hello 56, proof 32) that the relay tampers with.
@@ -816,26 +836,9 @@ fn a_trickling_peer_cannot_hold_a_call_past_its_deadline() {
         }
     });
     let started = Instant::now();
-    let handles: Vec<_> = ls
+    let errs: Vec<String> = via_relay(ls, &addrs, relay_addr, timeout, Encryption::Tcp, 1000)
         .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let mut peers = addrs.clone();
-            if rank == 0 {
-                peers[1] = relay_addr;
-            }
-            let mut cfg = config(rank, &peers, 1 << 20, timeout);
-            cfg.transport = Transport::Tcp;
-            thread::spawn(move || {
-                let mut ring = Ring::connect(cfg, l).map_err(|e| e.to_string())?;
-                let mut v = vec![1.0f32; 1000];
-                ring.all_reduce_sum(&mut v).map_err(|e| e.to_string())
-            })
-        })
-        .collect();
-    let errs: Vec<String> = handles
-        .into_iter()
-        .map(|h| h.join().unwrap().unwrap_err())
+        .map(Result::unwrap_err)
         .collect();
     let took = started.elapsed();
     assert!(

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{sha256_hex, Files, MANIFEST};
-use crate::util;
+use crate::util::{self, plain_file_name};
 
 /// Checkpoints on the coordinator's disk: `root/<name>/{files…, MANIFEST.json}`.
 pub struct CheckpointStore {
@@ -25,8 +25,6 @@ struct Manifest {
     seq: u64,
     created_unix_s: u64,
 }
-
-use crate::util::plain_file_name as plain_name;
 
 impl CheckpointStore {
     pub fn new(root: PathBuf, keep: usize) -> Result<Self> {
@@ -58,7 +56,7 @@ impl CheckpointStore {
                 msg: format!("{} hashes for {} files", hashes.len(), files.len()),
             });
         }
-        if !plain_name(name) {
+        if !plain_file_name(name) {
             return Err(Error::Checkpoint {
                 path: self.root.clone(),
                 msg: format!("invalid checkpoint name {name:?}"),
@@ -78,7 +76,7 @@ impl CheckpointStore {
                 .unwrap_or(0),
         };
         for ((f, bytes), sha) in files.iter().zip(hashes) {
-            if !plain_name(f) || f == MANIFEST {
+            if !plain_file_name(f) || f == MANIFEST {
                 return Err(Error::Checkpoint {
                     path: tmp.clone(),
                     msg: format!("invalid file name {f:?}"),
@@ -145,7 +143,7 @@ impl CheckpointStore {
     /// Reads a checkpoint, verifying every file against the manifest.
     pub fn read(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
         // Names come from requests: only checkpoints of this store are served.
-        if !plain_name(name) {
+        if !plain_file_name(name) {
             return Err(Error::Checkpoint {
                 path: self.root.clone(),
                 msg: format!("invalid checkpoint name {name:?}"),
@@ -160,7 +158,7 @@ impl CheckpointStore {
         })?;
         let mut out = vec![];
         for (f, (len, sha)) in &m.files {
-            if !plain_name(f) || f == MANIFEST {
+            if !plain_file_name(f) || f == MANIFEST {
                 return Err(Error::Checkpoint {
                     path: mpath.clone(),
                     msg: format!("lists {f:?}, not a file name of the checkpoint"),

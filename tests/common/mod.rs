@@ -152,16 +152,14 @@ pub fn shared_tls() -> PathBuf {
     TLS.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("test-tls-{}", std::process::id()));
-        let out = Command::new(bin())
-            .args(["certs", "init", "--force", "--dir"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, _, err) = tandem(&[
+            "certs".as_ref(),
+            "init".as_ref(),
+            "--force".as_ref(),
+            "--dir".as_ref(),
+            dir.as_os_str(),
+        ]);
+        assert!(ok, "{err}");
         dir
     })
     .clone()

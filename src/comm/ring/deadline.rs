@@ -22,11 +22,7 @@ impl Link {
     fn arm(&self, s: &Stream, read: bool) -> io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::other(format!(
-                "the call did not finish within its deadline ({} = {CALL_DEADLINE_TIMEOUTS} × \
-                 the timeout): a peer is sending or reading too slowly",
-                secs(self.timeout * CALL_DEADLINE_TIMEOUTS)
-            )));
+            return Err(self.deadline_passed());
         }
         if left < self.timeout {
             if read {
@@ -73,8 +69,16 @@ impl Link {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         );
         if timed_out && Instant::now() >= self.deadline {
-            return self.arm(&self.recv, true).err().unwrap_or(e);
+            return self.deadline_passed();
         }
         e
+    }
+
+    fn deadline_passed(&self) -> io::Error {
+        io::Error::other(format!(
+            "the call did not finish within its deadline ({} = {CALL_DEADLINE_TIMEOUTS} × the \
+             timeout): a peer is sending or reading too slowly",
+            secs(self.timeout * CALL_DEADLINE_TIMEOUTS)
+        ))
     }
 }

@@ -52,6 +52,47 @@ pub(super) fn send_loop<'a>(
 }
 
 impl Link {
+    /// The link over two authenticated connections: from `prev` (receive) and to `next`
+    /// (send), each sealed when `cfg.encryption` seals its kind, keyed by its handshake.
+    pub(super) fn new(
+        cfg: &RingConfig,
+        (recv, recv_nonces): Authenticated,
+        (send, send_nonces): Authenticated,
+        shared: Arc<Shared>,
+    ) -> Link {
+        let (rank, n) = (cfg.rank, cfg.world_size);
+        let (prev, next) = ((rank + n - 1) % n, (rank + 1) % n);
+        let binding = |nonces: Nonces, from: usize, to: usize| Binding {
+            token: &cfg.token,
+            dial_nonce: nonces.dial,
+            accept_nonce: nonces.accept,
+            generation: cfg.generation,
+            world: n,
+            from,
+            to,
+        };
+        let sealer = cfg
+            .encryption
+            .seals(send.kind())
+            .then(|| Mutex::new(binding(send_nonces, rank, next).sealer()));
+        let opener = cfg
+            .encryption
+            .seals(recv.kind())
+            .then(|| Mutex::new(binding(recv_nonces, prev, rank).opener()));
+        Link {
+            prev,
+            next,
+            timeout: cfg.timeout,
+            recv,
+            send,
+            rbuf: vec![0u8; READ_PIECE + TAG_BYTES],
+            shared,
+            sealer,
+            opener,
+            deadline: Instant::now(),
+        }
+    }
+
     /// Why sending failed: an abort, else `own` or the sender thread's error.
     pub(super) fn send_failure(&self, op: Op, own: Option<String>) -> String {
         if self.shared.aborted.load(Ordering::SeqCst) {

@@ -192,8 +192,6 @@ pub struct Ring {
     shared: Arc<Shared>,
     link: Option<Link>,
     transport: &'static str,
-    /// Whether both connections carry sealed frames.
-    sealed: bool,
 }
 
 /// The connections of a ring of two or more ranks.
@@ -380,7 +378,6 @@ impl Ring {
             }),
             link: None,
             transport: "none",
-            sealed: false,
         };
         if n == 1 {
             return Ok(ring);
@@ -452,37 +449,13 @@ impl Ring {
             send = send.kind(),
             "ring connected"
         );
-        let binding = |nonces: Nonces, from: usize, to: usize| Binding {
-            token: &cfg.token,
-            dial_nonce: nonces.dial,
-            accept_nonce: nonces.accept,
-            generation: cfg.generation,
-            world: n,
-            from,
-            to,
-        };
-        let sealer = cfg
-            .encryption
-            .seals(send.kind())
-            .then(|| Mutex::new(binding(send_nonces, rank, next).sealer()));
-        let opener = cfg
-            .encryption
-            .seals(recv.kind())
-            .then(|| Mutex::new(binding(recv_nonces, prev, rank).opener()));
-        ring.sealed = sealer.is_some() && opener.is_some();
         ring.shared = shared.clone();
-        ring.link = Some(Link {
-            prev,
-            next,
-            timeout: cfg.timeout,
-            recv,
-            send,
-            rbuf: vec![0u8; READ_PIECE + TAG_BYTES],
+        ring.link = Some(Link::new(
+            &cfg,
+            (recv, recv_nonces),
+            (send, send_nonces),
             shared,
-            sealer,
-            opener,
-            deadline: Instant::now(),
-        });
+        ));
         Ok(ring)
     }
 
@@ -504,7 +477,9 @@ impl Ring {
 
     /// Whether both of this rank's connections carry sealed (AES-256-GCM) frames.
     pub fn sealed(&self) -> bool {
-        self.sealed
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.sealer.is_some() && l.opener.is_some())
     }
 }
 
